@@ -1,0 +1,145 @@
+"""Cold-start tasks: one per (user, scenario), a support set the model adapts on and a query set
+it is judged on, stored columnar (one long table per split, never one file per task).
+
+Long table columns: task_id, scenario, user_id, item_id, rating, timestamp, role ('support' or
+'query'). A `TaskSet` joins it with the users and items tables; `make_batch` turns tasks into
+padded tensors with masks for the vectorised models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from metarec.features import FeatureEncoder
+
+SCENARIOS = ("warm", "user_cold", "item_cold", "user_item_cold")
+SPLITS = ("train", "val", *SCENARIOS)
+TASK_COLUMNS = ("task_id", "scenario", "user_id", "item_id", "rating", "timestamp", "role")
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a model is given for one user: who they are, what they rated, what to score.
+
+    `user_attrs` holds raw attribute values (e.g. {"gender": "F", "age": 31}); counterfactual and
+    robustness checks change them or the support set and ask again. Query ratings are not here:
+    models must not see them.
+    """
+
+    user_id: int
+    user_attrs: Mapping[str, object]
+    support_items: np.ndarray
+    support_ratings: np.ndarray
+    candidates: np.ndarray
+    scenario: str = ""
+
+    def replace(self, **changes) -> "Task":
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+
+@dataclass
+class TaskSet:
+    """One split: the long table plus the users and items tables it refers to."""
+
+    frame: pd.DataFrame
+    users: pd.DataFrame
+    items: pd.DataFrame
+
+    @classmethod
+    def read(cls, path: str | Path, users: pd.DataFrame, items: pd.DataFrame) -> "TaskSet":
+        return cls(pd.read_parquet(path), users, items)
+
+    def __len__(self) -> int:
+        return int(self.frame["task_id"].nunique()) if len(self.frame) else 0
+
+    @property
+    def user_ids(self) -> np.ndarray:
+        return np.unique(self.frame["user_id"].to_numpy())
+
+    def _groups(self) -> list[tuple[int, pd.DataFrame]]:
+        f = self.frame.sort_values(["task_id", "role", "timestamp", "item_id"], kind="stable")
+        return list(f.groupby("task_id", sort=True))
+
+    def tasks(self) -> list[Task]:
+        """Tasks whose candidates are the query items, ordered by task_id."""
+        return [t for t, _ in self.tasks_with_truth()]
+
+    def tasks_with_truth(self) -> list[tuple[Task, np.ndarray]]:
+        """(task, query ratings aligned with task.candidates), for training and evaluation."""
+        attrs = self.users.set_index("user_id")
+        out = []
+        for _, g in self._groups():
+            s = g[g["role"] == "support"]
+            q = g[g["role"] == "query"]
+            uid = int(g["user_id"].iloc[0])
+            out.append((Task(
+                user_id=uid,
+                user_attrs=attrs.loc[uid].to_dict(),
+                support_items=s["item_id"].to_numpy(np.int64),
+                support_ratings=s["rating"].to_numpy(np.float32),
+                candidates=q["item_id"].to_numpy(np.int64),
+                scenario=str(g["scenario"].iloc[0]),
+            ), q["rating"].to_numpy(np.float32)))
+        return out
+
+    def all_ratings(self) -> pd.DataFrame:
+        """Support and query rows together (what a non-meta model trains on for a training split)."""
+        return self.frame[["user_id", "item_id", "rating", "timestamp"]]
+
+
+@dataclass
+class Batch:
+    """Padded tensors for a meta-batch of B tasks; masks are True on real rows.
+
+    Item columns hold rows of the encoder's item table, not raw ids; padded rows point at row 0
+    and carry rating 0, and every loss must be masked.
+    """
+
+    user_x: torch.Tensor          # [B, n_user_attrs] long
+    support_items: torch.Tensor   # [B, S] long
+    support_y: torch.Tensor       # [B, S] float
+    support_mask: torch.Tensor    # [B, S] bool
+    query_items: torch.Tensor     # [B, Q] long
+    query_y: torch.Tensor         # [B, Q] float (zeros when no truth was given)
+    query_mask: torch.Tensor      # [B, Q] bool
+
+    def __len__(self) -> int:
+        return int(self.user_x.shape[0])
+
+
+def _pad(rows: Sequence[np.ndarray], dtype, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    width = max([len(r) for r in rows] + [1]) if width is None else width
+    out = np.zeros((len(rows), width), dtype=dtype)
+    mask = np.zeros((len(rows), width), dtype=bool)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+        mask[i, : len(r)] = True
+    return out, mask
+
+
+def make_batch(tasks: Sequence[Task], encoder: FeatureEncoder, targets: Sequence[np.ndarray] | None = None,
+               support_width: int | None = None, query_width: int | None = None) -> Batch:
+    """Pad a list of tasks into one Batch (targets: query ratings aligned with candidates)."""
+    user_x = encoder.encode_users([t.user_attrs for t in tasks])
+    s_items, s_mask = _pad([encoder.item_rows(t.support_items) for t in tasks], np.int64, support_width)
+    s_y, _ = _pad([t.support_ratings for t in tasks], np.float32, support_width)
+    q_items, q_mask = _pad([encoder.item_rows(t.candidates) for t in tasks], np.int64, query_width)
+    q_y, _ = _pad(targets if targets is not None else [np.zeros(len(t.candidates), np.float32) for t in tasks],
+                  np.float32, query_width)
+    return Batch(torch.from_numpy(user_x), torch.from_numpy(s_items), torch.from_numpy(s_y), torch.from_numpy(s_mask),
+                 torch.from_numpy(q_items), torch.from_numpy(q_y), torch.from_numpy(q_mask))
+
+
+def iterate_batches(n: int, batch_size: int, rng: np.random.Generator | None) -> Iterator[np.ndarray]:
+    """Index blocks over n tasks, shuffled by rng (None keeps order)."""
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start: start + batch_size]

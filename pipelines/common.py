@@ -1,0 +1,56 @@
+"""What every stage needs: params, the prepared data, the task splits, and friendly failure."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import yaml
+
+from metarec.data.schema import DataSpec, RatingData
+from metarec.errors import MetarecError
+from metarec.features import FeatureEncoder
+from metarec.tasks import TaskSet
+
+PREPARED = Path("data/prepared")
+TASKS = Path("data/tasks")
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    with open(path, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def load_prepared(root: Path = PREPARED) -> RatingData:
+    meta = json.loads((root / "meta.json").read_text())
+    return RatingData(
+        ratings=pd.read_parquet(root / "ratings.parquet"), users=pd.read_parquet(root / "users.parquet"),
+        items=pd.read_parquet(root / "items.parquet"), spec=DataSpec.from_dict(meta["spec"]),
+        source=meta["source"], provenance=meta.get("provenance", {}))
+
+
+def load_split(name: str, data: RatingData | None = None, root: Path = TASKS) -> TaskSet:
+    data = data or load_prepared()
+    return TaskSet.read(root / f"{name}.parquet", data.users, data.items)
+
+
+def load_encoder(root: Path = TASKS) -> FeatureEncoder:
+    return FeatureEncoder.from_json((root / "encoder.json").read_text())
+
+
+def stage(fn: Callable[[], None]) -> Callable[[], None]:
+    """Run a stage; a known error becomes one sentence on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper() -> None:
+        try:
+            fn()
+        except MetarecError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

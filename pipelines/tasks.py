@@ -1,0 +1,44 @@
+"""DVC stage `tasks`: cold-start splits, feature encoder and a per-scenario, per-group summary."""
+
+from __future__ import annotations
+
+from metarec.features import FeatureEncoder
+from metarec.io import atomic_write_json, atomic_write_parquet, atomic_write_text
+from metarec.splits import SplitConfig, build_splits, summary_table
+from pipelines.common import TASKS, load_params, load_prepared, stage
+
+
+@stage
+def main() -> None:
+    params = load_params()
+    data = load_prepared()
+    cfg = SplitConfig.from_params(params["tasks"])
+    splits = build_splits(data, cfg)
+    train = splits["train"]
+    feat = params.get("features", {})
+    encoder = FeatureEncoder.fit(data.spec, data.users, data.items, train["user_id"].unique(), train["item_id"].unique(),
+                                 drop_sensitive=bool(feat.get("drop_sensitive", False)),
+                                 item_id_feature=bool(feat.get("item_id_feature", True)),
+                                 min_count=int(feat.get("min_count", 1)))
+    labels = []
+    for name in ("gender", "age"):
+        if name in data.users:
+            attr = data.spec.user_attr(name)
+            col = attr.bucketize(data.users[name]) if attr.kind == "numeric" else data.users[name].astype(str)
+            labels.append((name, col.set_axis(data.users["user_id"])))
+    table = summary_table(splits, data.users, labels)
+    for name, frame in splits.items():
+        atomic_write_parquet(TASKS / f"{name}.parquet", frame)
+    atomic_write_text(TASKS / "encoder.json", encoder.to_json())
+    atomic_write_json(TASKS / "summary.json", {"config": cfg.to_dict(), "rows": table.to_dict(orient="records")})
+    overall = table[table.attribute == "all"].drop(columns=["attribute", "group"])
+    print(overall.to_string(index=False))
+    print()
+    wide = table[table.attribute != "all"].pivot_table(index=["attribute", "group"], columns="split", values="users",
+                                                        fill_value=0, aggfunc="sum")
+    print("users per split and group:")
+    print(wide.to_string())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Cold-start splits: partition invariants, leakage guard, determinism, features and batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from metarec.data.schema import MOVIELENS_SPEC, RatingData
+from metarec.errors import LeakageError
+from metarec.features import ML_UNKNOWN, UNKNOWN, FeatureEncoder
+from metarec.splits import SplitConfig, build_splits, check_leakage, partition
+from metarec.tasks import SCENARIOS, TaskSet, make_batch
+
+
+def random_data(seed: int, n_users: int = 40, n_items: int = 60, per_user: tuple[int, int] = (12, 40)) -> RatingData:
+    g = np.random.default_rng(seed)
+    users = pd.DataFrame({"user_id": np.arange(1, n_users + 1), "age": g.integers(10, 70, n_users),
+                          "gender": g.choice(["F", "M"], n_users), "occupation": g.choice(["a", "b", "c"], n_users),
+                          "zip": [f"{z:05d}" for z in g.integers(0, 99999, n_users)]})
+    items = pd.DataFrame({"item_id": np.arange(1, n_items + 1), "title": [f"t{i}" for i in range(n_items)],
+                          "release_year": g.choice([1990.0, 1995.0, 1997.0, 1998.0, np.nan], n_items),
+                          "genres": g.choice(["Drama", "Comedy|Drama", "Action"], n_items)})
+    rows = []
+    for u in users.user_id:
+        k = int(g.integers(*per_user))
+        for i in g.choice(items.item_id, size=min(k, n_items), replace=False):
+            rows.append((u, int(i), float(g.integers(1, 6)), int(g.integers(0, 10**6))))
+    ratings = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
+    return RatingData(ratings, users, items, MOVIELENS_SPEC, "test")
+
+
+def assert_invariants(data: RatingData, cfg: SplitConfig, splits: dict[str, pd.DataFrame]) -> None:
+    part = partition(data, cfg)
+    train = splits["train"]
+    assert not train.item_id.isin(part.new_items).any()
+    assert not train.user_id.isin(part.new_users | part.val_users).any()
+    train_pairs = set(zip(train.user_id, train.item_id))
+    for name in ("val", *SCENARIOS):
+        f = splits[name]
+        q = f[f.role == "query"]
+        assert not set(zip(q.user_id, q.item_id)) & train_pairs, name
+        # exactly query_size query rows and at least one support row per task
+        assert (q.groupby("task_id").size() == cfg.query_size).all(), name
+        assert (f[f.role == "support"].groupby("task_id").size() >= 1).all(), name
+        assert (f.groupby("task_id").user_id.nunique() <= 1).all()
+    for name, f in splits.items():
+        assert not f.duplicated(["task_id", "item_id"]).any(), name
+    assert set(splits["user_cold"].user_id) <= part.new_users
+    assert set(splits["item_cold"].item_id) <= part.new_items
+    assert not set(splits["warm"].item_id) & part.new_items
+    # warm support is exactly the user's training rows
+    w = splits["warm"]
+    for uid, g in w[w.role == "support"].groupby("user_id"):
+        assert set(g.item_id) == set(train[train.user_id == uid].item_id)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), selection=st.sampled_from(["random", "latest"]),
+       new_frac=st.sampled_from([0.0, 0.2, 0.5]))
+def test_split_invariants_hold_on_random_data(seed: int, selection: str, new_frac: float) -> None:
+    data = random_data(seed)
+    cfg = SplitConfig(new_item_year=1997, new_user_fraction=new_frac, val_fraction=0.2, min_ratings=11,
+                      query_size=5, query_selection=selection, seed=seed)
+    assert_invariants(data, cfg, build_splits(data, cfg))
+
+
+def test_latest_selection_holds_out_the_newest_ratings() -> None:
+    data = random_data(3)
+    cfg = SplitConfig(new_user_fraction=0.3, val_fraction=0.0, min_ratings=11, query_size=5, query_selection="latest")
+    s = build_splits(data, cfg)["user_cold"]
+    for _, g in s.groupby("task_id"):
+        assert g[g.role == "query"].timestamp.min() >= g[g.role == "support"].timestamp.max()
+
+
+def test_same_seed_same_split_and_different_seed_differs() -> None:
+    data = random_data(7)
+    a = build_splits(data, SplitConfig(min_ratings=11, query_size=5, seed=1))
+    b = build_splits(data, SplitConfig(min_ratings=11, query_size=5, seed=1))
+    c = build_splits(data, SplitConfig(min_ratings=11, query_size=5, seed=2))
+    for k in a:
+        pd.testing.assert_frame_equal(a[k], b[k])
+    assert not all(a[k].equals(c[k]) for k in a)
+
+
+def test_leakage_guard_names_the_violation() -> None:
+    data = random_data(5)
+    cfg = SplitConfig(min_ratings=11, query_size=5, new_user_fraction=0.3)
+    splits = build_splits(data, cfg)
+    part = partition(data, cfg)
+    leaked = {k: v.copy() for k, v in splits.items()}
+    row = splits["user_cold"].iloc[[0]].assign(scenario="train", task_id=10**6)
+    leaked["train"] = pd.concat([leaked["train"], row], ignore_index=True)
+    with pytest.raises(LeakageError, match=r"split train: new user \d+ appears in training"):
+        check_leakage(leaked, part)
+    overlap = {k: v.copy() for k, v in splits.items()}
+    f = overlap["warm"]
+    q = f[f.role == "query"].iloc[[0]].assign(role="support")
+    overlap["warm"] = pd.concat([f, q], ignore_index=True)
+    with pytest.raises(LeakageError, match=r"split warm: task \d+ has user \d+, item \d+ in both support and query"):
+        check_leakage(overlap, part)
+
+
+def test_real_movielens_split(ml100k_data: RatingData) -> None:
+    cfg = SplitConfig()
+    splits = build_splits(ml100k_data, cfg)
+    assert_invariants(ml100k_data, cfg, splits)
+    part = partition(ml100k_data, cfg)
+    assert len(part.new_items) == 351  # items released 1997 or 1998
+    assert len(part.new_users) == round(0.2 * 943)
+    assert all(len(splits[s]) > 0 for s in ("train", "val", *SCENARIOS))
+
+
+def test_encoder_unknown_buckets_and_round_trip() -> None:
+    data = random_data(11)
+    enc = FeatureEncoder.fit(data.spec, data.users, data.items, train_users=[1, 2, 3], train_items=[1, 2, 3, 4])
+    x = enc.encode_users([{"gender": "X", "age": 30, "occupation": "never-seen", "zip": "00000"}])
+    names = enc.user_names
+    assert x[0, names.index("gender")] == UNKNOWN
+    assert x[0, names.index("occupation")] == UNKNOWN
+    assert x[0, names.index("age")] == enc.vocab["age"].index("25-34") + 1
+    rows = enc.item_rows(np.array([10, 1]))
+    assert enc.item_x[rows[0], enc.item_names.index("item_id")] == UNKNOWN  # item 10 unseen in training
+    assert enc.item_x[rows[1], enc.item_names.index("item_id")] != UNKNOWN
+    again = FeatureEncoder.from_json(enc.to_json())
+    np.testing.assert_array_equal(again.item_x, enc.item_x)
+    np.testing.assert_array_equal(again.encode_users(data.users), enc.encode_users(data.users))
+    blind = FeatureEncoder.fit(data.spec, data.users, data.items, [1], [1], drop_sensitive=True)
+    assert blind.user_names == ["zip"]
+    unseen_genre = enc.item_ml["genres"]
+    assert unseen_genre.min() >= 0 and (unseen_genre[:, 0] >= ML_UNKNOWN).all()
+
+
+def test_batches_pad_and_mask() -> None:
+    data = random_data(13)
+    cfg = SplitConfig(min_ratings=11, query_size=5)
+    splits = build_splits(data, cfg)
+    ts = TaskSet(splits["warm"], data.users, data.items)
+    enc = FeatureEncoder.fit(data.spec, data.users, data.items, splits["train"].user_id.unique(), splits["train"].item_id.unique())
+    pairs = ts.tasks_with_truth()[:4]
+    b = make_batch([t for t, _ in pairs], enc, [y for _, y in pairs])
+    sizes = [len(t.support_items) for t, _ in pairs]
+    assert b.support_mask.sum(1).tolist() == sizes
+    assert b.support_items.shape[1] == max(sizes)
+    assert (b.support_y[~b.support_mask] == 0).all()
+    np.testing.assert_array_equal(b.query_y[0].numpy(), pairs[0][1])
