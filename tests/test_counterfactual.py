@@ -1,0 +1,145 @@
+"""Counterfactual test: attribute-blind models change nothing; a gender term is found and ranked first."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from audit.counterfactual import (
+    counterfactual_test,
+    gains_from_ratings,
+    gains_from_relevant,
+    jaccard,
+    ndcg_at_k,
+    top_k,
+)
+from metarec.tasks import Task
+
+ATTRS = ("gender", "age", "occupation")
+
+
+def make_tasks(n_users: int = 24, seed: int = 0) -> tuple[list[Task], list[np.ndarray]]:
+    r = np.random.default_rng(seed)
+    tasks, truth = [], []
+    for u in range(n_users):
+        items = r.choice(np.arange(1, 300), size=20, replace=False).astype(np.int64)
+        tasks.append(Task(user_id=u, user_attrs={"gender": "FM"[u % 2], "age": [18, 25, 35, 50][u % 4],
+                                                 "occupation": ["artist", "doctor", "student"][u % 3]},
+                          support_items=items[:5], support_ratings=r.integers(1, 6, 5).astype(np.float32),
+                          candidates=items[5:], scenario="user_cold" if u < n_users // 2 else "warm"))
+        truth.append(r.integers(1, 6, 15).astype(np.float32))
+    return tasks, truth
+
+
+class Blind:
+    """Integer scores from item ids and support ratings; never reads user_attrs."""
+
+    def predict(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+        return [(t.candidates % 5).astype(float) + float(np.sum(t.support_ratings)) for t in tasks]
+
+
+class PlusOneForF(Blind):
+    """The blind score plus exactly 1 for gender F (integers, so differences are exact)."""
+
+    def predict(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+        return [p + (1.0 if t.user_attrs["gender"] == "F" else 0.0) for p, t in zip(super().predict(tasks), tasks)]
+
+
+class AgeRanker(Blind):
+    """Reorders items by age: old users prefer high item ids."""
+
+    def predict(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+        return [p + (t.candidates / 1000.0 if t.user_attrs["age"] >= 35 else -t.candidates / 1000.0)
+                for p, t in zip(super().predict(tasks), tasks)]
+
+
+def by(records: list[dict], **kw) -> list[dict]:
+    return [r for r in records if all(r[k] == v for k, v in kw.items())]
+
+
+def test_attribute_blind_model_changes_nothing() -> None:
+    tasks, truth = make_tasks()
+    recs = counterfactual_test(Blind(), tasks, ATTRS, gains=gains_from_ratings(truth), model_name="blind")
+    assert recs and all(r["kind"] == "counterfactual" and r["model"] == "blind" for r in recs)
+    for r in recs:
+        assert r["mean_abs_delta"] == 0.0 and r["top10_jaccard"] == 1.0 and r["delta_ndcg"] == 0.0
+    assert {r["scenario"] for r in recs} == {"user_cold", "warm"}
+    assert {r["group"] for r in by(recs, attribute="gender")} == {"all", "F", "M"}
+    assert by(recs, scenario="warm", attribute="age", group="all")[0]["n"] == 12
+
+
+def test_plus_one_for_f_is_exactly_one_on_gender_and_zero_elsewhere() -> None:
+    tasks, truth = make_tasks()
+    recs = counterfactual_test(PlusOneForF(), tasks, ATTRS, gains=gains_from_ratings(truth))
+    for scenario in ("user_cold", "warm"):
+        for r in by(recs, scenario=scenario, attribute="gender"):
+            assert r["mean_abs_delta"] == 1.0
+            assert r["top10_jaccard"] == 1.0  # a constant shift keeps the ranking
+            assert r["delta_ndcg"] == 0.0
+            assert r["rank"] == 1
+        for a in ("age", "occupation"):
+            for r in by(recs, scenario=scenario, attribute=a):
+                assert r["mean_abs_delta"] == 0.0 and r["top10_jaccard"] == 1.0 and r["rank"] > 1
+        assert [r["group"] for r in by(recs, scenario=scenario, attribute="gender")] == ["all", "F", "M"]
+
+
+def test_ranking_changes_show_in_jaccard_and_ndcg() -> None:
+    tasks, truth = make_tasks()
+    recs = counterfactual_test(AgeRanker(), tasks, ATTRS, gains=gains_from_ratings(truth))
+    age = by(recs, scenario="user_cold", attribute="age", group="all")[0]
+    assert age["rank"] == 1 and age["mean_abs_delta"] > 0
+    assert age["top10_jaccard"] < 1.0 and np.isfinite(age["delta_ndcg"])
+    # 18 and 25 switch to 35 or 50 (and back) with the same scores: averaged over 3 replacements, 2 change
+    young = by(recs, scenario="user_cold", attribute="age", group="18")[0]
+    assert young["n"] == 3
+    # without gains, delta_ndcg is NaN but the other measures stay
+    no_gain = counterfactual_test(AgeRanker(), tasks, ["age"])
+    assert all(np.isnan(r["delta_ndcg"]) for r in no_gain)
+    assert by(no_gain, scenario="user_cold", group="all")[0]["mean_abs_delta"] == age["mean_abs_delta"]
+
+
+def test_hand_computed_average_over_replacements() -> None:
+    # one user of age 18 among values 18, 25, 35, 50: replacements 25 (no change), 35 and 50 (change)
+    t = Task(user_id=1, user_attrs={"age": 18}, support_items=np.array([1]), support_ratings=np.array([3.0]),
+             candidates=np.arange(1, 13, dtype=np.int64), scenario="s")
+    others = [t.replace(user_id=u, user_attrs={"age": a}) for u, a in ((2, 25), (3, 35), (4, 50))]
+
+    class Sign:
+        def predict(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+            return [t.candidates * (1.0 if t.user_attrs["age"] >= 35 else -1.0) for t in tasks]
+
+    recs = counterfactual_test(Sign(), [t, *others], ["age"], model_name="x")
+    r = by(recs, group="18")[0]
+    # scores move from -id to +id: |delta| = 2 id, mean over ids 1..12 = 13
+    assert r["mean_abs_delta"] == pytest.approx((0 + 13 + 13) / 3)
+    # top-10 of 12 ids: ascending 1..10 vs descending 12..3 -> overlap 8 / 12
+    assert r["top10_jaccard"] == pytest.approx((1 + 8 / 12 + 8 / 12) / 3)
+
+
+def test_explicit_values_and_group_labels() -> None:
+    tasks, _ = make_tasks()
+    groups = pd.DataFrame({"user_id": [t.user_id for t in tasks],
+                           "age": ["young" if t.user_attrs["age"] < 35 else "old" for t in tasks]})
+    recs = counterfactual_test(AgeRanker(), tasks, ["age"], values={"age": [20, 60]}, groups=groups)
+    assert {r["group"] for r in recs} == {"all", "young", "old"}
+    # every user crosses the 35 boundary for exactly one of the two values
+    assert all(r["mean_abs_delta"] > 0 for r in recs)
+
+
+def test_helpers() -> None:
+    items = np.array([5, 3, 9, 1])
+    np.testing.assert_array_equal(top_k(items, np.array([1.0, 2.0, 2.0, 0.5]), 3), [3, 9, 5])
+    assert jaccard(np.array([1, 2]), np.array([2, 3])) == pytest.approx(1 / 3)
+    assert jaccard(np.array([]), np.array([])) == 1.0
+    gains = np.array([0.0, 1.0, 0.0, 1.0])
+    assert ndcg_at_k(items, np.array([0.0, 3.0, 1.0, 2.0]), gains, 10) == pytest.approx(1.0)
+    worst = (1 / np.log2(4) + 1 / np.log2(5)) / (1 + 1 / np.log2(3))
+    assert ndcg_at_k(items, np.array([3.0, 0.0, 2.0, 1.0]), gains, 10) == pytest.approx(worst)
+    assert np.isnan(ndcg_at_k(items, np.zeros(4), np.zeros(4), 10))
+    t = Task(user_id=7, user_attrs={}, support_items=np.array([], np.int64), support_ratings=np.array([], np.float32),
+             candidates=np.array([4, 5, 6]))
+    np.testing.assert_array_equal(gains_from_relevant([t], {7: {5, 99}})[0], [0.0, 1.0, 0.0])
+    np.testing.assert_allclose(gains_from_ratings([np.array([1.0, 3.0])])[0], [1.0, 7.0])

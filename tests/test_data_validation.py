@@ -1,0 +1,238 @@
+"""Each bad input is rejected with a sentence naming file, column, row (or id) and what was expected."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from metarec.data.load import load_dataset
+from metarec.errors import ConfigError, DataError
+
+SCHEMA = {
+    "user_attributes": [{"name": "gender", "kind": "categorical", "values": ["F", "M"]},
+                        {"name": "age", "kind": "numeric", "edges": [30], "labels": ["<30", "30+"]}],
+    "item_features": [{"name": "genres", "kind": "multilabel"}],
+    "sensitive": ["gender", "age"], "rating_min": 1, "rating_max": 5,
+}
+INTERACTIONS = "user_id,item_id,rating,timestamp\n1,10,5,100\n1,11,3,101\n2,10,1,102\n3,11,4,103\n"
+USERS = "user_id,gender,age\n1,F,22\n2,M,41\n3,M,35\n"
+ITEMS = "item_id,genres\n10,Drama|Comedy\n11,Action\n"
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+def load_csv(tmp_path: Path, interactions: str | bytes = INTERACTIONS, users: str | bytes = USERS,
+             items: str | bytes = ITEMS, **cfg):
+    for name, content in (("ratings.csv", interactions), ("users.csv", users), ("items.csv", items)):
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    base = {"source": "csv", "interactions": "ratings.csv", "users": "users.csv", "items": "items.csv",
+            "schema": SCHEMA}
+    return load_dataset({**base, **cfg}, workdir=tmp_path, log=quiet)
+
+
+def test_clean_tables_load(tmp_path: Path) -> None:
+    data = load_csv(tmp_path)
+    assert len(data.ratings) == 4 and data.users["age"].tolist() == [22, 41, 35]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    load_csv(tmp_path)
+    (tmp_path / "users.csv").unlink()
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/users.csv: file not found; expected a csv table")):
+        load_dataset({"source": "csv", "interactions": "ratings.csv", "users": "users.csv", "items": "items.csv",
+                      "schema": SCHEMA}, workdir=tmp_path, log=quiet)
+
+
+def test_missing_column(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/ratings.csv: missing column 'rating'; expected "
+                                                  f"columns 'user_id', 'item_id', 'rating'")):
+        load_csv(tmp_path, interactions="user_id,item_id,score\n1,10,5\n")
+
+
+def test_missing_attribute_column(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/users.csv: missing column 'age'")):
+        load_csv(tmp_path, users="user_id,gender\n1,F\n2,M\n3,M\n")
+
+
+def test_non_numeric_rating(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/ratings.csv: column 'rating', data row 2 has "
+                                                  f"'good'; expected a number between 1 and 5")):
+        load_csv(tmp_path, interactions="user_id,item_id,rating\n1,10,5\n1,11,good\n")
+
+
+def test_out_of_scale_rating(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/ratings.csv: column 'rating', data row 3 has 6; "
+                                                  f"expected a number between 1 and 5")):
+        load_csv(tmp_path, interactions="user_id,item_id,rating\n1,10,5\n1,11,3\n2,10,6\n")
+
+
+def test_empty_id(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/ratings.csv: column 'item_id', data row 2 is empty; "
+                                                  f"expected an integer id")):
+        load_csv(tmp_path, interactions="user_id,item_id,rating\n1,10,5\n1,,3\n")
+
+
+def test_nan_id_in_parquet(tmp_path: Path) -> None:
+    pd.DataFrame({"user_id": [1.0, None], "item_id": [10, 11], "rating": [5, 3]}).to_parquet(tmp_path / "r.parquet")
+    pd.DataFrame({"user_id": [1, 2, 3], "gender": ["F", "M", "M"], "age": [22, 41, 35]}).to_parquet(tmp_path / "u.parquet")
+    pd.DataFrame({"item_id": [10, 11], "genres": ["Drama", "Action"]}).to_parquet(tmp_path / "i.parquet")
+    cfg = {"source": "parquet", "interactions": "r.parquet", "users": "u.parquet", "items": "i.parquet",
+           "schema": SCHEMA}
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/r.parquet: column 'user_id', data row 2 is empty; "
+                                                  f"expected an integer id")):
+        load_dataset(cfg, workdir=tmp_path, log=quiet)
+
+
+def test_non_integer_id(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/users.csv: column 'user_id', data row 3 has 'u3'; "
+                                                  f"expected an integer id")):
+        load_csv(tmp_path, users="user_id,gender,age\n1,F,22\n2,M,41\nu3,M,35\n")
+
+
+def test_duplicate_pair_is_an_error_by_default(tmp_path: Path) -> None:
+    dup = INTERACTIONS + "1,10,2,50\n"
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/ratings.csv: data row 5 repeats the (user_id, item_id) "
+                                                  f"pair (1, 10) of data row 1; expected one rating per pair")):
+        load_csv(tmp_path, interactions=dup)
+
+
+def test_duplicates_keep_latest(tmp_path: Path) -> None:
+    dup = "user_id,item_id,rating,timestamp\n1,10,5,300\n1,11,3,101\n1,10,2,200\n2,10,1,102\n3,11,4,103\n1,10,4,250\n"
+    data = load_csv(tmp_path, interactions=dup, duplicates="keep_latest")
+    assert len(data.ratings) == 4
+    kept = data.ratings[(data.ratings.user_id == 1) & (data.ratings.item_id == 10)]
+    assert kept[["rating", "timestamp"]].values.tolist() == [[5.0, 300]]
+
+
+def test_unknown_duplicates_policy(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape("data.duplicates is 'first'; expected one of error, keep_latest")):
+        load_csv(tmp_path, duplicates="first")
+
+
+def test_rated_user_without_attribute_row(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/ratings.csv: user 4 (data row 5) has no row in "
+                                                  f"{tmp_path}/users.csv; expected every rated user to have attributes")):
+        load_csv(tmp_path, interactions=INTERACTIONS + "4,10,3,104\n")
+
+
+def test_rated_item_without_row(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/ratings.csv: item 12 (data row 5) has no row in "
+                                                  f"{tmp_path}/items.csv")):
+        load_csv(tmp_path, interactions=INTERACTIONS + "3,12,3,104\n")
+
+
+def test_unknown_category_value(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/users.csv: column 'gender', user 3 (data row 3) has "
+                                                  f"unknown value 'X'; expected one of F, M")):
+        load_csv(tmp_path, users="user_id,gender,age\n1,F,22\n2,M,41\n3,X,35\n")
+
+
+def test_sensitive_attribute_with_a_single_group(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/users.csv: sensitive attribute 'age' has a single "
+                                                  f"group ('30+') across 3 users; expected at least two groups")):
+        load_csv(tmp_path, users="user_id,gender,age\n1,F,52\n2,M,41\n3,M,35\n")
+
+
+def test_empty_sensitive_value(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/users.csv: column 'gender', user 2 (data row 2) is "
+                                                  f"empty; expected a value for the sensitive attribute")):
+        load_csv(tmp_path, users="user_id,gender,age\n1,F,22\n2,,41\n3,M,35\n")
+
+
+def test_csv_not_utf8_names_the_byte_offset(tmp_path: Path) -> None:
+    latin = "user_id,gender,age\n1,F,22\n2,M,41\n3,M,35\n".encode() + "4,F,2\xe9\n".encode("latin-1")
+    offset = latin.index(b"\xe9")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/users.csv: not valid UTF-8 text at byte offset "
+                                                  f"{offset} (byte 0xe9); expected a UTF-8-encoded file")):
+        load_csv(tmp_path, users=latin)
+
+
+def test_sensitive_not_declared_is_a_config_error(tmp_path: Path) -> None:
+    schema = {**SCHEMA, "sensitive": ["gender", "race"]}
+    with pytest.raises(ConfigError, match=re.escape("data.schema.sensitive names 'race', which is not in "
+                                                    "data.schema.user_attributes (age, gender)")):
+        load_csv(tmp_path, schema=schema)
+
+
+# ----------------------------------------------------------------------------- MovieLens files
+
+
+def ml_copy(src: Path, dst: Path, **edits: bytes) -> Path:
+    for f in ("u.data", "u.user", "u.item"):
+        (dst / f).write_bytes(edits.get(f.replace(".", "_"), (src / f).read_bytes()))
+    return dst
+
+
+def load_ml(folder: Path, **cfg):
+    return load_dataset({"source": "movielens-100k", "path": str(folder), **cfg}, log=quiet)
+
+
+def test_ml_user_file_in_wrong_encoding(ml100k_dir: Path, tmp_path: Path) -> None:
+    utf16 = (ml100k_dir / "u.user").read_text().encode("utf-16")
+    ml_copy(ml100k_dir, tmp_path, u_user=utf16)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/u.user: not valid UTF-8 text at byte offset 0 "
+                                                  f"(byte 0xff); expected a UTF-8-encoded file")):
+        load_ml(tmp_path)
+
+
+def test_ml_item_file_is_latin1(ml100k_dir: Path) -> None:
+    data = load_ml(ml100k_dir)
+    assert data.items.set_index("item_id").loc[1623, "title"] == "Cérémonie, La (1995)"
+
+
+def test_ml_unknown_gender(ml100k_dir: Path, tmp_path: Path) -> None:
+    text = (ml100k_dir / "u.user").read_bytes().replace(b"2|53|F|other|94043", b"2|53|X|other|94043")
+    ml_copy(ml100k_dir, tmp_path, u_user=text)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/u.user: column 'gender', user 2 (data row 2) has "
+                                                  f"unknown value 'X'; expected one of F, M")):
+        load_ml(tmp_path, verify_checksums=False)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/u.user: SHA-256 mismatch")):
+        load_ml(tmp_path)
+
+
+def test_ml_unknown_occupation(ml100k_dir: Path, tmp_path: Path) -> None:
+    text = (ml100k_dir / "u.user").read_bytes().replace(b"3|23|M|writer|32067", b"3|23|M|astronaut|32067")
+    ml_copy(ml100k_dir, tmp_path, u_user=text)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/u.user: column 'occupation', user 3 (data row 3) has "
+                                                  f"unknown value 'astronaut'; expected one of administrator, artist")):
+        load_ml(tmp_path, verify_checksums=False)
+
+
+def test_ml_wrong_field_count(ml100k_dir: Path, tmp_path: Path) -> None:
+    text = (ml100k_dir / "u.data").read_bytes().replace(b"186\t302\t3\t891717742\n", b"186\t302\t3\n", 1)
+    ml_copy(ml100k_dir, tmp_path, u_data=text)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/u.data: data row 2 has 3 fields separated by '\\t'; "
+                                                  f"expected 4 (user_id, item_id, rating, timestamp)")):
+        load_ml(tmp_path)
+
+
+def test_ml_out_of_scale_rating(ml100k_dir: Path, tmp_path: Path) -> None:
+    text = (ml100k_dir / "u.data").read_bytes().replace(b"22\t377\t1\t", b"22\t377\t0\t", 1)
+    ml_copy(ml100k_dir, tmp_path, u_data=text)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/u.data: column 'rating', data row 3 has 0; expected "
+                                                  f"a number between 1 and 5")):
+        load_ml(tmp_path, verify_checksums=False)
+
+
+def test_ml_bad_release_date(ml100k_dir: Path, tmp_path: Path) -> None:
+    text = (ml100k_dir / "u.item").read_bytes().replace(b"2|GoldenEye (1995)|01-Jan-1995|", b"2|GoldenEye (1995)|1995-01-01|")
+    ml_copy(ml100k_dir, tmp_path, u_item=text)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/u.item: column 'release date', data row 2 has "
+                                                  f"'1995-01-01'; expected dd-Mon-yyyy")):
+        load_ml(tmp_path)
+
+
+def test_ml_genre_flag_not_binary(ml100k_dir: Path, tmp_path: Path) -> None:
+    lines = (ml100k_dir / "u.item").read_bytes().split(b"\n")
+    lines[4] = lines[4][:-1] + b"2"
+    ml_copy(ml100k_dir, tmp_path, u_item=b"\n".join(lines))
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/u.item: genre column 'Western', data row 5 has '2'; "
+                                                  f"expected 0 or 1")):
+        load_ml(tmp_path)

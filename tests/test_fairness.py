@@ -1,0 +1,267 @@
+"""Fairness and strata: fairlearn cross-checks, hand-worked exposure/UGF/miscalibration, records."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from fairlearn.metrics import (
+    MetricFrame,
+    demographic_parity_difference,
+    equalized_odds_difference,
+)
+
+from audit import fairness as F
+from audit import strata as S
+from audit.metrics import gini
+
+# ------------------------------------------------------------------------------------- strata
+
+
+def test_age_buckets_ml1m_boundaries():
+    ages = [5, 17, 18, 24, 25, 34, 35, 44, 45, 49, 50, 55, 56, 80, None]
+    want = ["<18", "<18", "18-24", "18-24", "25-34", "25-34", "35-44", "35-44", "45-49",
+            "45-49", "50-55", "50-55", "56+", "56+", "unknown"]
+    assert S.age_bucket(ages).tolist() == want
+
+
+def test_zip_region_and_activity_tertiles():
+    assert S.zip_region(["02139", "94305", "T8H1N", "", None]).tolist() == [
+        "0", "9", "other", "unknown", "unknown"]
+    counts = pd.Series({u: c for u, c in zip(range(9), [1, 1, 1, 1, 1, 1, 50, 60, 70])})
+    t = S.activity_tertile(range(10), counts)  # user 9 has no ratings -> 0
+    assert t.value_counts().to_dict() == {"low": 4, "mid": 3, "high": 3}
+    assert t.iloc[8] == "high" and t.iloc[9] == "low"
+
+
+def test_derive_strata_merges_small_groups_and_names_intersections():
+    users = pd.DataFrame({
+        "user_id": range(12),
+        "gender": ["F"] * 6 + ["M"] * 6,
+        "age": [30] * 5 + [20] + [30] * 5 + [60],
+        "occupation": ["writer"] * 5 + ["other"] * 5 + ["doctor", "lawyer"],
+        "zip": ["1"] * 12,
+    })
+    s = S.derive_strata(users, ["gender", "occupation", "gender x age"], min_size=3)
+    assert s.frame["gender x age"].tolist()[:5] == ["F | 25-34"] * 5
+    assert s.merged["occupation"] == ["doctor", "lawyer"]
+    assert s.merged["gender x age"] == ["F | 18-24", "M | 56+"]
+    assert (s.frame["occupation"] == "other").sum() == 7  # joins the real "other" occupation
+    c = s.counts()
+    assert c["n"].groupby(c["attribute"]).sum().eq(12).all()  # nobody dropped
+    assert c.set_index(["attribute", "group"]).loc[("occupation", "other"), "merged"]
+    with pytest.raises(ValueError, match="counts"):
+        S.derive_strata(users, ["activity"])
+
+
+# ------------------------------------------------------------------------- group comparison
+
+
+def _users(n=240, seed=0):
+    rng = np.random.default_rng(seed)
+    g = pd.Series(rng.choice(["a", "b", "c"], n, p=[0.2, 0.3, 0.5]), index=range(n))
+    v = pd.Series(rng.gamma(2.0, 0.4, n) + np.where(g == "a", 0.3, 0.0), index=range(n))
+    return v, g
+
+
+def test_group_comparison_matches_fairlearn_and_hand_gaps():
+    v, g = _users()
+    gc = F.group_comparison(v, g, n_boot=300, n_perm=300, seed=1)
+    mf = MetricFrame(metrics=lambda yt, yp: float(np.mean(yt)), y_true=v, y_pred=v,
+                     sensitive_features=g)
+    tab = gc.table.set_index("group")
+    assert np.allclose(tab["value"], mf.by_group.loc[tab.index].astype(float))
+    assert np.allclose(tab["value"], v.groupby(g).mean().loc[tab.index])
+    assert gc.difference == pytest.approx(mf.difference(method="between_groups"))
+    assert gc.ratio == pytest.approx(mf.ratio(method="between_groups"))
+    for grp in tab.index:
+        rest = v[g != grp].mean()
+        assert tab.loc[grp, "gap"] == pytest.approx(v[g == grp].mean() - rest)
+        assert tab.loc[grp, "n"] == (g == grp).sum()
+        assert tab.loc[grp, "ci_low"] <= tab.loc[grp, "value"] <= tab.loc[grp, "ci_high"]
+    assert gc.max_group == "a" and gc.p_value < 0.05
+    assert gc.diff_ci_low <= gc.difference <= gc.diff_ci_high
+    assert tab.loc["a", "gap_p_value"] < 0.05
+
+
+# ----------------------------------------------------------------------------------- UGF
+
+
+def test_ugf_top_five_percent_by_interactions():
+    n = 40
+    v = pd.Series(np.arange(n, dtype=float) / 10, index=range(n))
+    counts = pd.Series(np.arange(n) * 3, index=range(n))  # users 38, 39 are the top 5%
+    out = F.ugf(v, counts, n_boot=200, n_perm=200, seed=0)
+    assert out["n_advantaged"] == 2 and out["n_disadvantaged"] == 38
+    adv, dis = v.iloc[38:].mean(), v.iloc[:38].mean()
+    assert out["advantaged"] == pytest.approx(adv)
+    assert out["ugf"] == pytest.approx(abs(adv - dis))
+    assert out["ci_low"] <= out["ugf"] <= out["ci_high"]
+    assert 0 < out["p_value"] <= 1
+
+
+# -------------------------------------------------------------------------------- parity
+
+
+def _parity_pred(seed=0, n_users=120, bias=0.0):
+    rng = np.random.default_rng(seed)
+    g = pd.Series(rng.choice(["F", "M"], n_users), index=range(n_users))
+    rows = []
+    for u in range(n_users):
+        yt = rng.integers(1, 6, 10).astype(float)
+        yp = yt + rng.normal(0, 1, 10) + (bias if g[u] == "F" else 0.0)
+        rows += [(u, i, "s", a, b) for i, (a, b) in enumerate(zip(yt, yp))]
+    pred = pd.DataFrame(rows, columns=["user_id", "item_id", "scenario", "y_true", "y_pred"])
+    return pred, g
+
+
+def test_parity_values_match_fairlearn_and_vectorised_statistic():
+    pred, g = _parity_pred(bias=0.8)
+    out = F.parity(pred, g, threshold=4.0, n_perm=300, seed=0)
+    yt = (pred.y_true >= 4).astype(int)
+    yp = (pred.y_pred >= 4).astype(int)
+    sf = pred.user_id.map(g)
+    assert out["demographic_parity_difference"] == pytest.approx(
+        demographic_parity_difference(yt, yp, sensitive_features=sf))
+    assert out["equalized_odds_difference"] == pytest.approx(
+        equalized_odds_difference(yt, yp, sensitive_features=sf))
+    assert out["p_dp"] < 0.05  # a 0.8-star upward shift for F is detected
+    # the statistic the permutation test uses equals fairlearn's on the observed labels
+    per = pd.DataFrame({"g": sf, "n": 1, "pp": yp, "pos": yt, "tp": yt * yp, "neg": 1 - yt,
+                        "fp": (1 - yt) * yp}).groupby("g").sum()
+    dp_v, eo_v = F._parity_stats(per[["n", "pp", "pos", "tp", "neg", "fp"]].to_numpy(float))
+    assert dp_v == pytest.approx(out["demographic_parity_difference"])
+    assert eo_v == pytest.approx(out["equalized_odds_difference"])
+    _, g0 = _parity_pred(seed=1)
+    pred0, _ = _parity_pred(seed=1)
+    out0 = F.parity(pred0, g0, n_perm=300, seed=0)
+    assert out0["p_dp"] > 0.0 and out0["p_eo"] <= 1.0
+
+
+# ------------------------------------------------------------------------------- exposure
+
+
+def test_exposure_hand_worked():
+    pop = pd.Series({"a": 50, "b": 30, "c": 10, "d": 10})  # short head {a, b}
+    rk = pd.DataFrame({"user_id": [1, 1, 2, 2], "scenario": "s", "rank": [1, 2, 1, 2],
+                       "item_id": ["a", "c", "c", "b"], "score": 0.0})
+    out = F.exposure(rk, pop, k=10)
+    e2 = 1 / math.log2(3)
+    total = 2 + 2 * e2
+    assert out["short_head_share"] == pytest.approx((1 + e2) / total)
+    assert out["long_tail_share"] == pytest.approx((1 + e2) / total)
+    assert out["gini"] == pytest.approx(gini([1.0, e2, 1 + e2, 0.0]))
+
+
+# -------------------------------------------------------------------------- miscalibration
+
+
+def test_miscalibration_kl_hand_worked():
+    genres = pd.Series({1: "Action", 2: "Action|Comedy", 3: "Drama", 4: "Comedy"})
+    support = pd.DataFrame({"user_id": [7, 7], "item_id": [1, 2], "rating": [5.0, 4.0]})
+    rk = pd.DataFrame({"user_id": [7, 7], "scenario": "s", "rank": [1, 2],
+                       "item_id": [3, 4], "score": 0.0})
+    mc = F.miscalibration_per_user(support, rk, genres, alpha=0.01)
+    p = {"Action": 0.75, "Comedy": 0.25}  # (1 + 1/2)/2, (1/2)/2
+    q = {"Action": 0.0, "Comedy": 0.5, "Drama": 0.5}
+    want = sum(pg * math.log(pg / (0.99 * q[g] + 0.01 * pg)) for g, pg in p.items())
+    assert mc.loc[7] == pytest.approx(want)
+    # a list with the user's own mix is perfectly calibrated
+    rk2 = rk.assign(item_id=[1, 2])
+    assert F.miscalibration_per_user(support, rk2, genres).loc[7] == pytest.approx(0.0)
+
+
+# -------------------------------------------------------------------------------- records
+
+
+def _record_inputs():
+    rng = np.random.default_rng(5)
+    n = 150
+    users = pd.DataFrame({"user_id": range(n), "gender": rng.choice(["F", "M"], n),
+                          "age": rng.integers(15, 70, n),
+                          "occupation": rng.choice(["a", "b", "rare"], n, p=[.5, .45, .05]),
+                          "zip": "55"})
+    counts = pd.Series(rng.integers(20, 400, n), index=range(n))
+    st = S.derive_strata(users, ["gender", "occupation", "activity"], counts=counts, min_size=15)
+    pred, _ = _parity_pred(seed=2, n_users=n)
+    per_user = pd.concat([
+        pd.DataFrame({"user_id": range(n), "scenario": "s", "metric": "mae",
+                      "value": rng.gamma(2, .4, n)}),
+        pd.DataFrame({"user_id": range(n), "scenario": "s", "metric": "ndcg@3",
+                      "value": rng.uniform(.5, 1, n)}),
+    ])
+    items = pd.DataFrame({"item_id": range(30), "popularity": rng.integers(0, 100, 30),
+                          "genres": rng.choice(["Action", "Drama|Comedy", "Horror"], 30)})
+    rk = pd.DataFrame([(u, "s", r + 1, int(i), 0.0) for u in range(n)
+                       for r, i in enumerate(rng.choice(30, 10, replace=False))],
+                      columns=["user_id", "scenario", "rank", "item_id", "score"])
+    support = pd.DataFrame({"user_id": np.repeat(range(n), 4),
+                            "item_id": rng.integers(0, 30, 4 * n), "rating": 4.0})
+    return dict(per_user=per_user, users_strata=st, pred=pred, rankings=rk, items=items,
+                support=support, interaction_counts=counts)
+
+
+REQUIRED = {
+    "group_metric": {"model", "scenario", "attribute", "group", "metric", "value", "ci_low",
+                     "ci_high", "n", "merged"},
+    "gap": {"model", "scenario", "attribute", "metric", "difference", "diff_ci_low",
+            "diff_ci_high", "ratio", "p_value", "max_group", "min_group", "n_groups"},
+    "gap_to_rest": {"model", "scenario", "attribute", "metric", "group", "gap", "ci_low",
+                    "ci_high", "p_value"},
+    "ugf": {"model", "scenario", "metric", "advantaged", "disadvantaged", "ugf", "ci_low",
+            "ci_high", "p_value"},
+    "parity": {"model", "scenario", "attribute", "metric", "value", "p_value"},
+    "exposure": {"model", "scenario", "short_head_share", "long_tail_share", "gini"},
+    "miscalibration": {"model", "scenario", "attribute", "group", "value", "n"},
+}
+
+
+def test_fairness_records_follow_design_and_are_deterministic():
+    inp = _record_inputs()
+    recs = F.fairness_records("melu", "s", n_boot=200, n_perm=200, seed=3, **inp)
+    kinds = {r["kind"] for r in recs}
+    assert kinds == set(REQUIRED)
+    for r in recs:
+        assert REQUIRED[r["kind"]] <= set(r), r
+        assert r["model"] == "melu" and r["scenario"] == "s"
+    json.dumps(recs, allow_nan=False)  # valid JSON: non-finite numbers are None
+    occ = [r for r in recs if r["kind"] == "group_metric" and r["attribute"] == "occupation"
+           and r["metric"] == "mae"]
+    assert {r["group"]: r["merged"] for r in occ} == {"a": False, "b": False, "other": True}
+    assert sum(r["n"] for r in occ) == 150
+    gap = next(r for r in recs if r["kind"] == "gap" and r["attribute"] == "gender"
+               and r["metric"] == "mae")
+    assert gap["difference"] == pytest.approx(
+        max(r["value"] for r in recs if r["kind"] == "group_metric" and
+            r["attribute"] == "gender" and r["metric"] == "mae")
+        - min(r["value"] for r in recs if r["kind"] == "group_metric" and
+              r["attribute"] == "gender" and r["metric"] == "mae"))
+    again = F.fairness_records("melu", "s", n_boot=200, n_perm=200, seed=3, **inp)
+    assert json.dumps(recs) == json.dumps(again)
+    with pytest.raises(ValueError, match="attribute"):
+        F.fairness_records("melu", "s", inp["per_user"], inp["users_strata"], ["race"])
+
+
+def test_parity_permutation_calibrated_under_null():
+    """No group effect (labels independent of ratings and errors): the user-level permutation
+    p-values of DP and EO reject at <= 5% within Monte-Carlo error."""
+    rng = np.random.default_rng(21)
+    n_mc, n_users, n_q = 200, 60, 10
+    tol = 2 * math.sqrt(0.05 * 0.95 / n_mc)
+    uid = np.repeat(np.arange(n_users), n_q)
+    rej_dp = rej_eo = 0
+    for i in range(n_mc):
+        user_bias = np.repeat(rng.normal(0, 0.7, n_users), n_q)  # within-user correlation
+        yt = rng.integers(1, 6, uid.size).astype(float)
+        yp = yt + user_bias + rng.normal(0, 1, uid.size)
+        pred = pd.DataFrame({"user_id": uid, "item_id": 0, "scenario": "s", "y_true": yt,
+                             "y_pred": yp})
+        g = pd.Series(rng.choice(["F", "M"], n_users, p=[0.3, 0.7]), index=range(n_users))
+        out = F.parity(pred, g, n_perm=99, seed=i)
+        rej_dp += out["p_dp"] <= 0.05
+        rej_eo += out["p_eo"] <= 0.05
+    assert rej_dp / n_mc <= 0.05 + tol
+    assert rej_eo / n_mc <= 0.05 + tol
