@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# DVC stages call `python` and `metarec-audit`: take them from the project's environment.
+export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: audit test install dev
+.PHONY: audit test install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +18,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# dvc.lock is one of the signed subjects and DVC rewrites it after every stage, so signing runs
+# after `dvc repro`, not inside it.
 audit: $(STAMP)
 	$(BIN)/dvc repro
+	$(BIN)/metarec-audit sign
 	@$(BIN)/metarec-audit summary
 
 test: $(STAMP)

@@ -19,3 +19,11 @@ def ml100k_dir() -> Path:
         pytest.skip(f"MovieLens-100K files not found in {path} (missing {', '.join(missing)}); "
                     f"set METAREC_ML100K to a folder holding u.data, u.user and u.item")
     return path
+
+
+@pytest.fixture(scope="session")
+def ml100k_data(ml100k_dir: Path):
+    """The parsed and validated MovieLens-100K tables."""
+    from metarec.data.load import load_dataset
+
+    return load_dataset({"source": "movielens-100k", "path": str(ml100k_dir)}, log=lambda _: None)

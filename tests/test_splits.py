@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -102,12 +104,18 @@ def test_leakage_guard_names_the_violation() -> None:
         check_leakage(overlap, part)
 
 
-def test_real_movielens_split(ml100k_data: RatingData) -> None:
+def test_real_movielens_split(ml100k_data: RatingData, ml100k_dir) -> None:
     cfg = SplitConfig()
     splits = build_splits(ml100k_data, cfg)
     assert_invariants(ml100k_data, cfg, splits)
     part = partition(ml100k_data, cfg)
-    assert len(part.new_items) == 351  # items released 1997 or 1998
+    # independent count: the film's year in its title (the date where the title has none) >= 1997
+    years = []
+    for line in (ml100k_dir / "u.item").read_text(encoding="latin-1").splitlines():
+        f = line.split("|")
+        m = re.findall(r"\((\d{4})\)", f[1])
+        years.append(int(m[-1]) if m else (int(f[2][-4:]) if f[2] else 0))
+    assert len(part.new_items) == sum(y >= 1997 for y in years) == 288
     assert len(part.new_users) == round(0.2 * 943)
     assert all(len(splits[s]) > 0 for s in ("train", "val", *SCENARIOS))
 

@@ -1,0 +1,240 @@
+"""`metarec-audit`: the command line of CONTRACTS.md.
+
+Commands and exit codes (0 success; 1 a check failed; 2 input missing or invalid):
+  data      check the configured data source (delegates to metarec.data.load.check_command)
+  gate      evaluate params.yaml gates against metrics/*.json; table + reports/gate.junit.xml +
+            reports/gate.md; 0 all pass, 1 a gate fails, 2 input missing/invalid.
+            `--record-only` is the DVC stage's form: writes metrics/gate.json and exits 0 whatever
+            the verdict (CI fails on the plain command's exit code, the pipeline never does).
+  keygen    --out DIR: Ed25519 pair signing.key (0600) + signing.pub; 2 if either exists
+  sign      reports/audit.bundle.json (+ reports/signing.pub); 2 on missing key or inputs
+  verify    BUNDLE --key PUB [--root DIR]: 0 valid, 1 invalid or tampered, 2 unreadable input
+  report    render reports/audit.html (the DVC report stage)
+  summary   print the report path and the verdict from metrics/gate.json; always 0
+
+Global options (before or after the command): --root DIR (project root, default "."),
+--params FILE (default params.yaml, relative to --root unless absolute).
+
+Errors are one sentence on stderr, never a traceback (set METAREC_AUDIT_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+EXIT_OK, EXIT_FAIL, EXIT_INPUT = 0, 1, 2
+
+
+class InputError(Exception):
+    """An input problem detected in the CLI layer itself (exit 2)."""
+
+
+def _load_params(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
+    path = Path(args.params)
+    if not path.is_absolute():
+        path = Path(args.root) / path
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot read params file {path} ({exc.strerror or exc})") from None
+    try:
+        params = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise InputError(f"params file {path} is not valid YAML{where}") from None
+    if not isinstance(params, dict):
+        raise InputError(f"params file {path} must hold a mapping of settings")
+    return params
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    # Imported here so that `gate`, `verify` etc. never pay for (or break on) the data stack.
+    from metarec.data.load import check_command
+
+    return int(check_command(args.params if Path(args.params).is_absolute() else str(Path(args.root) / args.params)))
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from audit import gate
+
+    params = _load_params(args)
+    root = Path(args.root)
+    if args.record_only:
+        doc = gate.record_gates(root, params)
+        n_fail = sum(not r["passed"] for r in doc["records"])
+        print(f"wrote {root / 'metrics' / 'gate.json'}: {'PASSED' if doc['passed'] else 'FAILED'} "
+              f"({len(doc['records']) - n_fail} of {len(doc['records'])} gates pass)")
+        return EXIT_OK
+    results = gate.evaluate_gates(root, params)
+    junit, md = gate.write_gate_reports(root, results)
+    print(gate.format_table(results))
+    print(f"wrote {junit} and {md}")
+    failed = [r for r in results if not r.passed]
+    for r in failed:
+        print(f"gate {r.name} failed: {r.message}", file=sys.stderr)
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from audit import signing
+
+    key, pub = signing.keygen(args.out)
+    print(f"wrote {key} (private, mode 0600; keep it secret) and {pub} (public)")
+    return EXIT_OK
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from audit import signing
+
+    params = _load_params(args)
+    bundle, signer = signing.sign(Path(args.root), params)
+    print(f"wrote {bundle} signed by keyid {signer.keyid} ({signer.source})")
+    if signer.development_key:
+        print("warning: signed with a local DEVELOPMENT key; set METAREC_AUDIT_SIGNING_KEY_FILE for a release",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from audit import signing
+
+    # Subjects are re-hashed under --root when given, else under the bundle's parent's parent.
+    root = args.verify_root if args.verify_root is not None else args.root
+    res = signing.verify(args.bundle, args.key, root)
+    note = " (signed by a DEVELOPMENT key)" if res.development_key else ""
+    print(f"OK: signature by keyid {res.keyid} verifies and all {res.subjects} subjects match; "
+          f"gate result {res.result}{note}")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from audit import report
+
+    params = _load_params(args)
+    path = report.write_report(Path(args.root), params)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    root = Path(args.root)
+    html = root / "reports" / "audit.html"
+    print(f"report: {html.resolve() if html.exists() else str(html) + ' (not written yet)'}")
+    try:
+        doc = json.loads((root / "metrics" / "gate.json").read_text(encoding="utf-8"))
+        records = [r for r in doc.get("records", []) if r.get("kind") == "gate"]
+        n_fail = sum(not r.get("passed") for r in records)
+        verdict = "PASSED" if doc.get("passed") else "FAILED"
+        print(f"gates: {verdict} ({len(records) - n_fail} of {len(records)} pass)")
+        for r in records:
+            if not r.get("passed"):
+                print(f"  FAIL {r.get('name')}: {r.get('message')}")
+    except (OSError, ValueError, AttributeError):
+        print("gates: unknown (metrics/gate.json missing or unreadable; run `dvc repro`)")
+    bundle = root / "reports" / "audit.bundle.json"
+    if bundle.exists():
+        print(f"signed bundle: {bundle.resolve()}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a value given after the command overrides the top-level one only when present.
+    common.add_argument("--root", default=argparse.SUPPRESS, help="project root (default: .)")
+    common.add_argument("--params", default=argparse.SUPPRESS,
+                        help="params file, relative to --root unless absolute (default: params.yaml)")
+    parser = argparse.ArgumentParser(
+        prog="metarec-audit",
+        description="Audit meta-learned cold-start recommenders: gates, signing, verification and the HTML report.",
+        epilog="Exit codes: 0 success, 1 a check failed (gate or verification), 2 input missing or invalid.")
+    parser.add_argument("--root", default=None, help="project root (default: .)")
+    parser.add_argument("--params", default="params.yaml",
+                        help="params file, relative to --root unless absolute (default: params.yaml)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("data", parents=[common], help="check the configured data source",
+                       description="Load and check the data source configured in params.yaml.")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("gate", parents=[common], help="check the release gates (exit 0 pass, 1 fail, 2 input error)",
+                       description="Evaluate the gates in params.yaml against metrics/*.json, print a table and write "
+                                   "reports/gate.junit.xml and reports/gate.md. Exit 0 when all pass, 1 when a gate "
+                                   "fails, 2 when an input is missing or invalid.")
+    p.add_argument("--record-only", action="store_true",
+                   help="write metrics/gate.json and exit 0 whatever the verdict (for the DVC gate stage)")
+    p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("keygen", parents=[common], help="write an Ed25519 key pair",
+                       description="Write signing.key (PKCS8 PEM, mode 0600) and signing.pub (PEM) into DIR. "
+                                   "Exit 2 if either file exists.")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for signing.key and signing.pub")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("sign", parents=[common], help="sign the audit outputs into reports/audit.bundle.json",
+                       description="Hash the report, metrics, params.yaml, dvc.lock and model files into an in-toto "
+                                   "Statement and sign it as a DSSE envelope (reports/audit.bundle.json). The key comes "
+                                   "from $METAREC_AUDIT_SIGNING_KEY_FILE, else params signing.key_path, else a local "
+                                   "development key under keys/. Exit 2 on a missing key or input.")
+    p.set_defaults(func=cmd_sign)
+
+    p = sub.add_parser("verify", help="verify a bundle's signature and every subject's hash",
+                       description="Verify the DSSE signature with PUB, then re-hash every subject. Exit 0 valid, "
+                                   "1 invalid or tampered (naming the first failure), 2 unreadable input.")
+    p.add_argument("bundle", metavar="BUNDLE", help="reports/audit.bundle.json")
+    p.add_argument("--key", required=True, metavar="PUB", help="the signer's public key (PEM)")
+    p.add_argument("--root", dest="verify_root", default=None, metavar="DIR",
+                   help="where subjects are re-hashed (default: the directory containing reports/, "
+                        "i.e. the bundle's parent's parent)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("report", parents=[common], help="render reports/audit.html",
+                       description="Render the self-contained audit report reports/audit.html from the metrics files.")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("summary", parents=[common], help="print the report path and the gate verdict",
+                       description="Print the report path and the verdict recorded in metrics/gate.json. Exit 0.")
+    p.set_defaults(func=cmd_summary)
+    return parser
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from metarec.errors import MetarecError
+
+    return (MetarecError, InputError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "verify" and args.root is None:
+        args.root = "."
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except _known_errors() as exc:
+        from audit.signing import VerificationFailed
+
+        print(f"metarec-audit {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAIL if isinstance(exc, VerificationFailed) else EXIT_INPUT
+    except KeyboardInterrupt:
+        print(f"metarec-audit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the contract is one sentence, not a traceback
+        if os.environ.get("METAREC_AUDIT_DEBUG"):
+            traceback.print_exc()
+        print(f"metarec-audit {args.command}: unexpected {type(exc).__name__}: {exc} "
+              f"(set METAREC_AUDIT_DEBUG=1 for a traceback)", file=sys.stderr)
+        return EXIT_INPUT
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
