@@ -1,0 +1,313 @@
+"""Training-loop pieces shared by the neural models (MeLU, GlobalModel, FineTune).
+
+Early stopping that keeps the best weights, a JSON training history, a progress bar that stays
+quiet in CI, safetensors persistence (never pickle), and `NeuralRecommender`, the base class that
+gives every network-based model the same predict (adapt on the support set, then rate the
+candidates), validation MAE, save and load.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence, TypeVar
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from metarec.errors import ConfigError, MetarecError
+from metarec.features import FeatureEncoder
+from metarec.io import atomic_write_bytes, atomic_write_json
+from metarec.models.network import NetworkSpec, RatingNetwork, batched_adapt_predict, dense_names
+from metarec.tasks import Batch, Task, TaskSet, make_batch
+
+T = TypeVar("T")
+WEIGHTS = "weights.safetensors"
+CONFIG = "config.json"
+HISTORY = "history.json"
+
+
+# ------------------------------------------------------------------------------------------ loop helpers
+class EarlyStopping:
+    """Stop when the monitored value (lower is better) has not improved for `patience` epochs,
+    remembering a copy of the best state so that training can end on it rather than the last."""
+
+    def __init__(self, patience: int = 5, min_delta: float = 0.0) -> None:
+        self.patience = int(patience)
+        self.min_delta = float(min_delta)
+        self.best: float = float("inf")
+        self.best_epoch: int = 0
+        self.best_state: dict[str, Tensor] | None = None
+        self.bad_epochs = 0
+
+    def step(self, value: float, epoch: int, state: Mapping[str, Tensor]) -> bool:
+        """Record one epoch; returns True when training should stop."""
+        if value < self.best - self.min_delta or self.best_state is None:
+            self.best, self.best_epoch = float(value), int(epoch)
+            self.best_state = {k: v.detach().clone() for k, v in state.items()}
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+    def restore(self, params: Mapping[str, Tensor]) -> None:
+        """Copy the best state back into the live parameters."""
+        if self.best_state is None:
+            return
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(self.best_state[k])
+
+
+class History(list):
+    """Per-epoch records {epoch, train_loss, val_loss, ...}; written as history.json."""
+
+    def add(self, epoch: int, train_loss: float, val_loss: float | None, **extra: Any) -> dict:
+        rec = {"epoch": int(epoch), "train_loss": float(train_loss),
+               "val_loss": None if val_loss is None else float(val_loss), **extra}
+        self.append(rec)
+        return rec
+
+
+def quiet() -> bool:
+    """Progress bars are off in CI logs (env CI set to anything but '', '0', 'false')."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def progress(iterable: Iterable[T], verbose: bool = True, **kwargs: Any) -> Iterator[T]:
+    """tqdm when verbose and not in CI, the bare iterable otherwise."""
+    if not verbose or quiet():
+        return iter(iterable)
+    from tqdm import tqdm
+
+    return iter(tqdm(iterable, leave=False, **kwargs))
+
+
+def save_tensors(path: str | Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> Path:
+    """Write tensors as safetensors, atomically (contiguous CPU copies: safetensors requires it)."""
+    data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    return atomic_write_bytes(path, st_save(data, metadata=dict(metadata) if metadata else None))
+
+
+def load_tensors(path: str | Path) -> dict[str, Tensor]:
+    """Read safetensors (no code execution, unlike pickle-based torch.load)."""
+    return st_load(Path(path).read_bytes())
+
+
+def truncate_support(tasks: Sequence[Task], max_support: int | None) -> list[Task]:
+    """Keep each task's last `max_support` support ratings (tasks list them oldest first)."""
+    if max_support is None:
+        return list(tasks)
+    k = int(max_support)
+    out = []
+    for t in tasks:
+        if len(t.support_items) > k:
+            t = t.replace(support_items=t.support_items[len(t.support_items) - k:],
+                          support_ratings=t.support_ratings[len(t.support_ratings) - k:])
+        out.append(t)
+    return out
+
+
+def slice_batch(batch: Batch, idx: np.ndarray | Sequence[int]) -> Batch:
+    """Rows idx of a padded batch, with padding trimmed to the longest support/query among them."""
+    ix = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+    sm, qm = batch.support_mask[ix], batch.query_mask[ix]
+    s = max(int(sm.sum(1).max()) if len(ix) else 0, 1)
+    q = max(int(qm.sum(1).max()) if len(ix) else 0, 1)
+    return Batch(batch.user_x[ix], batch.support_items[ix, :s], batch.support_y[ix, :s], sm[:, :s],
+                 batch.query_items[ix, :q], batch.query_y[ix, :q], qm[:, :q])
+
+
+def chunk_by_rows(lengths: Sequence[int], max_rows: int, max_tasks: int) -> list[np.ndarray]:
+    """Group tasks (sorted by length) so that tasks x padded width stays under max_rows: warm users
+    can have hundreds of support ratings, and padding everyone to the longest wastes memory."""
+    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+    chunks: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and end - start < max_tasks and \
+                (end - start + 1) * max(int(lengths[order[end]]), 1) <= max_rows:
+            end += 1
+        chunks.append(order[start:end])
+        start = end
+    return chunks
+
+
+def mae(preds: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> float:
+    """Mean absolute error pooled over all query rows."""
+    p = np.concatenate([np.asarray(a, dtype=np.float64) for a in preds]) if preds else np.zeros(0)
+    y = np.concatenate([np.asarray(a, dtype=np.float64) for a in truth]) if truth else np.zeros(0)
+    return float(np.mean(np.abs(p - y))) if len(y) else float("nan")
+
+
+# ------------------------------------------------------------------------------------------ base model
+class NeuralRecommender:
+    """What the network-based models share once trained: adapt-then-predict, validation, persistence.
+
+    Subclasses define `__init__` (hyperparameters only, scikit-learn style), `fit`, and
+    `_adaptation()` -> (adapted parameter names, step size, steps) used at predict time.
+    Fitted state: `network_`, `encoder_`, `history_`, `rating_mean_`, `best_epoch_`.
+    """
+
+    network_: RatingNetwork | None = None
+    encoder_: FeatureEncoder | None = None
+    rating_mean_: float = 0.0
+    best_epoch_: int = 0
+    predict_rows: int = 65536     # tasks x padded width per prediction chunk
+    predict_tasks: int = 1024
+
+    # -- scikit-learn style hyperparameters
+    def get_params(self) -> dict[str, Any]:
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "encoder")]
+        out = {}
+        for n in names:
+            v = getattr(self, n)
+            out[n] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
+
+    # -- hooks
+    def _adaptation(self) -> tuple[list[str], float, int]:
+        raise NotImplementedError
+
+    def _adapt_layer_names(self, adapt_layers: Sequence[int] | None) -> list[str]:
+        assert self.network_ is not None
+        return dense_names(self.network_.spec, adapt_layers)
+
+    # -- construction shared by fit and load
+    def _resolve_encoder(self, encoder: FeatureEncoder | None) -> FeatureEncoder:
+        enc = encoder if encoder is not None else getattr(self, "encoder", None)
+        if enc is None:
+            raise ConfigError(f"{type(self).__name__}.fit needs the FeatureEncoder of the task split "
+                              "(pass encoder= to fit or to the constructor)")
+        return enc
+
+    def _build_network(self, encoder: FeatureEncoder, embedding_dim: int, hidden: Sequence[int],
+                       seed: int | None) -> RatingNetwork:
+        spec = NetworkSpec.from_encoder(encoder, embedding_dim, hidden)
+        item_x, item_ml = encoder.item_tensors()
+        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        self.encoder_ = encoder
+        self.network_ = RatingNetwork(spec, item_x, item_ml, generator=gen)
+        return self.network_
+
+    def _check_fitted(self) -> RatingNetwork:
+        if self.network_ is None or self.encoder_ is None:
+            raise MetarecError(f"{type(self).__name__} is not fitted: call fit() or load() first")
+        return self.network_
+
+    # -- prediction
+    def _predict_batch(self, batch: Batch) -> Tensor:
+        """Padded predictions [B, Q] (unclipped) for one batch."""
+        net = self._check_fitted()
+        adapt, lr, steps = self._adaptation()
+        with torch.no_grad():
+            return batched_adapt_predict(net.params(), net.buffers_dict(), net.spec, batch.user_x,
+                                         batch.support_items, batch.support_y, batch.support_mask,
+                                         batch.query_items, adapt, lr, steps)
+
+    def _predict_padded(self, batch: Batch, lengths: np.ndarray) -> list[np.ndarray]:
+        """Predictions from one big pre-padded batch (training-time validation), chunked."""
+        out: list[np.ndarray | None] = [None] * len(batch)
+        for chunk in chunk_by_rows(lengths, self.predict_rows, self.predict_tasks):
+            b = slice_batch(batch, chunk)
+            pred = self._predict_batch(b).numpy()
+            for i, t in enumerate(chunk):
+                out[t] = pred[i, : int(b.query_mask[i].sum())]
+        return self._clip(out)
+
+    def _clip(self, preds: Sequence[np.ndarray | None]) -> list[np.ndarray]:
+        assert self.encoder_ is not None
+        lo, hi = self.encoder_.spec.rating_min, self.encoder_.spec.rating_max
+        return [np.clip(np.asarray(p, dtype=np.float64), lo, hi) for p in preds]
+
+    def predict(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+        """Predicted ratings per task, aligned with task.candidates, clipped to the rating scale.
+
+        Each task is adapted on its own support set (no-op for an empty one, or for a model without
+        adaptation); tasks are vectorised in chunks of similar support size.
+        """
+        self._check_fitted()
+        torch.set_num_threads(int(getattr(self, "threads", torch.get_num_threads())))
+        tasks = truncate_support(tasks, getattr(self, "max_support", None))
+        out: list[np.ndarray | None] = [None] * len(tasks)
+        lengths = np.array([len(t.support_items) for t in tasks], dtype=np.int64)
+        for chunk in chunk_by_rows(lengths, self.predict_rows, self.predict_tasks):
+            sub = [tasks[i] for i in chunk]
+            batch = make_batch(sub, self.encoder_)
+            pred = self._predict_batch(batch).numpy()
+            for i, t in enumerate(chunk):
+                out[t] = pred[i, : len(tasks[t].candidates)]
+        return self._clip(out)
+
+    # -- training helpers
+    def _encode_split(self, split: TaskSet) -> tuple[Batch, np.ndarray, list[np.ndarray]]:
+        """One padded batch holding every task of a split, its support lengths and query truths."""
+        assert self.encoder_ is not None
+        pairs = split.tasks_with_truth()
+        tasks = truncate_support([t for t, _ in pairs], getattr(self, "max_support", None))
+        truth = [y for _, y in pairs]
+        batch = make_batch(tasks, self.encoder_, truth)
+        return batch, np.array([len(t.support_items) for t in tasks], dtype=np.int64), truth
+
+    def _val_mae(self, val: tuple[Batch, np.ndarray, list[np.ndarray]] | None) -> float | None:
+        if val is None or len(val[0]) == 0:
+            return None
+        return mae(self._predict_padded(val[0], val[1]), val[2])
+
+    # -- persistence
+    def _extra_config(self) -> dict[str, Any]:
+        return {}
+
+    def save(self, directory: str | Path) -> None:
+        """weights.safetensors (parameters), config.json (class, hyperparameters, network shapes,
+        encoder), history.json. Item tables are rebuilt from the encoder on load."""
+        net = self._check_fitted()
+        assert self.encoder_ is not None
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_tensors(d / WEIGHTS, net.params(), {"model": type(self).__name__})
+        atomic_write_json(d / CONFIG, {
+            "model": type(self).__name__, "params": self.get_params(), "network": net.spec.to_dict(),
+            "rating_mean": self.rating_mean_, "best_epoch": self.best_epoch_,
+            "encoder": json.loads(self.encoder_.to_json()), **self._extra_config(),
+        })
+        atomic_write_json(d / HISTORY, list(getattr(self, "history_", [])))
+
+    @classmethod
+    def load(cls, directory: str | Path, train: TaskSet | None = None) -> "NeuralRecommender":
+        """Rebuild a fitted model from `save`'s directory (train is unused: all state is on disk)."""
+        d = Path(directory)
+        cfg = json.loads((d / CONFIG).read_text())
+        if cfg.get("model") != cls.__name__:
+            raise ConfigError(f"{d / CONFIG}: holds a {cfg.get('model')!r} model, not {cls.__name__}")
+        params = dict(cfg["params"])
+        for k in ("hidden", "adapt_layers"):
+            if isinstance(params.get(k), list):
+                params[k] = tuple(params[k])
+        model = cls(**params)
+        enc = FeatureEncoder.from_json(json.dumps(cfg["encoder"]))
+        spec = NetworkSpec.from_dict(cfg["network"])
+        item_x, item_ml = enc.item_tensors()
+        net = RatingNetwork(spec, item_x, item_ml)
+        weights = load_tensors(d / WEIGHTS)
+        missing = set(net.params()) ^ set(weights)
+        if missing:
+            raise ConfigError(f"{d / WEIGHTS}: parameter names do not match the network: {sorted(missing)[:5]}")
+        with torch.no_grad():
+            for k, p in net.params().items():
+                p.copy_(weights[k])
+        model.network_, model.encoder_ = net, enc
+        model.rating_mean_ = float(cfg.get("rating_mean", 0.0))
+        model.best_epoch_ = int(cfg.get("best_epoch", 0))
+        hist = d / HISTORY
+        model.history_ = History(json.loads(hist.read_text()) if hist.exists() else [])
+        return model

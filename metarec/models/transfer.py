@@ -1,0 +1,137 @@
+"""Transfer baselines for MeLU: the same network without meta-learning.
+
+`GlobalModel` trains the rating network on every training rating (support and query rows of the
+training tasks) with minibatch Adam and early stopping on validation MAE, and predicts without
+adaptation. `FineTune` trains the same way, then fine-tunes the decision layers per user on the
+support set at predict time, through the very inner loop MeLU uses (`network.inner_adapt`, via
+`batched_adapt_predict`), so that the two differ only in how the starting point was learned.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from metarec.errors import ConfigError
+from metarec.features import FeatureEncoder
+from metarec.models.network import embed, mlp, split_params
+from metarec.models.training import EarlyStopping, History, NeuralRecommender, progress
+from metarec.seeding import rng, seed_everything
+from metarec.tasks import TaskSet, iterate_batches
+
+
+class GlobalModel(NeuralRecommender):
+    """One network for everybody: rates (user attributes, item features) pairs, no adaptation."""
+
+    def __init__(self, embedding_dim: int = 32, hidden: Sequence[int] = (64, 64), global_lr: float = 1e-3,
+                 batch_size: int = 256, epochs: int = 30, patience: int = 5, weight_decay: float = 0.0,
+                 seed: int = 0, threads: int = 1, max_support: int | None = None, verbose: bool = False,
+                 encoder: FeatureEncoder | None = None) -> None:
+        self.embedding_dim = embedding_dim
+        self.hidden = tuple(hidden)
+        self.global_lr = global_lr
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.patience = patience
+        self.weight_decay = weight_decay
+        self.seed = seed
+        self.threads = threads
+        self.max_support = max_support
+        self.verbose = verbose
+        self.encoder = encoder
+        self.history_ = History()
+
+    def _adaptation(self) -> tuple[list[str], float, int]:
+        return [], 0.0, 0
+
+    def _rows(self, train: TaskSet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(user_x [n, U], item rows [n], ratings [n]) for every rating of the training tasks."""
+        assert self.encoder_ is not None
+        frame = train.all_ratings()
+        users = train.users.drop_duplicates("user_id").sort_values("user_id").reset_index(drop=True)
+        table = self.encoder_.encode_users(users)
+        uids = users["user_id"].to_numpy(np.int64)
+        pos = np.searchsorted(uids, frame["user_id"].to_numpy(np.int64))
+        pos = np.clip(pos, 0, max(len(uids) - 1, 0))
+        if len(uids) == 0 or np.any(uids[pos] != frame["user_id"].to_numpy(np.int64)):
+            raise ConfigError("GlobalModel.fit: some training users are missing from the users table")
+        return (torch.from_numpy(table[pos]), torch.from_numpy(self.encoder_.item_rows(frame["item_id"].to_numpy())),
+                torch.from_numpy(frame["rating"].to_numpy(np.float32)))
+
+    def fit(self, train: TaskSet, val: TaskSet | None = None,
+            encoder: FeatureEncoder | None = None) -> "GlobalModel":
+        """Minibatch Adam on all training ratings (MSE); early stopping on validation MAE."""
+        enc = self._resolve_encoder(encoder)
+        seed_everything(int(self.seed), int(self.threads))
+        net = self._build_network(enc, self.embedding_dim, self.hidden, self.seed)
+        user_x, items, y = self._rows(train)
+        if len(y) == 0:
+            raise ConfigError(f"{type(self).__name__}.fit: the training split has no ratings")
+        self.rating_mean_ = float(y.double().mean())
+        net.set_output_bias(self.rating_mean_)
+        val_data = self._encode_split(val) if val is not None and len(val) else None
+        params = net.params()
+        buffers = net.buffers_dict()
+        opt = torch.optim.Adam(params.values(), lr=float(self.global_lr), weight_decay=float(self.weight_decay))
+        order_rng = rng(int(self.seed), "global-row-order")
+        stopper = EarlyStopping(self.patience)
+        self.history_ = History()
+        for epoch in progress(range(1, int(self.epochs) + 1), self.verbose, desc=type(self).__name__):
+            total, n = 0.0, 0
+            for block in iterate_batches(len(y), int(self.batch_size), order_rng):
+                ix = torch.from_numpy(block)
+                x = embed(params, buffers, net.spec, user_x[ix], items[ix][:, None])
+                pred = mlp(split_params(params)[1], x, net.spec.n_dense)[:, 0]
+                loss = ((pred - y[ix]) ** 2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(block)
+                n += len(block)
+            val_mae = self._val_mae(val_data)
+            self.history_.add(epoch, total / n, val_mae)
+            if val_mae is not None and stopper.step(val_mae, epoch, params):
+                break
+        if stopper.best_state is not None:
+            stopper.restore(params)
+            self.best_epoch_ = stopper.best_epoch
+        else:
+            self.best_epoch_ = len(self.history_)
+        return self
+
+
+class FineTune(GlobalModel):
+    """GlobalModel plus per-user fine-tuning of the decision layers on the support set at predict
+    time (`steps` SGD steps of size `lr`; `adapt_layers` as in MeLU, None = all dense layers).
+    Validation during training uses the unadapted network, exactly as GlobalModel."""
+
+    def __init__(self, embedding_dim: int = 32, hidden: Sequence[int] = (64, 64), global_lr: float = 1e-3,
+                 batch_size: int = 256, epochs: int = 30, patience: int = 5, weight_decay: float = 0.0,
+                 steps: int = 5, lr: float = 0.05, adapt_layers: Sequence[int] | None = None, seed: int = 0,
+                 threads: int = 1, max_support: int | None = None, verbose: bool = False,
+                 encoder: FeatureEncoder | None = None) -> None:
+        super().__init__(embedding_dim=embedding_dim, hidden=hidden, global_lr=global_lr, batch_size=batch_size,
+                         epochs=epochs, patience=patience, weight_decay=weight_decay, seed=seed, threads=threads,
+                         max_support=max_support, verbose=verbose, encoder=encoder)
+        if int(steps) < 0:
+            raise ConfigError(f"FineTune: steps must be >= 0, got {steps}")
+        self.steps = steps
+        self.lr = lr
+        self.adapt_layers = None if adapt_layers is None else tuple(adapt_layers)
+        self._finetuning = True
+
+    def _adaptation(self) -> tuple[list[str], float, int]:
+        if not getattr(self, "_finetuning", True):
+            return [], 0.0, 0
+        return self._adapt_layer_names(self.adapt_layers), float(self.lr), int(self.steps)
+
+    def fit(self, train: TaskSet, val: TaskSet | None = None, encoder: FeatureEncoder | None = None) -> "FineTune":
+        """Train exactly like GlobalModel (validation without fine-tuning)."""
+        self._finetuning = False
+        try:
+            super().fit(train, val, encoder)
+        finally:
+            self._finetuning = True
+        return self
