@@ -20,6 +20,11 @@ NEW_ITEM_SCENARIOS = ("item_cold", "user_item_cold")
 
 
 def predict_in_chunks(model: Recommender, tasks: Sequence[Task], chunk: int = 256) -> list[np.ndarray]:
+    """Predict in blocks to bound memory. A model whose predictions depend on the whole set of
+    tasks asked together (classic models fold every support set into one fit) sets
+    `predict_chunk = None` and gets all tasks in one call, so chunking never changes its answers."""
+    if hasattr(model, "predict_chunk"):
+        chunk = model.predict_chunk or max(len(tasks), 1)
     out: list[np.ndarray] = []
     for start in range(0, len(tasks), chunk):
         preds = model.predict(list(tasks[start: start + chunk]))
@@ -33,11 +38,15 @@ def predict_in_chunks(model: Recommender, tasks: Sequence[Task], chunk: int = 25
 def query_predictions(model: Recommender, split: TaskSet) -> pd.DataFrame:
     """One row per query (user, item): user_id, item_id, scenario, y_true, y_pred (CONTRACTS.md)."""
     pairs = split.tasks_with_truth()
-    preds = predict_in_chunks(model, [t for t, _ in pairs])
-    frames = [pd.DataFrame({"user_id": t.user_id, "item_id": t.candidates, "scenario": t.scenario,
-                            "y_true": y.astype(np.float64), "y_pred": p}) for (t, y), p in zip(pairs, preds)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["user_id", "item_id", "scenario", "y_true", "y_pred"])
+    tasks = [t for t, _ in pairs]
+    preds = predict_in_chunks(model, tasks)
+    sizes = [len(t.candidates) for t in tasks]
+    return pd.DataFrame({
+        "user_id": np.repeat(np.array([t.user_id for t in tasks], dtype=np.int64), sizes),
+        "item_id": np.concatenate([t.candidates for t in tasks]) if tasks else np.zeros(0, np.int64),
+        "scenario": np.repeat(np.array([t.scenario for t in tasks], dtype=object), sizes),
+        "y_true": np.concatenate([y for _, y in pairs]).astype(np.float64) if tasks else np.zeros(0),
+        "y_pred": np.concatenate(preds) if tasks else np.zeros(0)})
 
 
 def catalogue_tasks(split: TaskSet, new_items: set[int]) -> list[Task]:
@@ -53,16 +62,20 @@ def catalogue_tasks(split: TaskSet, new_items: set[int]) -> list[Task]:
 
 def top_k(tasks: Sequence[Task], preds: Sequence[np.ndarray], k: int) -> pd.DataFrame:
     """Top-k per task by score, ties broken by item id; records how many candidates there were."""
-    rows = []
+    cols: dict[str, list[np.ndarray]] = {c: [] for c in ("user_id", "scenario", "rank", "item_id", "score", "n_candidates")}
     for t, p in zip(tasks, preds):
-        if k >= len(t.candidates):
-            raise ValueError(f"user {t.user_id} ({t.scenario}): k={k} is not below the {len(t.candidates)} candidates; "
+        n = len(t.candidates)
+        if k >= n:
+            raise ValueError(f"user {t.user_id} ({t.scenario}): k={k} is not below the {n} candidates; "
                              "every ranking metric would be trivially perfect")
         order = np.lexsort((t.candidates, -p))[:k]
-        rows.append(pd.DataFrame({"user_id": t.user_id, "scenario": t.scenario, "rank": np.arange(1, k + 1),
-                                  "item_id": t.candidates[order], "score": p[order],
-                                  "n_candidates": len(t.candidates)}))
-    return pd.concat(rows, ignore_index=True)
+        cols["user_id"].append(np.full(k, t.user_id, dtype=np.int64))
+        cols["scenario"].append(np.full(k, t.scenario, dtype=object))
+        cols["rank"].append(np.arange(1, k + 1, dtype=np.int64))
+        cols["item_id"].append(t.candidates[order])
+        cols["score"].append(np.asarray(p, dtype=np.float64)[order])
+        cols["n_candidates"].append(np.full(k, n, dtype=np.int64))
+    return pd.DataFrame({c: np.concatenate(v) if v else np.zeros(0) for c, v in cols.items()})
 
 
 def catalogue_rankings(model: Recommender, split: TaskSet, new_items: set[int], k: int = 10) -> pd.DataFrame:

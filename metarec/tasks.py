@@ -64,30 +64,34 @@ class TaskSet:
     def user_ids(self) -> np.ndarray:
         return np.unique(self.frame["user_id"].to_numpy())
 
-    def _groups(self) -> list[tuple[int, pd.DataFrame]]:
-        f = self.frame.sort_values(["task_id", "role", "timestamp", "item_id"], kind="stable")
-        return list(f.groupby("task_id", sort=True))
-
     def tasks(self) -> list[Task]:
         """Tasks whose candidates are the query items, ordered by task_id."""
         return [t for t, _ in self.tasks_with_truth()]
 
     def tasks_with_truth(self) -> list[tuple[Task, np.ndarray]]:
-        """(task, query ratings aligned with task.candidates), for training and evaluation."""
-        attrs = self.users.set_index("user_id")
+        """(task, query ratings aligned with task.candidates), for training and evaluation.
+
+        Within a task, support and query rows are ordered oldest first (ties by item id)."""
+        if not len(self.frame):
+            return []
+        f = self.frame.sort_values(["task_id", "role", "timestamp", "item_id"], kind="stable")
+        task = f["task_id"].to_numpy()
+        is_query = (f["role"] == "query").to_numpy()
+        items = f["item_id"].to_numpy(np.int64)
+        ratings = f["rating"].to_numpy(np.float32)
+        users = f["user_id"].to_numpy(np.int64)
+        scenarios = f["scenario"].to_numpy()
+        # role sorts "query" before "support": each task is [query rows | support rows]
+        starts = np.flatnonzero(np.r_[True, task[1:] != task[:-1]])
+        ends = np.r_[starts[1:], len(task)]
+        attrs = self.users.drop_duplicates("user_id").set_index("user_id").to_dict("index")
         out = []
-        for _, g in self._groups():
-            s = g[g["role"] == "support"]
-            q = g[g["role"] == "query"]
-            uid = int(g["user_id"].iloc[0])
-            out.append((Task(
-                user_id=uid,
-                user_attrs=attrs.loc[uid].to_dict(),
-                support_items=s["item_id"].to_numpy(np.int64),
-                support_ratings=s["rating"].to_numpy(np.float32),
-                candidates=q["item_id"].to_numpy(np.int64),
-                scenario=str(g["scenario"].iloc[0]),
-            ), q["rating"].to_numpy(np.float32)))
+        for a, b in zip(starts, ends):
+            q = a + int(is_query[a:b].sum())
+            uid = int(users[a])
+            out.append((Task(user_id=uid, user_attrs=attrs[uid], support_items=items[q:b].copy(),
+                             support_ratings=ratings[q:b].copy(), candidates=items[a:q].copy(),
+                             scenario=str(scenarios[a])), ratings[a:q].copy()))
         return out
 
     def all_ratings(self) -> pd.DataFrame:

@@ -120,6 +120,8 @@ class ClassicRecommender:
 
     name: ClassVar[str] = ""
     cache_size: ClassVar[int] = 4
+    # Predictions depend on every support folded in together: callers must not split the tasks.
+    predict_chunk: ClassVar[int | None] = None
 
     def __init__(self, seed: int = 0, rating_scale: tuple[float, float] | None = None) -> None:
         self.seed = int(seed)
@@ -351,6 +353,39 @@ class ItemKNN(_SurpriseRecommender):
                            bsl_options={"method": "als", "n_epochs": self.n_epochs, "reg_u": self.reg_u,
                                         "reg_i": self.reg_i},
                            verbose=False)
+
+
+    def _score(self, algo, user_key: str, items: np.ndarray) -> np.ndarray:
+        """Vectorised KNNBaseline estimate: b_ui + sum(sim * (r_uj - b_uj)) / sum(sim) over the k
+        most similar items the user rated, positive similarities only (surprise's own rule,
+        including its fallbacks), so that scoring a whole catalogue takes one matrix operation."""
+        est = _bias_score(algo, user_key, items, factors=False)
+        ts = algo.trainset
+        try:
+            u = ts.to_inner_uid(user_key)
+        except ValueError:
+            return est
+        inner = np.array([ts._raw2inner_id_items.get(int(i), -1) for i in items], dtype=np.int64)
+        known = inner >= 0
+        rated = ts.ur[u]
+        if not known.any() or not rated:
+            return est
+        j = np.fromiter((x for x, _ in rated), dtype=np.int64, count=len(rated))
+        r = np.fromiter((y for _, y in rated), dtype=np.float64, count=len(rated))
+        dev = r - (ts.global_mean + np.asarray(algo.bi)[j] + algo.bu[u])
+        sim = np.asarray(algo.sim)[np.ix_(inner[known], j)]
+        if self.k < len(j):
+            idx = np.argpartition(-sim, self.k - 1, axis=1)[:, : self.k]
+            sim, dev = np.take_along_axis(sim, idx, axis=1), dev[idx]
+        else:
+            dev = np.broadcast_to(dev, sim.shape)
+        pos = sim > 0
+        sum_sim = np.where(pos, sim, 0.0).sum(axis=1)
+        sum_dev = np.where(pos, sim * dev, 0.0).sum(axis=1)
+        sum_dev[pos.sum(axis=1) < self.min_k] = 0.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            est[known] += np.where(sum_sim > 0, sum_dev / np.where(sum_sim > 0, sum_sim, 1.0), 0.0)
+        return est
 
 
 class SVDRecommender(_SurpriseRecommender):
