@@ -121,62 +121,46 @@ def _ordered(values: Iterable[str], preferred: Iterable[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- data section
-def data_context_from_files(meta: dict[str, Any] | None, summary: dict[str, Any] | None) -> dict[str, Any]:
-    """Map data/prepared/meta.json and data/tasks/summary.json onto the report's `data` dict.
-
-    Tolerant by design: the files belong to another module, so unknown layouts give None cells
-    rather than a failed report.
+def data_context_from_files(root: Path, strata: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The report's `data` dict from the pipeline's own files: data/prepared/meta.json (source,
+    checksums, counts, spec), data/tasks/summary.json (users, tasks, ratings per split), the strata
+    counts of metrics/summary.json (group sizes), and the most rated items (titles are data, so
+    they exercise the escaping). A missing file raises: a report must not silently drop a section.
     """
-    meta = meta or {}
-    summary = summary or {}
-    prov = meta.get("provenance") or {}
-    counts = meta.get("counts") or {}
-    spec = meta.get("spec") or {}
-    files = prov.get("files") or prov.get("checksums") or {}
-    if isinstance(files, dict):
-        files = [{"name": str(k), "sha256": str(v.get("sha256") if isinstance(v, dict) else v)} for k, v in files.items()]
-    rating_range = None
-    if spec.get("rating_min") is not None and spec.get("rating_max") is not None:
-        rating_range = [spec["rating_min"], spec["rating_max"]]
+    import pandas as pd
 
-    def group_rows(obj: Any, key: str) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        if isinstance(obj, dict):
-            for attr, groups in obj.items():
-                if isinstance(groups, dict):
-                    for g, n in groups.items():
-                        n = n.get("n_users", n.get("users")) if isinstance(n, dict) else n
-                        rows.append({key: str(attr), "group": str(g), "n_users": n})
-        elif isinstance(obj, list):
-            for r in obj:
-                if isinstance(r, dict):
-                    rows.append({key: str(r.get(key, r.get("attribute", ""))), "group": str(r.get("group", "")),
-                                 "n_users": r.get("n_users", r.get("n"))})
-        return rows
-
-    scen = summary.get("scenarios") or {}
-    scenarios: list[dict[str, Any]] = []
-    if isinstance(scen, dict):
-        scen = [{"scenario": k, **(v if isinstance(v, dict) else {})} for k, v in scen.items()]
-    for s in scen if isinstance(scen, list) else []:
-        scenarios.append({"scenario": str(s.get("scenario")),
-                          **{f"n_{k}": s.get(f"n_{k}", s.get(k)) for k in ("users", "items", "ratings", "tasks")}})
-    order = ("train", "val") + SCENARIO_ORDER
-    scenarios.sort(key=lambda r: _rank(r["scenario"], list(dict.fromkeys(order))))
+    for f in ("data/prepared/meta.json", "data/tasks/summary.json"):
+        if not (root / f).is_file():
+            raise ReportError(f"cannot render the report: {f} is missing (run the prepare and tasks stages)")
+    meta = _read_json(root / "data" / "prepared" / "meta.json")
+    summary = _read_json(root / "data" / "tasks" / "summary.json")
+    prov, spec = meta["provenance"], meta["spec"]
+    overall = [r for r in summary["rows"] if r["attribute"] == "all"]
+    order = list(dict.fromkeys(("train", "val") + SCENARIO_ORDER))
+    scenarios = sorted(({"scenario": r["split"], "n_users": r["users"], "n_items": r.get("items"),
+                         "n_ratings": r["ratings"], "n_tasks": r["tasks"]} for r in overall),
+                       key=lambda r: _rank(r["scenario"], order))
+    strata = strata or []
+    groups = [{"attribute": r["attribute"], "group": str(r["group"]), "n_users": r["n"]}
+              for r in strata if " x " not in r["attribute"]]
+    inter = [{"attributes": r["attribute"], "group": str(r["group"]), "n_users": r["n"]}
+             for r in strata if " x " in r["attribute"]]
+    top: list[dict[str, Any]] = []
+    items_path, ratings_path = root / "data/prepared/items.parquet", root / "data/prepared/ratings.parquet"
+    if items_path.is_file() and ratings_path.is_file():
+        counts = pd.read_parquet(ratings_path, columns=["item_id"])["item_id"].value_counts()
+        titles = pd.read_parquet(items_path).set_index("item_id").get("title")
+        for item, n in counts.sort_index().sort_values(ascending=False, kind="stable").head(10).items():
+            title = titles.get(item) if titles is not None else None
+            top.append({"item_id": int(item), "title": "" if title is None else str(title), "n_ratings": int(n)})
     return {
-        "available": bool(meta or summary),
-        "source": meta.get("source") or prov.get("source"),
-        "path": prov.get("path"),
-        "checksum": prov.get("canonical_checksum") or prov.get("checksum"),
-        "files": files if isinstance(files, list) else [],
-        "counts": {k: counts.get(k, counts.get(f"n_{k}")) for k in ("ratings", "users", "items")},
-        "rating_range": rating_range,
-        "sensitive": [str(s) for s in (spec.get("sensitive") or meta.get("sensitive") or [])],
-        "groups": group_rows(summary.get("groups"), "attribute"),
-        "intersections": group_rows(summary.get("intersections"), "attributes"),
-        "scenarios": scenarios,
-        "top_items": [dict(item_id=t.get("item_id"), title=str(t.get("title", "")), n_ratings=t.get("n_ratings"))
-                      for t in (meta.get("top_items") or summary.get("top_items") or []) if isinstance(t, dict)],
+        "available": True, "source": meta["source"], "path": prov.get("location"),
+        "checksum": prov.get("canonical_sha256"),
+        "files": [{"name": k, "sha256": v} for k, v in sorted((prov.get("files") or {}).items())],
+        "counts": {k: meta["counts"].get(k) for k in ("ratings", "users", "items")},
+        "rating_range": [spec["rating_min"], spec["rating_max"]],
+        "sensitive": [str(x) for x in spec["sensitive"]],
+        "groups": groups, "intersections": inter, "scenarios": scenarios, "top_items": top,
     }
 
 
@@ -484,8 +468,7 @@ def build_context(root: str | Path, params: dict[str, Any], data: dict[str, Any]
     if metrics.get("summary") is None:
         raise ReportError("cannot render the report: metrics/summary.json is missing")
     if data is None:
-        data = data_context_from_files(_read_json(root / "data" / "prepared" / "meta.json"),
-                                       _read_json(root / "data" / "tasks" / "summary.json"))
+        data = data_context_from_files(root, (metrics.get("summary") or {}).get("strata"))
     else:
         data = normalise_data(data)
     focus = _focus(params, metrics)

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-DEFAULT_THREADS = 1
+DEFAULT_THREADS = 2
 
 
 def seed_everything(seed: int, threads: int = DEFAULT_THREADS) -> dict:

@@ -188,7 +188,7 @@ def summary_table(splits: dict[str, pd.DataFrame], users: pd.DataFrame, by: list
     rows = []
     for name, f in splits.items():
         rows.append({"split": name, "attribute": "all", "group": "all", "users": f.user_id.nunique(),
-                     "tasks": f.task_id.nunique(), "ratings": len(f)})
+                     "items": f.item_id.nunique(), "tasks": f.task_id.nunique(), "ratings": len(f)})
         for attr, labels in by:
             lab = f["user_id"].map(labels)
             for group, g in f.groupby(lab, sort=True):

@@ -334,17 +334,32 @@ def _write(root: Path, *, gates_pass: bool = True, hostile: bool = False,
                 atomic_write_json(d / "config.json", {"name": model, "seed": seed, "embedding_dim": 32})
                 atomic_write_json(d / "history.json", [{"epoch": 1, "train_loss": 1.1, "val_loss": 1.2}])
     if with_data_files:
-        ctx = data_context(hostile)
-        meta = {"source": ctx["source"], "counts": ctx["counts"],
-                "provenance": {"source": ctx["source"], "path": ctx["path"], "canonical_checksum": ctx["checksum"],
-                               "files": {f["name"]: f["sha256"] for f in ctx["files"]}},
-                "spec": {"sensitive": ctx["sensitive"], "rating_min": 1.0, "rating_max": 5.0,
-                         "user_attributes": [], "item_features": []},
-                "top_items": ctx["top_items"]}
-        atomic_write_json(root / "data" / "prepared" / "meta.json", meta)
-        summary = {"scenarios": {s["scenario"]: {k: v for k, v in s.items() if k != "scenario"} for s in ctx["scenarios"]},
-                   "groups": {a: {r["group"]: r["n_users"] for r in ctx["groups"] if r["attribute"] == a}
-                              for a in dict.fromkeys(r["attribute"] for r in ctx["groups"])},
-                   "intersections": {"gender x age": {r["group"]: r["n_users"] for r in ctx["intersections"]}}}
-        atomic_write_json(root / "data" / "tasks" / "summary.json", summary)
+        _write_data_files(root, data_context(hostile))
     return root
+
+
+def _write_data_files(root: Path, ctx: dict[str, Any]) -> None:
+    """data/prepared/{meta.json, items.parquet, ratings.parquet}, data/tasks/summary.json and the
+    strata counts of metrics/summary.json, in the formats the pipeline writes."""
+    import json
+
+    meta = {"source": ctx["source"], "counts": ctx["counts"],
+            "provenance": {"source": "METAREC_ML100K", "location": ctx["path"], "canonical_sha256": ctx["checksum"],
+                           "files": {f["name"]: f["sha256"] for f in ctx["files"]}},
+            "spec": {"sensitive": ctx["sensitive"], "rating_min": 1.0, "rating_max": 5.0,
+                     "user_attributes": [], "item_features": []}}
+    atomic_write_json(root / "data" / "prepared" / "meta.json", meta)
+    items = pd.DataFrame({"item_id": [t["item_id"] for t in ctx["top_items"]],
+                          "title": [t["title"] for t in ctx["top_items"]]})
+    ratings = pd.DataFrame({"item_id": [t["item_id"] for t in ctx["top_items"] for _ in range(t["n_ratings"])]})
+    atomic_write_parquet(root / "data" / "prepared" / "items.parquet", items)
+    atomic_write_parquet(root / "data" / "prepared" / "ratings.parquet", ratings)
+    rows = [{"split": s["scenario"], "attribute": "all", "group": "all", "users": s["n_users"], "items": s["n_items"],
+             "tasks": s["n_tasks"], "ratings": s["n_ratings"]} for s in ctx["scenarios"]]
+    atomic_write_json(root / "data" / "tasks" / "summary.json", {"config": {}, "rows": rows})
+    summary = json.loads((root / "metrics" / "summary.json").read_text())
+    summary["strata"] = ([{"attribute": g["attribute"], "group": g["group"], "n": g["n_users"], "merged": False}
+                          for g in ctx["groups"]]
+                         + [{"attribute": g["attributes"], "group": g["group"], "n": g["n_users"], "merged": False}
+                            for g in ctx["intersections"]])
+    atomic_write_json(root / "metrics" / "summary.json", summary)

@@ -123,9 +123,6 @@ def test_hostile_params_are_escaped(tmp_path: Path) -> None:
     from audit.gate import record_gates
 
     record_gates(root, params)
-    meta = root / "data" / "prepared" / "meta.json"
-    meta.unlink()
-    (root / "data" / "tasks" / "summary.json").unlink()
     _assert_only_escaped(render_report(build_context(root, params)))
 
 
@@ -142,10 +139,12 @@ def test_data_context_from_pipeline_files(tmp_path: Path) -> None:
     json.dumps(ctx)  # plain data: the lead can dump it for debugging
 
 
-def test_missing_data_files_still_render(tmp_path: Path) -> None:
+def test_missing_data_files_refuse_to_render(tmp_path: Path, capsys) -> None:
     root = write_fixture_project(tmp_path, with_data_files=False, with_models=False)
-    html = _render(root)
-    assert "No data description was found" in html
+    rc = main(["--root", str(root), "report"])
+    assert rc == 2
+    assert "data/prepared/meta.json is missing (run the prepare and tasks stages)" in capsys.readouterr().err
+    assert not (root / "reports" / "audit.html").exists()
 
 
 def test_strict_undefined_and_missing_metrics(tmp_path: Path, capsys) -> None:
@@ -157,3 +156,11 @@ def test_strict_undefined_and_missing_metrics(tmp_path: Path, capsys) -> None:
     (root / "metrics" / "summary.json").unlink()
     rc = main(["--root", str(root), "report"])
     assert rc == 2 and "metrics/summary.json is missing" in capsys.readouterr().err
+
+
+def test_hostile_titles_and_groups_from_pipeline_files_are_escaped(tmp_path: Path) -> None:
+    # The titles come from data/prepared/items.parquet and the group names from the strata
+    # counts, exactly as the pipeline writes them; nothing is passed in by hand.
+    root = write_fixture_project(tmp_path, hostile=True)
+    html = render_report(build_context(root, _params(root)))
+    _assert_only_escaped(html)
