@@ -221,16 +221,9 @@ class MeLU(NeuralRecommender):
                 opt.step()
                 losses.append(float(loss))
                 weights.append(len(block))
-            train_loss = float(np.average(losses, weights=weights))
-            val_mae = self._val_mae(val_data)
-            self.history_.add(epoch, train_loss, val_mae)
-            if val_mae is not None and stopper.step(val_mae, epoch, params):
+            if self._end_epoch(epoch, float(np.average(losses, weights=weights)), val_data, stopper, params):
                 break
-        if stopper.best_state is not None:
-            stopper.restore(params)
-            self.best_epoch_ = stopper.best_epoch
-        else:
-            self.best_epoch_ = len(self.history_)
+        self._keep_best(stopper, params)
         return self
 
     def _pooled_tasks(self, train: TaskSet) -> list[tuple[Task, np.ndarray, np.ndarray, int]]:

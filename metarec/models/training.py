@@ -258,6 +258,21 @@ class NeuralRecommender:
         batch = make_batch(tasks, self.encoder_, truth)
         return batch, np.array([len(t.support_items) for t in tasks], dtype=np.int64), truth
 
+    def _end_epoch(self, epoch: int, train_loss: float, val: tuple[Batch, np.ndarray, list[np.ndarray]] | None,
+                   stopper: EarlyStopping, params: dict[str, Tensor]) -> bool:
+        """Record the epoch; True when early stopping says training is over."""
+        val_mae = self._val_mae(val)
+        self.history_.add(epoch, train_loss, val_mae)
+        return val_mae is not None and stopper.step(val_mae, epoch, params)
+
+    def _keep_best(self, stopper: EarlyStopping, params: dict[str, Tensor]) -> None:
+        """Restore the best validation state (or keep the last one when there was no validation)."""
+        if stopper.best_state is not None:
+            stopper.restore(params)
+            self.best_epoch_ = stopper.best_epoch
+        else:
+            self.best_epoch_ = len(self.history_)
+
     def _val_mae(self, val: tuple[Batch, np.ndarray, list[np.ndarray]] | None) -> float | None:
         if val is None or len(val[0]) == 0:
             return None

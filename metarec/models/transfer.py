@@ -90,15 +90,9 @@ class GlobalModel(NeuralRecommender):
                 opt.step()
                 total += float(loss.detach()) * len(block)
                 n += len(block)
-            val_mae = self._val_mae(val_data)
-            self.history_.add(epoch, total / n, val_mae)
-            if val_mae is not None and stopper.step(val_mae, epoch, params):
+            if self._end_epoch(epoch, total / n, val_data, stopper, params):
                 break
-        if stopper.best_state is not None:
-            stopper.restore(params)
-            self.best_epoch_ = stopper.best_epoch
-        else:
-            self.best_epoch_ = len(self.history_)
+        self._keep_best(stopper, params)
         return self
 
 
