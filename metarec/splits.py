@@ -193,5 +193,5 @@ def summary_table(splits: dict[str, pd.DataFrame], users: pd.DataFrame, by: list
             lab = f["user_id"].map(labels)
             for group, g in f.groupby(lab, sort=True):
                 rows.append({"split": name, "attribute": attr, "group": str(group), "users": g.user_id.nunique(),
-                             "tasks": g.task_id.nunique(), "ratings": len(g)})
+                             "items": g.item_id.nunique(), "tasks": g.task_id.nunique(), "ratings": len(g)})
     return pd.DataFrame(rows)

@@ -46,12 +46,21 @@ def main() -> None:
     atomic_write_json("metrics/summary.json", {
         "meta_learner": meta, "models": params["models"], "seeds": params["seeds"],
         "like_threshold": ev["like_threshold"], "strata": strata.counts().to_dict(orient="records"),
-        "records": records})
+        "headline": _headline(acc), "records": records})
     mae = seeds[seeds.metric == "mae"].groupby(["model", "scenario"])["value"].mean().reset_index()
     atomic_write_text("plots/accuracy.csv", mae.assign(model=mae.model + " / " + mae.scenario)
                       .rename(columns={"value": "mae"})[["model", "mae"]].to_csv(index=False))
     table = pd.DataFrame([r for r in acc if r["metric"] in ("mae", "ndcg@3", "ndcg@10")])
     print(table.pivot_table(index=["scenario", "model"], columns="metric", values="mean").round(4).to_string())
+
+
+def _headline(acc: list[dict]) -> dict:
+    """model -> scenario -> {mae, ndcg@10}: the scalars `dvc metrics show` and `dvc metrics diff` display."""
+    out: dict = {}
+    for r in acc:
+        if r["metric"] in ("mae", "ndcg@10"):
+            out.setdefault(r["model"], {}).setdefault(r["scenario"], {})[r["metric"]] = r["mean"]
+    return out
 
 
 if __name__ == "__main__":

@@ -41,6 +41,15 @@ def _counterfactual(params: dict, data, strata, threshold: float) -> list[dict]:
     return recs
 
 
+def _headline(records: list[dict], meta: str) -> dict:
+    """scenario -> attribute -> MAE gap and its permutation p-value, for the meta-learner."""
+    out: dict = {}
+    for r in records:
+        if r["kind"] == "gap" and r["model"] == meta and r["metric"] == "mae":
+            out.setdefault(r["scenario"], {})[r["attribute"]] = {"mae_gap": r["difference"], "p_value": r["p_value"]}
+    return out
+
+
 @stage
 def main() -> None:
     params = load_params()
@@ -73,7 +82,7 @@ def main() -> None:
     atomic_write_json("metrics/fairness.json", {
         "meta_learner": params["meta_learner"], "min_group_size": params["strata"]["min_group_size"],
         "merged_groups": strata.merged, "group_counts": strata.counts().to_dict(orient="records"),
-        "parity_and_lists_seed": seed0, "records": records})
+        "parity_and_lists_seed": seed0, "headline": _headline(records, params["meta_learner"]), "records": records})
     gaps = pd.DataFrame([r for r in records if r["kind"] == "gap" and r["model"] == params["meta_learner"]])
     if len(gaps):
         gaps["label"] = gaps.scenario + " / " + gaps.attribute + " / " + gaps.metric

@@ -114,7 +114,9 @@ def main() -> None:
                           "group": str(r["group"]), "metric": r["metric"], "value": r["value"]}
                          for r in curves])
     atomic_write_parquet("results/robustness_long.parquet", long)
-    atomic_write_json("metrics/robustness.json", {"seed": seed, "records": records})
+    headline = {r["model"]: {"most_damaging": f"{r['perturbation']}@{r['level']}", "metric": r["metric"],
+                             "delta": r["delta"]} for r in worst}
+    atomic_write_json("metrics/robustness.json", {"seed": seed, "headline": headline, "records": records})
     overall = pd.DataFrame([r for r in curves if r["attribute"] == "all" and r["metric"] == "mae"])
     atomic_write_text("plots/robustness.csv", overall[["perturbation", "model", "level", "value"]].astype(str)
                       .to_csv(index=False))
