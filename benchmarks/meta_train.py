@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if path is None:
             print("ML-100K files not found (set METAREC_ML100K): skipping the real-data tasks")
         else:
-            inputs.append((f"ml-100k", lambda n: ml100k_batches(path, n)))
+            inputs.append(("ml-100k", lambda n: ml100k_batches(path, n)))
     if args.only in (None, "synthetic"):
         inputs.append(("synthetic ML-1M shapes", synthetic_batches))
 

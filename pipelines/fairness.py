@@ -25,6 +25,7 @@ def _counterfactual(params: dict, data, strata, threshold: float) -> list[dict]:
     new = partition(data, SplitConfig.from_params(params["tasks"])).new_items
     sensitive = [a for a in data.spec.sensitive if a in data.users]
     values = {"age": AGE_VALUES} if "age" in sensitive else {}
+    train = load_split("train", data)
     recs = []
     for scenario in fp.get("counterfactual_scenarios", []):
         split = load_split(scenario, data)
@@ -35,7 +36,7 @@ def _counterfactual(params: dict, data, strata, threshold: float) -> list[dict]:
         for name in fp.get("counterfactual_models", []):
             if name not in params["models"]:
                 continue
-            model = registry.load(name, f"models/{name}/seed{seed}", train=load_split("train", data))
+            model = registry.load(name, f"models/{name}/seed{seed}", train=train)
             recs += counterfactual_test(model, tasks, sensitive, gains=gains, values=values, groups=groups,
                                         k=int(params["evaluation"]["catalogue_k"]), model_name=name)
     return recs

@@ -12,7 +12,7 @@ from audit.robustness import most_damaging_by, robustness_curve
 from audit.shilling import choose_targets, run_attack
 from metarec.io import atomic_write_json, atomic_write_parquet, atomic_write_text
 from metarec.models import registry
-from metarec.predict import catalogue_rankings, query_predictions
+from metarec.predict import catalogue_rankings
 from metarec.seeding import seed_everything
 from metarec.splits import SplitConfig, partition
 from metarec.tasks import TaskSet
@@ -58,6 +58,7 @@ def _shilling(params: dict, data) -> list[dict]:
     new = partition(data, SplitConfig.from_params(params["tasks"])).new_items
     scenario = params["robustness"]["scenarios"][0]
     evaluation = load_split(scenario, data)
+    val = load_split("val", data)
     users = evaluation.user_ids.tolist()
     real = train.all_ratings()
     targets = choose_targets(real, int(sp["n_targets"]), np.random.default_rng(seed))
@@ -69,7 +70,7 @@ def _shilling(params: dict, data) -> list[dict]:
         def fit_predict(extra: pd.DataFrame, name: str = name) -> tuple[pd.DataFrame, pd.DataFrame]:
             seed_everything(seed)
             model = registry.build(name, params.get("model_params", {}).get(name) or {}, seed)
-            registry.fit(model, _with_fakes(train, extra), load_split("val", data), encoder)
+            registry.fit(model, _with_fakes(train, extra), val, encoder)
             tasks = [t.replace(candidates=np.asarray(targets, dtype=np.int64)) for t in evaluation.tasks()]
             preds = model.predict(tasks)
             pred = pd.concat([pd.DataFrame({"user_id": t.user_id, "item_id": t.candidates, "y_pred": p})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -67,7 +66,7 @@ def load(name: str, directory: str | Path, train: TaskSet | None = None) -> Any:
 
 
 def history(model: Any) -> list[dict]:
-    """Loss per epoch (a DVC plot). Classic models have no epochs: one row with their fit loss."""
+    """Loss per epoch (a DVC plot); empty for the classic models, which have no epochs."""
     hist = getattr(model, "history_", None)
     if hist:
         return [dict(h) for h in hist]
