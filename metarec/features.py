@@ -12,11 +12,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
-import torch
 
 from metarec.data.schema import AttrSpec, DataSpec
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the classic models never need it
+    import torch
 
 UNKNOWN = 0  # categorical/numeric: index 0 is the unknown bucket
 PAD = 0      # multi-label: index 0 pads a list, index 1 is unknown
@@ -158,6 +162,8 @@ class FeatureEncoder:
         return [len(self.vocab[n]) + 2 for n in self.item_multilabel]
 
     def item_tensors(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        import torch
+
         return torch.from_numpy(self.item_x), [torch.from_numpy(self.item_ml[n]) for n in self.item_multilabel]
 
     # ---------------------------------------------------------------- persistence (JSON, never pickle)

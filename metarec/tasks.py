@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from metarec.features import FeatureEncoder
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the classic models never need it
+    import torch
 
 SCENARIOS = ("warm", "user_cold", "item_cold", "user_item_cold")
 SPLITS = ("train", "val", *SCENARIOS)
@@ -132,6 +134,8 @@ def _pad(rows: Sequence[np.ndarray], dtype, width: int | None = None) -> tuple[n
 def make_batch(tasks: Sequence[Task], encoder: FeatureEncoder, targets: Sequence[np.ndarray] | None = None,
                support_width: int | None = None, query_width: int | None = None) -> Batch:
     """Pad a list of tasks into one Batch (targets: query ratings aligned with candidates)."""
+    import torch
+
     user_x = encoder.encode_users([t.user_attrs for t in tasks])
     s_items, s_mask = _pad([encoder.item_rows(t.support_items) for t in tasks], np.int64, support_width)
     s_y, _ = _pad([t.support_ratings for t in tasks], np.float32, support_width)

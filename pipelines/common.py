@@ -14,6 +14,7 @@ import yaml
 from metarec.data.schema import DataSpec, RatingData
 from metarec.errors import MetarecError
 from metarec.features import FeatureEncoder
+from metarec.seeding import keep_freed_memory
 from metarec.tasks import TaskSet
 
 PREPARED = Path("data/prepared")
@@ -43,10 +44,12 @@ def load_encoder(root: Path = TASKS) -> FeatureEncoder:
 
 
 def stage(fn: Callable[[], None]) -> Callable[[], None]:
-    """Run a stage; a known error becomes one sentence on stderr and exit code 2."""
+    """Run a stage; a known error becomes one sentence on stderr and exit code 2. Freed memory is
+    kept for reuse (`keep_freed_memory`): the stages allocate many large, short-lived tensors."""
 
     @functools.wraps(fn)
     def wrapper() -> None:
+        keep_freed_memory()
         try:
             fn()
         except MetarecError as exc:

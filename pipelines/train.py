@@ -27,7 +27,7 @@ def _args() -> argparse.Namespace:
 def main() -> None:
     args = _args()
     params = load_params()
-    seed_everything(args.seed)
+    seed_everything(args.seed, torch_too=args.model not in registry.CLASSIC)
     data = load_prepared()
     encoder = load_encoder()
     train, val = load_split("train", data), load_split("val", data)

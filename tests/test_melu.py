@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from metarec.models.melu import MeLU, loop_meta_gradient, meta_gradient, meta_objective
-from metarec.models.network import NetworkSpec, RatingNetwork, dense_names
+from metarec.models.gram import GRAM_WIDTH_FACTOR, gram_adapt_predict
+from metarec.models.network import (NetworkSpec, RatingNetwork, adapted_layers, adapt_predict, dense_names,
+                                    split_params)
 from metarec.models.training import mae
 from metarec.tasks import Batch, make_batch
 from tests.helpers_tiny import make_tiny
@@ -43,14 +45,22 @@ def _flat(g: dict) -> torch.Tensor:
     return torch.cat([g[k].reshape(-1) for k in sorted(g)])
 
 
+def _item_width(spec: NetworkSpec) -> int:
+    return spec.input_dim - len(spec.user_cardinalities) * spec.embedding_dim
+
+
+@pytest.mark.parametrize("inner", ["gram", "autograd"])
 @pytest.mark.parametrize("order,groups", [("second", 1), ("first", 1), ("second", 3)])
-def test_vmap_meta_gradient_equals_per_task_loop(tiny, order, groups):
+def test_vmap_meta_gradient_equals_per_task_loop(tiny, order, groups, inner):
     net = _net(tiny.encoder)
     batch = _batch(tiny)
     assert not bool(batch.support_mask[2].any())
     adapt = dense_names(net.spec)
+    # the closed-form path runs in its Gram form on this batch
+    assert adapted_layers(adapt, net.spec.n_dense) == (0, 1, 2)
+    assert batch.support_items.shape[1] <= GRAM_WIDTH_FACTOR * _item_width(net.spec)
     args = (net.params(), net.buffers_dict(), net.spec, batch, adapt, 0.1, 3, order == "first")
-    g_vec, loss_vec = meta_gradient(*args, groups=groups)
+    g_vec, loss_vec = meta_gradient(*args, groups=groups, inner=inner)
     g_loop, loss_loop = loop_meta_gradient(*args)
     assert set(g_vec) == set(g_loop) == set(net.params())
     torch.testing.assert_close(loss_vec, loss_loop, atol=1e-5, rtol=0)
@@ -58,26 +68,87 @@ def test_vmap_meta_gradient_equals_per_task_loop(tiny, order, groups):
         torch.testing.assert_close(g_vec[k], g_loop[k], atol=1e-5, rtol=1e-5, msg=k)
 
 
-def test_adapting_only_the_output_layer_matches_the_loop(tiny):
+@pytest.mark.parametrize("layers,order", [([-1], "second"), ([0], "second"), ([1], "first"), ([0, 2], "first"),
+                                          ([0, 2], "second")])
+def test_adapting_some_layers_matches_the_loop(tiny, layers, order):
     net = _net(tiny.encoder)
     batch = _batch(tiny)
-    adapt = dense_names(net.spec, [-1])
-    assert adapt == ["dense.2.weight", "dense.2.bias"]
-    args = (net.params(), net.buffers_dict(), net.spec, batch, adapt, 0.1, 2, False)
-    g_vec, _ = meta_gradient(*args)
-    g_loop, _ = loop_meta_gradient(*args)
+    adapt = dense_names(net.spec, layers)
+    if layers == [-1]:
+        assert adapt == ["dense.2.weight", "dense.2.bias"]
+    args = (net.params(), net.buffers_dict(), net.spec, batch, adapt, 0.1, 2, order == "first")
+    g_vec, l_vec = meta_gradient(*args, inner="gram")
+    g_loop, l_loop = loop_meta_gradient(*args)
+    torch.testing.assert_close(l_vec, l_loop, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(_flat(g_vec), _flat(g_loop), atol=1e-5, rtol=1e-5)
 
 
-def test_second_order_matches_finite_differences_and_differs_from_first_order(tiny):
+@pytest.mark.parametrize("dim", [4, 1])
+@pytest.mark.parametrize("hidden", [(), (7,), (6, 5, 4)])
+@pytest.mark.parametrize("order", ["first", "second"])
+def test_closed_form_local_update_equals_autograd_for_any_depth(tiny, hidden, order, dim):
+    """gram_adapt_predict == torch.func inner loop, in value and in meta-gradient, for networks
+    with no, one and three hidden layers (float64, so that only the algebra can differ). With
+    embedding dim 1 the supports are wider than GRAM_WIDTH_FACTOR x the input, so the first layer
+    takes the accumulated-update form."""
+    spec = NetworkSpec.from_encoder(tiny.encoder, embedding_dim=dim, hidden=hidden)
+    item_x, item_ml = tiny.encoder.item_tensors()
+    net = RatingNetwork(spec, item_x, item_ml, generator=torch.Generator().manual_seed(5)).to(torch.float64)
+    batch = _batch(tiny)
+    assert (batch.support_items.shape[1] > GRAM_WIDTH_FACTOR * _item_width(spec)) == (dim == 1)
+    adapt = dense_names(spec)
+    args = (net.params(), net.buffers_dict(), spec, batch, adapt, 0.2, 4, order == "first")
+    g_a, l_a = meta_gradient(*args, inner="gram")
+    g_b, l_b = meta_gradient(*args, inner="autograd")
+    torch.testing.assert_close(l_a, l_b, atol=1e-12, rtol=1e-12)
+    for k in g_a:
+        torch.testing.assert_close(g_a[k], g_b[k], atol=1e-11, rtol=1e-9, msg=k)
+
+
+@pytest.mark.parametrize("gram", [True, False])
+@pytest.mark.parametrize("order", ["first", "second"])
+def test_both_first_layer_forms_equal_autograd_on_one_task(order, gram):
+    """One task, random float64 inputs with a padded tail: both forms of the closed-form update give
+    autograd's adapted predictions, and the same gradients of a query loss w.r.t. every input."""
+    g = torch.Generator().manual_seed(0)
+    du, da, hs, S, Q = 5, 7, (6, 4), 9, 3
+    dims = [du + da, *hs, 1]
+    W = [torch.randn(o, i, generator=g, dtype=torch.float64) / i ** 0.5 for i, o in zip(dims[:-1], dims[1:])]
+    b = [torch.randn(o, generator=g, dtype=torch.float64) * 0.1 for o in dims[1:]]
+    u, xs, xq = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((du,), (S, da), (Q, da)))
+    ys = torch.randn(S, generator=g, dtype=torch.float64) + 3.0
+    ms = torch.arange(S) < 6
+    inputs = [*W, *b, u, xs, xq]
+    for t in inputs:
+        t.requires_grad_(True)
+    n = len(W)
+    dense = {**{f"dense.{k}.weight": W[k] for k in range(n)}, **{f"dense.{k}.bias": b[k] for k in range(n)}}
+    pred_a = gram_adapt_predict(W, b, tuple(range(n)), u, xs, ys, ms, xq, 0.3, 3, order == "first", gram=gram)
+    pred_b = adapt_predict(dense, {}, xs, ys, ms, xq, 0.3, 3, n, order == "first", u)
+    torch.testing.assert_close(pred_a, pred_b, atol=1e-12, rtol=1e-12)
+    ga = torch.autograd.grad((pred_a ** 2).sum(), inputs, allow_unused=True)
+    gb = torch.autograd.grad((pred_b ** 2).sum(), inputs, allow_unused=True)
+    for t, x, y in zip(inputs, ga, gb):     # first order: the support rows reach the query only via detached steps
+        torch.testing.assert_close(torch.zeros_like(t) if x is None else x, torch.zeros_like(t) if y is None else y,
+                                   atol=1e-11, rtol=1e-9)
+
+
+def test_closed_form_applies_to_whole_layers_only():
+    assert adapted_layers(["dense.0.weight", "dense.0.bias", "dense.2.weight"], 3) is None   # weight, no bias
+    assert adapted_layers(dense_names(NetworkSpec((2,), (2,), (), 4, (3, 3))), 3) == (0, 1, 2)
+    assert adapted_layers(["dense.1.bias", "dense.1.weight"], 3) == (1,)
+
+
+@pytest.mark.parametrize("inner", ["gram", "autograd"])
+def test_second_order_matches_finite_differences_and_differs_from_first_order(tiny, inner):
     net = _net(tiny.encoder, torch.float64)
     batch = _batch(tiny, n=5)
     buffers, spec = net.buffers_dict(), net.spec
     adapt = dense_names(spec)
     lr, steps = 0.3, 2
     params = {k: v.detach().clone() for k, v in net.params().items()}
-    g2, _ = meta_gradient(params, buffers, spec, batch, adapt, lr, steps, False)
-    g1, _ = meta_gradient(params, buffers, spec, batch, adapt, lr, steps, True)
+    g2, _ = meta_gradient(params, buffers, spec, batch, adapt, lr, steps, False, inner=inner)
+    g1, _ = meta_gradient(params, buffers, spec, batch, adapt, lr, steps, True, inner=inner)
 
     gen = np.random.default_rng(0)
     used_items = torch.cat([batch.support_items[batch.support_mask], batch.query_items[batch.query_mask]])
@@ -94,7 +165,7 @@ def test_second_order_matches_finite_differences_and_differs_from_first_order(ti
         def value(delta: float) -> float:
             p = {k: v.clone() for k, v in params.items()}
             p[name].view(-1)[flat_i] += delta
-            return float(meta_objective(p, buffers, spec, batch, adapt, lr, steps, False))
+            return float(meta_objective(p, buffers, spec, batch, adapt, lr, steps, False, inner=inner))
 
         fd = (value(eps) - value(-eps)) / (2 * eps)
         an = float(g2[name].reshape(-1)[flat_i])
@@ -115,8 +186,9 @@ def _scramble_padding(batch: Batch, n_items: int, seed: int = 1) -> Batch:
     return Batch(batch.user_x, s_items, s_y, sm, q_items, q_y, qm)
 
 
+@pytest.mark.parametrize("inner", ["gram", "autograd"])
 @pytest.mark.parametrize("order", ["second", "first"])
-def test_padded_rows_change_nothing(tiny, order):
+def test_padded_rows_change_nothing(tiny, order, inner):
     net = _net(tiny.encoder)
     batch = _batch(tiny)
     other = _scramble_padding(batch, len(tiny.encoder.item_ids))
@@ -124,8 +196,8 @@ def test_padded_rows_change_nothing(tiny, order):
     assert not torch.equal(batch.query_y, other.query_y)
     adapt = dense_names(net.spec)
     common = (net.params(), net.buffers_dict(), net.spec)
-    g_a, l_a = meta_gradient(*common, batch, adapt, 0.1, 3, order == "first")
-    g_b, l_b = meta_gradient(*common, other, adapt, 0.1, 3, order == "first")
+    g_a, l_a = meta_gradient(*common, batch, adapt, 0.1, 3, order == "first", inner=inner)
+    g_b, l_b = meta_gradient(*common, other, adapt, 0.1, 3, order == "first", inner=inner)
     assert torch.equal(l_a, l_b)
     for k in g_a:
         assert torch.equal(g_a[k], g_b[k]), k
@@ -207,3 +279,19 @@ def test_bad_config_is_rejected():
         MeLU(order="third")
     with pytest.raises(ConfigError):
         MeLU().fit(make_tiny(n_train=4, n_val=0).train)
+
+
+@pytest.mark.parametrize("inner", ["gram", "autograd"])
+def test_meta_gradient_is_torch_func_grad_of_the_objective(tiny, inner):
+    from torch.func import grad_and_value
+
+    net = _net(tiny.encoder, torch.float64)
+    batch = _batch(tiny)
+    adapt = dense_names(net.spec)
+    params = {k: v.detach() for k, v in net.params().items()}
+    rest = (net.buffers_dict(), net.spec, batch, adapt, 0.1, 3, False, 1, inner)
+    g_ref, l_ref = grad_and_value(meta_objective)(params, *rest)
+    g, loss = meta_gradient(params, *rest)
+    torch.testing.assert_close(loss, l_ref, atol=1e-12, rtol=0)
+    for k in g:
+        torch.testing.assert_close(g[k], g_ref[k], atol=1e-12, rtol=1e-10, msg=k)

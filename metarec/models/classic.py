@@ -66,31 +66,36 @@ def fold_in(train_ratings: pd.DataFrame, tasks: Sequence[Task]) -> tuple[pd.Data
     """Training ratings plus the tasks' supports, as (user, item, rating) rows in a fixed order.
 
     Returns the rows (column `user` holds int ids for training users and string pseudo-user keys
-    for tasks), each task's user key, and a hash of the folded-in part (the cache key).
+    for tasks), each task's user key, and a hash of the folded-in part (the cache key). A task's
+    pseudo-user carries its support (the last rating wins for a repeated item) plus whatever that
+    user already has in training for other items; folded rows are ordered by (key, item id).
+    Vectorised over tasks: robustness and shilling runs fold in hundreds of tasks, many times.
     """
     keys = [task_user_key(t) for t in tasks]
     seen: dict[str, Task] = {}
     for k, t in zip(keys, tasks):
         seen.setdefault(k, t)
-    moved = {int(t.user_id) for t in seen.values()}
-    base = train_ratings[~train_ratings["user_id"].isin(moved)]
-    by_user = {int(u): g for u, g in train_ratings[train_ratings["user_id"].isin(moved)].groupby("user_id")}
-    parts = []
-    for key in sorted(seen):
-        t = seen[key]
-        support = pd.DataFrame({"item_id": np.asarray(t.support_items, dtype=np.int64),
-                                "rating": np.asarray(t.support_ratings, dtype=np.float64)})
-        support = support.drop_duplicates("item_id", keep="last")
-        history = by_user.get(int(t.user_id))
-        if history is not None:
-            history = history[~history["item_id"].isin(set(support["item_id"].tolist()))][["item_id", "rating"]]
-            support = pd.concat([history, support], ignore_index=True)
-        support = support.sort_values("item_id", kind="stable")
-        parts.append(pd.DataFrame({"user": key, "item_id": support["item_id"].to_numpy(np.int64),
-                                   "rating": support["rating"].to_numpy(np.float64)}))
-    folded = (pd.concat(parts, ignore_index=True) if parts
-              else pd.DataFrame({"user": pd.Series([], dtype=object), "item_id": pd.Series([], dtype=np.int64),
-                                 "rating": pd.Series([], dtype=np.float64)}))
+    order = sorted(seen)
+    owner_ids = np.array([int(seen[k].user_id) for k in order], dtype=np.int64)
+    moved = set(owner_ids.tolist())
+    is_moved = train_ratings["user_id"].isin(moved).to_numpy()
+    base = train_ratings[~is_moved]
+    lens = np.array([len(seen[k].support_items) for k in order], dtype=np.int64)
+    key_col = np.array(order, dtype=object)
+    support = pd.DataFrame({
+        "user": np.repeat(key_col, lens),
+        "item_id": np.concatenate([np.asarray(seen[k].support_items, dtype=np.int64) for k in order] or
+                                  [np.zeros(0, np.int64)]),
+        "rating": np.concatenate([np.asarray(seen[k].support_ratings, dtype=np.float64) for k in order] or
+                                 [np.zeros(0)]),
+    }).drop_duplicates(["user", "item_id"], keep="last")
+    history = train_ratings.loc[is_moved, ["user_id", "item_id", "rating"]].merge(
+        pd.DataFrame({"user": key_col, "user_id": owner_ids}), on="user_id", how="inner")
+    history = history.merge(support[["user", "item_id"]].assign(in_support=True), on=["user", "item_id"], how="left")
+    history = history[history["in_support"].isna()]
+    folded = pd.concat([history[["user", "item_id", "rating"]], support], ignore_index=True)
+    folded = folded.sort_values(["user", "item_id"], kind="stable").reset_index(drop=True)
+    folded = folded.astype({"user": object, "item_id": np.int64, "rating": np.float64})
     h = hashlib.sha256()
     h.update(json.dumps(sorted(moved)).encode())
     h.update("\n".join(folded["user"].astype(str)).encode())

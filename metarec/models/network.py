@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
+from metarec.models.gram import gram_adapt_predict
+
 Params = dict[str, Tensor]
 
 EMBEDDING_PREFIXES = ("user_emb.", "item_emb.", "ml_emb.")
@@ -79,6 +81,23 @@ def dense_names(spec: NetworkSpec, layers: Sequence[int] | None = None) -> list[
             if not -n <= int(k) < n:
                 raise ValueError(f"adapt_layers: layer {k} does not exist (the network has {n} dense layers)")
     return [f"{DECISION_PREFIX}{k}.{p}" for k in idx for p in ("weight", "bias")]
+
+
+def adapted_layers(adapt: Sequence[str], n_dense: int) -> tuple[int, ...] | None:
+    """Indices of the wholly adapted dense layers, or None when `adapt` is not a set of whole
+    layers (then only the generic autograd inner loop applies)."""
+    layers = []
+    for k in range(n_dense):
+        has_w = f"{DECISION_PREFIX}{k}.weight" in adapt
+        has_b = f"{DECISION_PREFIX}{k}.bias" in adapt
+        if has_w != has_b:
+            return None
+        if has_w:
+            layers.append(k)
+    if len(layers) * 2 != len(set(adapt)):
+        return None
+    return tuple(layers)
+
 
 
 def split_params(params: Mapping[str, Tensor]) -> tuple[Params, Params]:
@@ -181,6 +200,33 @@ def adapt_predict(fast: Params, fixed: Params, xs: Tensor, ys: Tensor, ms: Tenso
     return mlp({**fixed, **f}, xq, n_dense, user)
 
 
+def adapt_and_rate(dense: Mapping[str, Tensor], u: Tensor, xs: Tensor, ys: Tensor, ms: Tensor, xq: Tensor,
+                   adapt: Sequence[str], lr: float, steps: int, n_dense: int, first_order: bool = False,
+                   inner: str = "gram") -> Tensor:
+    """Query predictions [B, Q] for a padded batch of tasks, each adapted on its own support set,
+    vmapped over tasks. u [B, Du], xs [B, S, Da], ys/ms [B, S], xq [B, Q, Da].
+
+    inner="gram" uses the closed-form local update (`gram.gram_adapt_predict`) when whole layers
+    are adapted; otherwise, and with inner="autograd", the update is `torch.func.grad` of the
+    support loss (`inner_adapt`). Both compute the same function.
+    """
+    layers = adapted_layers(adapt, n_dense) if inner == "gram" else None
+    if layers is not None:
+        W = [dense[f"{DECISION_PREFIX}{k}.weight"] for k in range(n_dense)]
+        b = [dense[f"{DECISION_PREFIX}{k}.bias"] for k in range(n_dense)]
+
+        def one(u_b: Tensor, xs_b: Tensor, ys_b: Tensor, ms_b: Tensor, xq_b: Tensor) -> Tensor:
+            return gram_adapt_predict(W, b, layers, u_b, xs_b, ys_b, ms_b, xq_b, lr, steps, first_order)
+    else:
+        fast = {k: dense[k] for k in adapt}
+        fixed = {k: v for k, v in dense.items() if k not in fast}
+
+        def one(u_b: Tensor, xs_b: Tensor, ys_b: Tensor, ms_b: Tensor, xq_b: Tensor) -> Tensor:
+            return adapt_predict(fast, fixed, xs_b, ys_b, ms_b, xq_b, lr, steps, n_dense, first_order, u_b)
+
+    return vmap(one)(u, xs, ys.to(xs.dtype), ms, xq)
+
+
 def batched_adapt_predict(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spec: NetworkSpec,
                           user_x: Tensor, support_items: Tensor, support_y: Tensor, support_mask: Tensor,
                           query_items: Tensor, adapt: Sequence[str], lr: float, steps: int) -> Tensor:
@@ -194,13 +240,7 @@ def batched_adapt_predict(params: Mapping[str, Tensor], buffers: Mapping[str, Te
     _, dense = split_params(params)
     if steps <= 0 or not adapt:
         return mlp(dense, xq, spec.n_dense, u)
-    fast = {k: dense[k] for k in adapt}
-    fixed = {k: v for k, v in dense.items() if k not in fast}
-
-    def one(u_b: Tensor, xs_b: Tensor, ys_b: Tensor, ms_b: Tensor, xq_b: Tensor) -> Tensor:
-        return adapt_predict(fast, fixed, xs_b, ys_b, ms_b, xq_b, lr, steps, spec.n_dense, user=u_b)
-
-    return vmap(one)(u, xs, support_y.to(x.dtype), support_mask, xq)
+    return adapt_and_rate(dense, u, xs, support_y, support_mask, xq, adapt, lr, steps, spec.n_dense)
 
 
 # ------------------------------------------------------------------------------------------ module

@@ -239,7 +239,8 @@ class NeuralRecommender:
         torch.set_num_threads(int(getattr(self, "threads", torch.get_num_threads())))
         tasks = truncate_support(tasks, getattr(self, "max_support", None))
         out: list[np.ndarray | None] = [None] * len(tasks)
-        lengths = np.array([len(t.support_items) for t in tasks], dtype=np.int64)
+        # rows per task: support plus candidates (catalogue ranking scores a thousand candidates)
+        lengths = np.array([len(t.support_items) + len(t.candidates) for t in tasks], dtype=np.int64)
         for chunk in chunk_by_rows(lengths, self.predict_rows, self.predict_tasks):
             sub = [tasks[i] for i in chunk]
             batch = make_batch(sub, self.encoder_)

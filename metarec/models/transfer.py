@@ -74,7 +74,8 @@ class GlobalModel(NeuralRecommender):
         val_data = self._encode_split(val) if val is not None and len(val) else None
         params = net.params()
         buffers = net.buffers_dict()
-        opt = torch.optim.Adam(params.values(), lr=float(self.global_lr), weight_decay=float(self.weight_decay))
+        opt = torch.optim.Adam(params.values(), lr=float(self.global_lr), weight_decay=float(self.weight_decay),
+                               fused=True)
         order_rng = rng(int(self.seed), "global-row-order")
         stopper = EarlyStopping(self.patience)
         self.history_ = History()
