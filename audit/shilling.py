@@ -24,7 +24,7 @@ for the evaluation users for the prediction shift to be defined; topk_frame: use
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -187,7 +187,8 @@ def run_attack(fit_predict: FitPredict, ratings: pd.DataFrame, *, model_name: st
                strategies: Sequence[str] = STRATEGIES, fractions: Sequence[float] = (0.01, 0.03, 0.05),
                targets: Sequence[int] | None = None, n_targets: int = 5, filler_size: int | None = None,
                rating_scale: tuple[int, int] = (1, 5), seed: int = 0, k: int = 10,
-               users: Sequence[int] | None = None, n_popular: int | None = None) -> list[dict]:
+               users: Sequence[int] | None = None, n_popular: int | None = None,
+               mapper: Callable[[Callable[[int], Any], int], list] | None = None) -> list[dict]:
     """Inject fake profiles for each strategy and fraction, refit through `fit_predict`, measure.
 
     Why: retraining is model-specific, so the caller supplies it as a closure; this function owns
@@ -196,6 +197,9 @@ def run_attack(fit_predict: FitPredict, ratings: pd.DataFrame, *, model_name: st
     targets default to `choose_targets(ratings, n_targets, default_rng(seed))`; filler_size
     defaults to the median real profile size. Strategy i at fraction j draws from
     default_rng([seed, i, j]), so results do not depend on which other cells are run.
+
+    The clean run and the attacked runs are independent refits: `mapper(job, n)` may run them in
+    any order or in parallel and must return [job(0), ..., job(n - 1)] (default: a plain loop).
 
     Returns `shilling` records: model, strategy, fraction, n_fake, prediction_shift, hit_ratio,
     hit_ratio_clean (plus target_pred_clean, target_pred_attacked, n_targets, filler_size, k, n_pairs).
@@ -208,21 +212,25 @@ def run_attack(fit_predict: FitPredict, ratings: pd.DataFrame, *, model_name: st
     if filler_size is None:
         filler_size = int(np.median(ratings.groupby("user_id").size())) if len(ratings) else 0
     n_users = int(ratings["user_id"].nunique())
-    pred_clean, topk_clean = fit_predict(empty_ratings())
-    records = []
+    cells = []
     for i, strategy in enumerate(strategies):
         for j, fraction in enumerate(fractions):
             n_fake = max(1, round_half_up(float(fraction) * n_users))
             fake = make_fake_profiles(ratings, strategy, n_fake, targets, filler_size, rating_scale,
                                       np.random.default_rng([int(seed), i, j]), n_popular=n_popular)
-            pred_att, topk_att = fit_predict(fake)
-            eff = attack_effect(pred_clean, pred_att, topk_clean, topk_att, targets, k=k, users=users)
-            records.append({"kind": "shilling", "model": model_name, "strategy": strategy,
-                            "fraction": float(fraction), "n_fake": int(n_fake),
-                            "prediction_shift": eff["prediction_shift"], "hit_ratio": eff["hit_ratio"],
-                            "hit_ratio_clean": eff["hit_ratio_clean"],
-                            "target_pred_clean": eff["target_pred_clean"],
-                            "target_pred_attacked": eff["target_pred_attacked"],
-                            "n_targets": int(len(targets)), "filler_size": int(filler_size), "k": int(k),
-                            "n_pairs": eff["n_pairs"]})
+            cells.append((strategy, float(fraction), int(n_fake), fake))
+    extras = [empty_ratings()] + [c[3] for c in cells]
+    runs = (mapper or (lambda job, n: [job(i) for i in range(n)]))(lambda i: fit_predict(extras[i]), len(extras))
+    (pred_clean, topk_clean), attacked = runs[0], runs[1:]
+    records = []
+    for (strategy, fraction, n_fake, _), (pred_att, topk_att) in zip(cells, attacked):
+        eff = attack_effect(pred_clean, pred_att, topk_clean, topk_att, targets, k=k, users=users)
+        records.append({"kind": "shilling", "model": model_name, "strategy": strategy,
+                        "fraction": fraction, "n_fake": n_fake,
+                        "prediction_shift": eff["prediction_shift"], "hit_ratio": eff["hit_ratio"],
+                        "hit_ratio_clean": eff["hit_ratio_clean"],
+                        "target_pred_clean": eff["target_pred_clean"],
+                        "target_pred_attacked": eff["target_pred_attacked"],
+                        "n_targets": int(len(targets)), "filler_size": int(filler_size), "k": int(k),
+                        "n_pairs": eff["n_pairs"]})
     return records

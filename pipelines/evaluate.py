@@ -9,7 +9,7 @@ from audit.accuracy import accuracy_records, best_baseline_records, comparison_r
 from audit.evaluation import evaluate_run, item_table, read_run, strata_for
 from metarec.io import atomic_write_json, atomic_write_parquet, atomic_write_text
 from metarec.splits import SplitConfig, partition
-from pipelines.common import TASKS, load_params, load_prepared, stage
+from pipelines.common import TASKS, load_params, load_prepared, map_forked, stage
 
 
 @stage
@@ -24,13 +24,15 @@ def main() -> None:
     pools = {s: ids[ids.isin(new) == (s in ("item_cold", "user_item_cold"))].tolist()
              for s in ("warm", "user_cold", "item_cold", "user_item_cold")}
     strata = strata_for(data.users, data.ratings, params["strata"])
-    per_user, listwise = [], []
-    for model in params["models"]:
-        for seed in params["seeds"]:
-            pred, ranks = read_run(model, seed)
-            pu, lw = evaluate_run(pred, ranks, items, ev, pools)
-            per_user.append(pu.assign(model=model, seed=seed))
-            listwise.append(lw.assign(model=model, seed=seed))
+    runs = [(model, seed) for model in params["models"] for seed in params["seeds"]]
+
+    def run(i: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+        model, seed = runs[i]
+        pu, lw = evaluate_run(*read_run(model, seed), items, ev, pools)
+        return pu.assign(model=model, seed=seed), lw.assign(model=model, seed=seed)
+
+    done = map_forked(run, len(runs))
+    per_user, listwise = [pu for pu, _ in done], [lw for _, lw in done]
     per_user = pd.concat(per_user, ignore_index=True)[["model", "seed", "scenario", "user_id", "metric", "value"]]
     seeds = pd.concat([seed_level(per_user), pd.concat(listwise, ignore_index=True)], ignore_index=True)
     groups = group_level(per_user, strata.frame, strata.attributes)

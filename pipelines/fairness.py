@@ -13,7 +13,7 @@ from metarec.models import registry
 from metarec.predict import catalogue_tasks
 from metarec.splits import SplitConfig, partition
 from metarec.tasks import SCENARIOS
-from pipelines.common import TASKS, load_params, load_prepared, load_split, stage
+from pipelines.common import TASKS, load_params, load_prepared, load_split, map_forked, stage
 
 # One representative age per MovieLens-1M bucket: counterfactual ages move a user across buckets.
 AGE_VALUES = (15, 21, 30, 40, 47, 53, 60)
@@ -65,20 +65,23 @@ def main() -> None:
     support = support[support.role == "support"][["user_id", "item_id", "rating", "scenario"]]
     counts = data.ratings.groupby("user_id").size()
     seed0 = int(params["seeds"][0])
-    records = []
-    for model in params["fairness"]["models"]:
-        if model not in params["models"]:
-            continue
-        pred = pd.read_parquet(f"predictions/{model}/seed{seed0}.parquet")
-        ranks = pd.read_parquet(f"rankings/{model}/seed{seed0}.parquet")
-        pu = per_user[per_user.model == model]
-        for scenario in SCENARIOS:
-            records += fairness_records(
-                model, scenario, pu[pu.scenario == scenario][["user_id", "metric", "value"]], strata,
-                metrics=["mae", "rmse", "ndcg@3", "ndcg@10", "recall@10"], pred=pred, rankings=ranks,
-                support=support, items=items, interaction_counts=counts, threshold=thr,
-                k=int(ev["catalogue_k"]), n_boot=int(ev["bootstrap"]), n_perm=int(ev["permutations"]),
-                seed=int(ev["seed"]))
+    jobs = [(model, scenario) for model in params["fairness"]["models"] if model in params["models"]
+            for scenario in SCENARIOS]
+    frames = {model: (pd.read_parquet(f"predictions/{model}/seed{seed0}.parquet"),
+                      pd.read_parquet(f"rankings/{model}/seed{seed0}.parquet")) for model, _ in jobs}
+
+    def job(i: int) -> list[dict]:
+        model, scenario = jobs[i]
+        pred, ranks = frames[model]
+        pu = per_user[(per_user.model == model) & (per_user.scenario == scenario)]
+        return fairness_records(
+            model, scenario, pu[["user_id", "metric", "value"]], strata,
+            metrics=["mae", "rmse", "ndcg@3", "ndcg@10", "recall@10"], pred=pred, rankings=ranks,
+            support=support, items=items, interaction_counts=counts, threshold=thr,
+            k=int(ev["catalogue_k"]), n_boot=int(ev["bootstrap"]), n_perm=int(ev["permutations"]),
+            seed=int(ev["seed"]))
+
+    records = [r for recs in map_forked(job, len(jobs)) for r in recs]   # before any torch work (fork)
     records += _counterfactual(params, data, strata, thr)
     atomic_write_json("metrics/fairness.json", {
         "meta_learner": params["meta_learner"], "min_group_size": params["strata"]["min_group_size"],

@@ -16,7 +16,7 @@ from metarec.predict import catalogue_rankings
 from metarec.seeding import seed_everything
 from metarec.splits import SplitConfig, partition
 from metarec.tasks import TaskSet
-from pipelines.common import load_encoder, load_params, load_prepared, load_split, stage
+from pipelines.common import load_encoder, load_params, load_prepared, load_split, map_forked, stage
 
 
 def _evaluate(pred: pd.DataFrame) -> pd.DataFrame:
@@ -63,12 +63,14 @@ def _shilling(params: dict, data) -> list[dict]:
     real = train.all_ratings()
     targets = choose_targets(real, int(sp["n_targets"]), np.random.default_rng(seed))
     recs = []
-    for name in sp["models"]:
+    # the classic models' refits (single-threaded scikit-surprise) run side by side in forked
+    # processes; the torch models' run in this process on its threads (torch is slow in forks)
+    for name in sorted(sp["models"], key=lambda m: m not in registry.CLASSIC):
         if name not in params["models"]:
             continue
 
         def fit_predict(extra: pd.DataFrame, name: str = name) -> tuple[pd.DataFrame, pd.DataFrame]:
-            seed_everything(seed)
+            seed_everything(seed, torch_too=name not in registry.CLASSIC)
             model = registry.build(name, params.get("model_params", {}).get(name) or {}, seed)
             registry.fit(model, _with_fakes(train, extra), val, encoder)
             tasks = [t.replace(candidates=np.asarray(targets, dtype=np.int64)) for t in evaluation.tasks()]
@@ -80,7 +82,7 @@ def _shilling(params: dict, data) -> list[dict]:
         recs += run_attack(fit_predict, real, model_name=name, strategies=sp["strategies"], fractions=sp["fractions"],
                            targets=targets, filler_size=int(sp["filler_size"]),
                            rating_scale=(int(data.spec.rating_min), int(data.spec.rating_max)), seed=seed, k=k,
-                           users=users)
+                           users=users, mapper=map_forked if name in registry.CLASSIC else None)
     return recs
 
 
@@ -105,8 +107,8 @@ def main() -> None:
     params = load_params()
     data = load_prepared()
     strata = strata_for(data.users, data.ratings, params["strata"])
+    shilling = _shilling(params, data)            # forks: before the parent runs any torch operation
     curves = _curves(params, data, strata)
-    shilling = _shilling(params, data)
     worst = most_damaging_by(curves)
     records = curves + shilling + worst
     seed = int(params["robustness"]["seed"])
