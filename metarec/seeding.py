@@ -33,27 +33,10 @@ def seed_everything(seed: int, threads: int = DEFAULT_THREADS, torch_too: bool =
 
     torch.manual_seed(seed)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    deterministic_kernels()
+    torch.use_deterministic_algorithms(True)
     torch.set_num_threads(threads)
     return {"seed": int(seed), "torch_threads": torch.get_num_threads(),
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
-
-
-def deterministic_kernels() -> None:
-    """`torch.use_deterministic_algorithms(True)` for eager execution.
-
-    The public call also sets the flag in torch.compile's (inductor's) config, and importing that
-    config pulls in torch._dynamo: a second of start-up in every pipeline stage, for a compiler
-    this project never uses. So unless inductor is already loaded, set the eager flag alone (the
-    very call the public function makes for eager kernels); `are_deterministic_algorithms_enabled`
-    reports it as usual.
-    """
-    import torch
-
-    if "torch._inductor.config" in sys.modules or not hasattr(torch._C, "_set_deterministic_algorithms"):
-        torch.use_deterministic_algorithms(True)
-    else:
-        torch._C._set_deterministic_algorithms(True, warn_only=False)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3

@@ -11,6 +11,7 @@ from audit.fairness import fairness_records
 from metarec.io import atomic_write_json, atomic_write_text
 from metarec.models import registry
 from metarec.predict import catalogue_tasks
+from metarec.seeding import seed_everything
 from metarec.splits import SplitConfig, partition
 from metarec.tasks import SCENARIOS
 from pipelines.common import TASKS, load_params, load_prepared, load_split, map_forked, stage
@@ -26,6 +27,7 @@ def _counterfactual(params: dict, data, strata, threshold: float) -> list[dict]:
     sensitive = [a for a in data.spec.sensitive if a in data.users]
     values = {"age": AGE_VALUES} if "age" in sensitive else {}
     train = load_split("train", data)
+    seed_everything(seed)
     recs = []
     for scenario in fp.get("counterfactual_scenarios", []):
         split = load_split(scenario, data)

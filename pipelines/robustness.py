@@ -30,6 +30,7 @@ def _curves(params: dict, data, strata) -> list[dict]:
     scale = {"rating_min": data.spec.rating_min, "rating_max": data.spec.rating_max}
     groups = strata.frame[["user_id", *[a for a in ("gender", "age", "activity") if a in strata.frame]]]
     train = load_split("train", data)
+    seed_everything(seed)
     recs = []
     for name in rp["models"]:
         if name not in params["models"]:

@@ -176,7 +176,7 @@ def train_learners(params: dict[str, torch.Tensor], item_x: torch.Tensor, item_m
     opt = torch.optim.Adam(
         [{"params": [v for k, v in p.items() if k not in no_decay], "weight_decay": weight_decay} for p in leaves]
         + [{"params": [v for k, v in p.items() if k in no_decay], "weight_decay": 0.0} for p in leaves],
-        lr=lr, fused=True)
+        lr=lr)
     history: list[dict] = []
     for epoch in range(max_epochs):
         opt.zero_grad(set_to_none=True)
