@@ -166,6 +166,22 @@ def test_attack_pushes_targets_on_an_item_mean_model(ratings: pd.DataFrame) -> N
                        targets=targets, filler_size=20, seed=4, users=eval_users)
     assert again == recs
 
+    # a mapper may run the refits in any order (or in parallel): same records
+    def backwards(job, n):
+        out = {i: job(i) for i in reversed(range(n))}
+        return [out[i] for i in range(n)]
+
+    shuffled = run_attack(make_fit_predict(ratings, eval_users, []), ratings, model_name="item_mean",
+                          targets=targets, filler_size=20, seed=4, users=eval_users, mapper=backwards)
+    assert shuffled == recs
+
+    from pipelines.common import map_forked
+
+    forked = run_attack(make_fit_predict(ratings, eval_users, []), ratings, model_name="item_mean",
+                        targets=targets, filler_size=20, seed=4, users=eval_users,
+                        mapper=lambda job, n: map_forked(job, n, workers=2))
+    assert forked == recs
+
 
 def test_attack_on_an_attack_proof_model_changes_nothing(ratings: pd.DataFrame) -> None:
     items = np.sort(ratings["item_id"].unique())
