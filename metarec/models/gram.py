@@ -13,13 +13,14 @@ With the support Gram matrix K = X_s X_s^T (user columns and the bias folded in 
 support pre-activations update as  Z_s <- Z_s - lr K delta,  and the query's as
 Z_q <- Z_q - lr K_qs delta,  so a step costs S x S x H instead of 2 x S x D x H, and the
 per-task weight copy disappears. Supports much longer than the input is wide keep the explicit
-form (the accumulated update of the first layer's weights), which is cheaper there. This is the same function as `network.inner_adapt` followed by
-`network.mlp` (the tests check it against that and against a per-task autograd loop), written with
-ordinary differentiable ops, so an outer `torch.func.grad` differentiates through it: exact
-second-order MAML. First order detaches everything on the support side (the inner gradients are
+form (the accumulated update of the first layer's weights), which is cheaper there.
+
+This is the same function as `network.inner_adapt` followed by `network.mlp` (the tests check it
+against that and against a per-task autograd loop), written with ordinary differentiable ops, so
+the outer gradient differentiates through it: exact second-order MAML. First order detaches everything on the support side (the inner gradients are
 constants) and keeps the query side live, exactly as first-order MAML prescribes.
 
-Layers are adapted whole (weight and bias together); `adapted_layers` lists their indices.
+Layers are adapted whole (weight and bias together); `network.adapted_layers` finds them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 from typing import Sequence
 
 from torch import Tensor
-
 
 # Past this many support rows per item input column, the S x S Gram step costs more than
 # updating the first layer's weights explicitly (2 x S x Da x H), so long supports (warm users)
