@@ -11,8 +11,7 @@ import torch
 
 from metarec.models.melu import MeLU, loop_meta_gradient, meta_gradient, meta_objective
 from metarec.models.gram import GRAM_WIDTH_FACTOR, gram_adapt_predict
-from metarec.models.network import (NetworkSpec, RatingNetwork, adapted_layers, adapt_predict, dense_names,
-                                    split_params)
+from metarec.models.network import NetworkSpec, RatingNetwork, adapt_predict, adapted_layers, dense_names
 from metarec.models.training import mae
 from metarec.tasks import Batch, make_batch
 from tests.helpers_tiny import make_tiny

@@ -99,7 +99,6 @@ def adapted_layers(adapt: Sequence[str], n_dense: int) -> tuple[int, ...] | None
     return tuple(layers)
 
 
-
 def split_params(params: Mapping[str, Tensor]) -> tuple[Params, Params]:
     """(embedding, decision) groups of a parameter dict."""
     emb = {k: v for k, v in params.items() if k.startswith(EMBEDDING_PREFIXES)}

@@ -3,7 +3,7 @@
 `GlobalModel` trains the rating network on every training rating (support and query rows of the
 training tasks) with minibatch Adam and early stopping on validation MAE, and predicts without
 adaptation. `FineTune` trains the same way, then fine-tunes the decision layers per user on the
-support set at predict time, through the very inner loop MeLU uses (`network.inner_adapt`, via
+support set at predict time, through the very inner loop MeLU uses (`network.adapt_and_rate`, via
 `batched_adapt_predict`), so that the two differ only in how the starting point was learned.
 """
 
