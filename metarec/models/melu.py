@@ -61,7 +61,8 @@ def meta_objective(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], 
     falls back to "autograd" otherwise.
     """
     S = batch.support_items.shape[1]
-    u, x = embed_parts(params, buffers, spec, batch.user_x, torch.cat([batch.support_items, batch.query_items], dim=1))
+    u, x = embed_parts(params, buffers, spec, batch.user_x, torch.cat([batch.support_items, batch.query_items], dim=1),
+                       rows=torch.cat([batch.support_mask, batch.query_mask], dim=1))
     xs, xq = x[:, :S], x[:, S:]
     ys, yq = batch.support_y.to(x.dtype), batch.query_y.to(x.dtype)
     _, dense = split_params(params)
