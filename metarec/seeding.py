@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import random
 import sys
@@ -43,13 +44,15 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _KEEP_BYTES = 1 << 30
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed blocks of up to 1 GiB for reuse instead of unmapping them.
 
     Why: a meta-batch allocates and frees hundreds of sub-megabyte tensors. By default glibc serves
     each of those with a fresh mmap and returns it on free, so every tensor first page-faults its
     memory in; on a 2-core VM that doubled the time of a MeLU meta-batch. Results are unchanged
-    (only where memory comes from). A no-op away from glibc. Returns whether it applied.
+    (only where memory comes from). A no-op away from glibc; set once per process. Returns whether
+    it applied.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -63,6 +63,7 @@ def _shilling(params: dict, data) -> list[dict]:
     users = evaluation.user_ids.tolist()
     real = train.all_ratings()
     targets = choose_targets(real, int(sp["n_targets"]), np.random.default_rng(seed))
+    target_tasks = [t.replace(candidates=np.asarray(targets, dtype=np.int64)) for t in evaluation.tasks()]
     recs = []
     # the classic models' refits (single-threaded scikit-surprise) run side by side in forked
     # processes; the torch models' run in this process on its threads (torch is slow in forks)
@@ -74,10 +75,9 @@ def _shilling(params: dict, data) -> list[dict]:
             seed_everything(seed, torch_too=name not in registry.CLASSIC)
             model = registry.build(name, params.get("model_params", {}).get(name) or {}, seed)
             registry.fit(model, _with_fakes(train, extra), val, encoder)
-            tasks = [t.replace(candidates=np.asarray(targets, dtype=np.int64)) for t in evaluation.tasks()]
-            preds = model.predict(tasks)
+            preds = model.predict(target_tasks)
             pred = pd.concat([pd.DataFrame({"user_id": t.user_id, "item_id": t.candidates, "y_pred": p})
-                              for t, p in zip(tasks, preds)], ignore_index=True)
+                              for t, p in zip(target_tasks, preds)], ignore_index=True)
             return pred, catalogue_rankings(model, evaluation, new, k)
 
         recs += run_attack(fit_predict, real, model_name=name, strategies=sp["strategies"], fractions=sp["fractions"],

@@ -85,14 +85,19 @@ def meta_gradient(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], s
 
     The outer gradient is reverse-mode autograd over the pure objective (the same value as
     `torch.func.grad_and_value(meta_objective)`, which the tests check, without its per-op
-    wrapper cost: a quarter of a meta-batch's time on the closed-form path).
+    wrapper cost: about a fifth of a meta-batch's time on the closed-form path).
     """
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     loss = meta_objective(leaves, buffers, spec, batch, list(adapt), local_lr, local_steps, first_order, groups,
                           inner)
+    return _gradients(loss, leaves), loss.detach()
+
+
+def _gradients(loss: Tensor, leaves: Mapping[str, Tensor]) -> Params:
+    """d loss / d leaf for every leaf; zeros for leaves the loss does not reach."""
     names = list(leaves)
     grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
-    return {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(names, grads)}, loss.detach()
+    return {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(names, grads)}
 
 
 def loop_meta_gradient(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spec: NetworkSpec,
@@ -125,9 +130,8 @@ def loop_meta_gradient(params: Mapping[str, Tensor], buffers: Mapping[str, Tenso
         total = total + ((mlp({**fixed, **fast}, xq, n_dense) - yq) ** 2).mean()
         count += 1
     total = total / max(count, 1)
-    names = list(leaves)
-    grads = torch.autograd.grad(total, [leaves[k] for k in names], allow_unused=True) if count else [None] * len(names)
-    return {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(names, grads)}, total.detach()
+    grads = _gradients(total, leaves) if count else {k: torch.zeros_like(v) for k, v in leaves.items()}
+    return grads, total.detach()
 
 
 # ------------------------------------------------------------------------------------------ model
