@@ -1,7 +1,9 @@
-"""Milliseconds per MeLU meta-batch: the vectorised step (one vmap over the tasks), with the local
-update in closed form (`inner="gram"`) and through `torch.func.grad` (`inner="autograd"`), against a
-plain per-task Python loop of the same math (`loop_meta_gradient`), each followed by the same Adam
-step. The speedup column compares the faster vectorised form with the loop.
+"""Milliseconds per MeLU meta-batch: the vectorised step over all the tasks of the batch, with the
+local update in closed form (`inner="gram"`: batched matmuls, second order through a hand-written
+reverse pass) and through `torch.func.grad` under `vmap` (`inner="autograd"`), against a plain
+per-task Python loop of the same math (`loop_meta_gradient`), each followed by the same Adam step.
+The speedup column compares the faster vectorised form with the loop. The three are timed in
+interleaved rounds and the medians printed, so that a shared machine's drift cannot favour one.
 
 Two inputs:
 (a) tasks built straight from the ML-100K files (u.data, u.user, u.item) when they are found
@@ -10,7 +12,8 @@ Two inputs:
     multi-label), director (2,186, up to 3), actor (8,030, up to 10); users gender (2), age (7),
     occupation (21), zip (3,402); embedding 32, hidden 64-64.
 32 tasks per meta-batch, support sizes uniform in 3..90, query 10; 1 and 5 local steps; first- and
-second-order. Run: `python benchmarks/meta_train.py [--threads 2] [--vec-batches 10] [--loop-batches 3]`.
+second-order. Run: `python benchmarks/meta_train.py [--threads 2] [--vec-batches 10] [--loop-batches 3]
+[--rounds 3] [--groups G]`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ if str(ROOT) not in sys.path:
 
 from metarec.data.schema import MOVIELENS_SPEC  # noqa: E402
 from metarec.features import FeatureEncoder  # noqa: E402
-from metarec.models.melu import loop_meta_gradient, meta_gradient  # noqa: E402
+from metarec.models.melu import MeLU, loop_meta_gradient, meta_gradient  # noqa: E402
 from metarec.models.network import NetworkSpec, RatingNetwork, dense_names  # noqa: E402
 from metarec.models.training import slice_batch  # noqa: E402
 from metarec.seeding import seed_everything  # noqa: E402
@@ -123,8 +126,9 @@ def synthetic_batches(n_batches: int, seed: int = 0, n_items: int = 3706) -> tup
 
 # ------------------------------------------------------------------------------------------ timing
 def time_steps(fn: Callable, net: RatingNetwork, batches: list[Batch], n: int, steps: int, first_order: bool,
-               groups: int = 1, inner: str = "gram", local_lr: float = 0.05) -> float:
-    """ms per meta-batch (gradient + Adam step), after one untimed warm-up batch."""
+               groups: int = 1, inner: str = "gram", local_lr: float = 0.05, rounds: int = 1) -> list[float]:
+    """ms per meta-batch (gradient + Adam step) over n batches, once per round, after one untimed
+    warm-up batch."""
     params = {k: p.detach().clone() for k, p in net.params().items()}
     buffers = net.buffers_dict()
     adapt = dense_names(net.spec)
@@ -137,10 +141,26 @@ def time_steps(fn: Callable, net: RatingNetwork, batches: list[Batch], n: int, s
         opt.step()
 
     step(batches[0])
-    t0 = time.perf_counter()
-    for i in range(n):
-        step(batches[(i + 1) % len(batches)])
-    return (time.perf_counter() - t0) / n * 1000.0
+    out = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for i in range(n):
+            step(batches[(i + 1) % len(batches)])
+        out.append((time.perf_counter() - t0) / n * 1000.0)
+    return out
+
+
+def interleaved(net: RatingNetwork, batches: list[Batch], steps: int, first_order: bool, args) -> tuple[float, ...]:
+    """Medians over `args.rounds` rounds of (closed-form vmap-free step, torch.func vmap step, loop),
+    each round timing all three back to back, so that drift in the machine's speed (a shared VM
+    can vary by a third within minutes) falls on all of them alike."""
+    times: list[list[float]] = [[], [], []]
+    for _ in range(args.rounds):
+        times[0] += time_steps(meta_gradient, net, batches, args.vec_batches, steps, first_order, args.groups, "gram")
+        times[1] += time_steps(meta_gradient, net, batches, args.vec_batches, steps, first_order, args.groups,
+                               "autograd")
+        times[2] += time_steps(loop_meta_gradient, net, batches, args.loop_batches, steps, first_order)
+    return tuple(float(np.median(t)) for t in times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,12 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vec-batches", type=int, default=10, help="timed meta-batches, vectorised")
     ap.add_argument("--loop-batches", type=int, default=3, help="timed meta-batches, per-task loop")
-    ap.add_argument("--groups", type=int, default=1, help="support-size groups of the vectorised step")
+    ap.add_argument("--groups", type=int, default=MeLU().support_groups,
+                    help="support-size groups of the vectorised step (default: MeLU's)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed")
     ap.add_argument("--only", choices=["ml100k", "synthetic"], default=None)
     args = ap.parse_args(argv)
     info = seed_everything(0, args.threads)
     print(f"torch {torch.__version__}, threads {info['torch_threads']}, deterministic algorithms on, "
-          f"meta-batch {META_BATCH}, support {SUPPORT[0]}..{SUPPORT[1]}, query {QUERY}")
+          f"meta-batch {META_BATCH}, support {SUPPORT[0]}..{SUPPORT[1]}, query {QUERY}, "
+          f"support groups {args.groups}; medians of {args.rounds} interleaved rounds")
 
     inputs: list[tuple[str, Callable[[int], tuple[RatingNetwork, list[Batch]]]]] = []
     path = ml100k_dir()
@@ -166,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs.append(("synthetic ML-1M shapes", synthetic_batches))
 
     n_batches = max(args.vec_batches, args.loop_batches) + 1
-    header = (f"{'tasks':<24}{'order':<8}{'steps':>6}{'vmap closed-form ms':>21}{'vmap autograd ms':>18}"
+    header = (f"{'tasks':<24}{'order':<8}{'steps':>6}{'closed-form ms':>16}{'vmap autograd ms':>18}"
               f"{'loop ms':>10}{'speedup':>9}")
     rows = []
     for name, build in inputs:
@@ -174,10 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         for order in ("first", "second"):
             for steps in (1, 5):
                 fo = order == "first"
-                gram = time_steps(meta_gradient, net, batches, args.vec_batches, steps, fo, args.groups, "gram")
-                auto = time_steps(meta_gradient, net, batches, args.vec_batches, steps, fo, args.groups, "autograd")
-                loop = time_steps(loop_meta_gradient, net, batches, args.loop_batches, steps, fo)
-                rows.append(f"{name:<24}{order:<8}{steps:>6}{gram:>21.1f}{auto:>18.1f}{loop:>10.1f}"
+                gram, auto, loop = interleaved(net, batches, steps, fo, args)
+                rows.append(f"{name:<24}{order:<8}{steps:>6}{gram:>16.1f}{auto:>18.1f}{loop:>10.1f}"
                             f"{loop / min(gram, auto):>8.1f}x")
                 print(rows[-1] if len(rows) > 1 else header + "\n" + rows[-1], flush=True)
     return 0

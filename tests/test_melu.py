@@ -106,24 +106,26 @@ def test_closed_form_local_update_equals_autograd_for_any_depth(tiny, hidden, or
 
 @pytest.mark.parametrize("gram", [True, False])
 @pytest.mark.parametrize("order", ["first", "second"])
-def test_both_first_layer_forms_equal_autograd_on_one_task(order, gram):
-    """One task, random float64 inputs with a padded tail: both forms of the closed-form update give
-    autograd's adapted predictions, and the same gradients of a query loss w.r.t. every input."""
+def test_both_first_layer_forms_equal_autograd_per_task(order, gram):
+    """Two tasks with different padded tails, random float64 inputs: both forms of the batched
+    closed-form update give, task by task, autograd's adapted predictions and the same gradients
+    of a query loss w.r.t. every input."""
     g = torch.Generator().manual_seed(0)
     du, da, hs, S, Q = 5, 7, (6, 4), 9, 3
     dims = [du + da, *hs, 1]
     W = [torch.randn(o, i, generator=g, dtype=torch.float64) / i ** 0.5 for i, o in zip(dims[:-1], dims[1:])]
     b = [torch.randn(o, generator=g, dtype=torch.float64) * 0.1 for o in dims[1:]]
-    u, xs, xq = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((du,), (S, da), (Q, da)))
-    ys = torch.randn(S, generator=g, dtype=torch.float64) + 3.0
-    ms = torch.arange(S) < 6
+    u, xs, xq = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((2, du), (2, S, da), (2, Q, da)))
+    ys = torch.randn(2, S, generator=g, dtype=torch.float64) + 3.0
+    ms = torch.arange(S)[None, :] < torch.tensor([[6], [9]])
     inputs = [*W, *b, u, xs, xq]
     for t in inputs:
         t.requires_grad_(True)
     n = len(W)
     dense = {**{f"dense.{k}.weight": W[k] for k in range(n)}, **{f"dense.{k}.bias": b[k] for k in range(n)}}
     pred_a = gram_adapt_predict(W, b, tuple(range(n)), u, xs, ys, ms, xq, 0.3, 3, order == "first", gram=gram)
-    pred_b = adapt_predict(dense, {}, xs, ys, ms, xq, 0.3, 3, n, order == "first", u)
+    pred_b = torch.stack([adapt_predict(dense, {}, xs[i], ys[i], ms[i], xq[i], 0.3, 3, n, order == "first", u[i])
+                          for i in range(2)])
     torch.testing.assert_close(pred_a, pred_b, atol=1e-12, rtol=1e-12)
     ga = torch.autograd.grad((pred_a ** 2).sum(), inputs, allow_unused=True)
     gb = torch.autograd.grad((pred_b ** 2).sum(), inputs, allow_unused=True)

@@ -28,7 +28,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from metarec.models.gram_reverse import bmm, second_order_gram
+
+threshold_backward = torch.ops.aten.threshold_backward
 
 # Past this many support rows per item input column, the S x S Gram step costs more than
 # updating the first layer's weights explicitly (2 x S x Da x H), so long supports (warm users)
@@ -39,66 +45,81 @@ GRAM_WIDTH_FACTOR = 2
 def gram_adapt_predict(W: Sequence[Tensor], b: Sequence[Tensor], layers: tuple[int, ...], u: Tensor, xs: Tensor,
                        ys: Tensor, ms: Tensor, xq: Tensor, lr: float, steps: int, first_order: bool = False,
                        gram: bool | None = None) -> Tensor:
-    """One task: adapt `layers` with `steps` SGD steps on the masked support MSE, rate the query.
+    """A batch of tasks: adapt `layers` with `steps` SGD steps on each task's masked support MSE,
+    rate each task's query.
 
-    W, b: the dense layers' weights and biases, input layer first. u [Du] user part of the input,
-    xs [S, Da] / xq [Q, Da] item parts, ys [S], ms [S] (bool mask). Returns the query predictions
-    [Q]. Written for one task; vmap it over the tasks of a batch. `gram`: the Gram form (True) or
-    the accumulated weight update (False) for the first layer; None picks the cheaper by width.
+    W, b: the dense layers' shared weights and biases, input layer first. u [B, Du] user parts of
+    the input, xs [B, S, Da] / xq [B, Q, Da] item parts, ys [B, S], ms [B, S] (bool mask). Returns
+    the query predictions [B, Q]. Written batched (not vmapped): the adapted weights carry the task
+    dimension in front, every product is one batched matmul, and the fused `baddbmm` forms keep a
+    step at about a dozen kernels, which is what a step costs at these sizes. `gram`: the Gram form
+    (True) or the accumulated weight update (False) for the first layer; None picks the cheaper.
     """
     sg = (lambda t: t.detach()) if first_order else (lambda t: t)
     n_dense = len(W)
     du = u.shape[-1]
-    c = W[0][:, :du] @ u + b[0]                                        # user columns + bias, [H0]
+    c = F.linear(u, W[0][:, :du], b[0])[:, None, :]                   # user columns + bias, [B, 1, H0]
     wa = W[0][:, du:]
-    zq = xq @ wa.T + c
-    zs = sg(xs @ wa.T + c)
+    zq = F.linear(xq, wa) + c
+    zs = sg(F.linear(xs, wa) + c)
     lowest = min(layers) if layers else n_dense
     if steps <= 0 or lowest >= n_dense:
         return _forward(zq, W, b, n_dense)
     if gram is None:
         gram = xs.shape[-2] <= GRAM_WIDTH_FACTOR * max(xs.shape[-1], 1)
+    if gram and not first_order and torch.is_grad_enabled() and layers == tuple(range(n_dense)):
+        return second_order_gram(W, b, u, xs, ys, ms, xq, lr, steps)     # same function, faster reverse
+    ws, bs = [sg(w) for w in W], [sg(v) for v in b]
+    # Nothing on the support side is differentiated (first order, or no gradient at all): update
+    # the task's state in place instead of allocating and copying it every step.
+    inplace = first_order or not torch.is_grad_enabled()
+    if inplace:
+        zs = zs.clone()
     if 0 in layers:
         us, xs_c = sg(u), sg(xs)
-        uu = us @ us + 1.0                                             # user columns and bias of x_j . x_r
+        uu = ((us * us).sum(-1) + 1.0)[:, None, None]                  # user columns and bias of x_j . x_r
         if gram:
-            k_ss = xs_c @ xs_c.T + uu
+            k_ss = torch.baddbmm(uu, xs_c, xs_c.transpose(1, 2))       # [B, S, S]
             acc = None                                                 # lr * sum of first-layer deltas
         else:                                                          # long support: accumulate the update
-            acc_w = None                                               # lr * sum of delta^T xs, [H0, Da]
-            acc_b = None                                               # lr * sum of delta row sums, [H0]
-    ws = [sg(w) for w in W]
-    bs = [sg(v) for v in b]
-    n = ms.sum().clamp(min=1).to(zs.dtype)
+            acc_w = None                                               # lr * sum of delta^T xs, [B, H0, Da]
+            acc_b = None                                               # lr * sum of delta row sums, [B, 1, H0]
+    # d loss / d output = 2 / n_task * (out - y) on real rows, 0 on padding: one fused multiply-add
+    scale = torch.where(ms, 2.0 / ms.sum(-1, keepdim=True).clamp(min=1).to(zs.dtype), zs.new_zeros(()))[..., None]
+    target = -(ys.to(zs.dtype)[..., None] * scale)
     for _ in range(int(steps)):
-        # forward on the support rows; acts[k] is the input of layer k + 1
-        acts = [zs.relu()]
+        acts = [zs.relu()]                                             # acts[k]: the input of layer k + 1
         for k in range(1, n_dense - 1):
-            acts.append((acts[-1] @ ws[k].T + bs[k]).relu())
-        out = (acts[-1] @ ws[-1].T + bs[-1]).squeeze(-1) if n_dense > 1 else zs.squeeze(-1)
-        diff = (out - ys.to(out.dtype)).where(ms, out.new_zeros(()))
-        delta = (2.0 / n * diff).unsqueeze(-1)                         # d loss / d output pre-activation
-        grads: dict[int, tuple[Tensor, Tensor]] = {}
+            acts.append(_linear(acts[-1], ws[k], bs[k]).relu())
+        out = _linear(acts[-1], ws[-1], bs[-1]) if n_dense > 1 else zs
+        delta = torch.addcmul(target, out, scale)                      # [B, S, 1]
         for k in range(n_dense - 1, max(lowest, 1) - 1, -1):
-            if k in layers:
-                grads[k] = (delta.T @ acts[k - 1], delta.sum(0))
-            if k > lowest:                                             # ReLU derivative: sign(relu(z)) is 1 or 0
-                delta = (delta @ ws[k]) * acts[k - 1].sign()
+            back = _backward(delta, ws[k]) if k > lowest else None
+            if k in layers and inplace and ws[k].dim() == 3:           # SGD step fused with its gradient
+                ws[k].baddbmm_(delta.transpose(1, 2), acts[k - 1], alpha=-lr)
+                bs[k].sub_(delta.sum(1), alpha=lr)
+            elif k in layers:                                          # (the first step makes the per-task copy)
+                ws[k] = torch.baddbmm(ws[k], delta.transpose(1, 2), acts[k - 1], alpha=-lr)
+                bs[k] = torch.add(bs[k], delta.sum(1), alpha=-lr)
+            if back is not None:                                       # through the ReLU: keep where it was active
+                delta = threshold_backward(back, acts[k - 1], 0.0)
         if 0 in layers and gram:                                       # delta is now at layer 0's output
-            zs = zs - lr * (k_ss @ delta)
-            acc = lr * delta if acc is None else acc + lr * delta
+            zs = zs.baddbmm_(k_ss, delta, alpha=-lr) if inplace else torch.baddbmm(zs, k_ss, delta, alpha=-lr)
+            if acc is None:
+                acc = lr * delta
+            else:
+                acc = acc.add_(delta, alpha=lr) if inplace else torch.add(acc, delta, alpha=lr)
         elif 0 in layers:
-            g_w, g_b = delta.T @ xs_c, delta.sum(0)
-            zs = zs - lr * (xs_c @ g_w.T + uu * g_b)
-            acc_w = lr * g_w if acc_w is None else acc_w + lr * g_w
-            acc_b = lr * g_b if acc_b is None else acc_b + lr * g_b
-        for k, (gw, gb) in grads.items():
-            ws[k] = ws[k] - lr * gw
-            bs[k] = bs[k] - lr * gb
-    if 0 in layers and gram:
-        zq = zq - (xq @ xs_c.T + (u @ us + 1.0)) @ acc
-    elif 0 in layers:
-        zq = zq - xq @ acc_w.T - (u @ us + 1.0) * acc_b
+            g_w, g_b = torch.bmm(delta.transpose(1, 2), xs_c), delta.sum(1, keepdim=True)
+            zs = zs - lr * torch.baddbmm(uu * g_b, xs_c, g_w.transpose(1, 2))
+            acc_w = lr * g_w if acc_w is None else torch.add(acc_w, g_w, alpha=lr)
+            acc_b = lr * g_b if acc_b is None else torch.add(acc_b, g_b, alpha=lr)
+    if 0 in layers:
+        uq = ((u * us).sum(-1) + 1.0)[:, None, None]
+        if gram:
+            zq = zq - torch.bmm(torch.baddbmm(uq, xq, xs_c.transpose(1, 2)), acc)
+        else:
+            zq = zq - torch.baddbmm(uq * acc_b, xq, acc_w.transpose(1, 2))
     # query weights: the adapted ones; first order: the live initial weights plus a constant shift
     if first_order:
         ws = [W[k] + (ws[k] - W[k].detach()) if k in layers else W[k] for k in range(n_dense)]
@@ -106,9 +127,21 @@ def gram_adapt_predict(W: Sequence[Tensor], b: Sequence[Tensor], layers: tuple[i
     return _forward(zq, ws, bs, n_dense)
 
 
+def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """x [B, N, in] through a shared (w [out, in], b [out]) or per-task (w [B, out, in], b [B, out]) layer."""
+    if w.dim() == 2:
+        return F.linear(x, w, b)
+    return torch.baddbmm(b.unsqueeze(-2), x, w.transpose(1, 2))
+
+
+def _backward(delta: Tensor, w: Tensor) -> Tensor:
+    """delta [B, N, out] back through a shared or per-task weight: delta @ w."""
+    return delta @ w if w.dim() == 2 else bmm(delta, w)
+
+
 def _forward(z0: Tensor, W: list[Tensor], b: list[Tensor], n_dense: int) -> Tensor:
-    """Layers 1.. of the MLP from layer 0's pre-activation."""
+    """Layers 1.. of the MLP from layer 0's pre-activation [B, N, H0]: ratings [B, N]."""
     h = z0
     for k in range(1, n_dense):
-        h = h.relu() @ W[k].T + b[k]
+        h = _linear(h.relu(), W[k], b[k])
     return h.squeeze(-1)

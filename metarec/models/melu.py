@@ -3,12 +3,13 @@
 Each user is a task. The local update adapts the decision layers on the user's support ratings
 with a few SGD steps on the masked support MSE; the global update minimises the masked query MSE
 after adaptation, averaged over a meta-batch of tasks, with Adam. The tasks of a meta-batch are
-padded and run through one `vmap` (no Python work per task); the embeddings do not adapt, so they
-are computed once per batch outside the vmap. The local update comes in two interchangeable
-forms (`inner`): "autograd", a `torch.func.grad` of the support loss, and "gram" (the default), the
-same gradient derived by hand with the first layer's update expressed through the support Gram
-matrix (`gram.py`), which halves the cost of a meta-batch. Either way, exact second-order MAML
-comes from differentiating through the local update; first-order MAML detaches its gradients.
+padded and computed together (no Python work per task); the embeddings do not adapt, so they are
+computed once per batch. The local update comes in two interchangeable forms (`inner`):
+"autograd", a `torch.func.grad` of the support loss vmapped over the tasks, and "gram" (the
+default), the same gradient derived by hand, written with batched matmuls and the first layer's
+update expressed through the support Gram matrix (`gram.py`); its exact second-order gradient
+comes from a hand-written reverse pass (`gram_reverse.py`). Either way, second-order MAML
+differentiates through the local update; first-order MAML detaches its gradients.
 
 `loop_meta_gradient` is the same math as a plain per-task Python loop with `torch.autograd`: the
 reference the tests compare against and the baseline the benchmark times.
@@ -16,6 +17,7 @@ reference the tests compare against and the baseline the benchmark times.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Literal, Mapping, Sequence
 
 import numpy as np
@@ -36,16 +38,21 @@ Inner = Literal["gram", "autograd"]
 
 
 # ------------------------------------------------------------------------------------------ meta objective
-def _support_groups(support_mask: Tensor, groups: int) -> list[Tensor | slice]:
-    """Task indices in up to `groups` blocks of similar support size, so that each block is padded
-    only to its own longest support (uniform 3..90 supports waste about half of one shared pad).
-    One group is the whole batch as a slice: no gather, and no scatter in the backward pass."""
-    n = int(support_mask.shape[0])
+def _support_groups(batch: Batch, groups: int) -> tuple[Batch, list[slice]]:
+    """The batch reordered by support size, and up to `groups` contiguous blocks of it, so that each
+    block is padded only to its own longest support (uniform 3..90 supports waste about half of
+    one shared pad). Reordering the integer inputs up front keeps every block a view: no gather of
+    embedded rows, and no scatter in the backward pass. The meta-objective is a sum over tasks,
+    so the order does not change its value."""
+    n = len(batch)
     groups = max(1, min(int(groups), n))
     if groups == 1:
-        return [slice(None)]
-    order = torch.argsort(support_mask.sum(1), stable=True)
-    return [block for block in torch.tensor_split(order, groups) if len(block)]
+        return batch, [slice(None)]
+    order = torch.argsort(batch.support_mask.sum(1), stable=True)
+    batch = Batch(*(getattr(batch, f.name)[order] for f in fields(Batch)))
+    bounds = [len(block) for block in torch.tensor_split(torch.arange(n), groups)]
+    starts = np.cumsum([0, *bounds])
+    return batch, [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:]) if b > a]
 
 
 def meta_objective(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spec: NetworkSpec, batch: Batch,
@@ -53,13 +60,14 @@ def meta_objective(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], 
                    groups: int = 1, inner: Inner = "gram") -> Tensor:
     """Mean over tasks (with at least one query row) of the masked query MSE after adaptation.
 
-    Embeddings are computed once for the whole batch; the tasks then go through one vmap per
-    support-size group (`groups`=1: a single vmap over the whole batch). Grouping only changes
-    how much padding is computed, not the value. `inner`: "gram" runs the local update in closed
+    Embeddings are computed once for the whole batch; the tasks then go through the local update
+    in blocks of similar support size (`groups`=1: the whole batch at once). Grouping only
+    changes how much padding is computed (and the order of a sum), not the value. `inner`: "gram" runs the local update in closed
     form (`gram.gram_adapt_predict`, the fast path), "autograd" through `torch.func.grad`
     (`network.inner_adapt`); both are the same function. "gram" needs whole layers in `adapt` and
     falls back to "autograd" otherwise.
     """
+    batch, blocks = _support_groups(batch, groups)
     S = batch.support_items.shape[1]
     u, x = embed_parts(params, buffers, spec, batch.user_x, torch.cat([batch.support_items, batch.query_items], dim=1),
                        rows=torch.cat([batch.support_mask, batch.query_mask], dim=1))
@@ -67,7 +75,7 @@ def meta_objective(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], 
     ys, yq = batch.support_y.to(x.dtype), batch.query_y.to(x.dtype)
     _, dense = split_params(params)
     total = torch.zeros((), dtype=x.dtype)
-    for idx in _support_groups(batch.support_mask, groups):
+    for idx in blocks:
         ms = batch.support_mask[idx]
         width = max(int(ms.sum(1).max()), 1)
         pred = adapt_and_rate(dense, u[idx], xs[idx, :width], ys[idx, :width], ms[:, :width], xq[idx], adapt,
@@ -146,8 +154,10 @@ class MeLU(NeuralRecommender):
     half the cost), so `order="first"` is the default and "second" stays one parameter away.
     `adapt_layers` lists the dense layers adapted locally (None = all, output included;
     negative indices count from the output). `max_support` keeps each task's latest ratings only.
-    `support_groups`: a meta-batch is vmapped in this many blocks of similar support size, each
-    padded to its own longest support (same gradient, less padding computed; 1 = one vmap).
+    `support_groups`: a meta-batch runs as this many blocks of similar support size, each padded to
+    its own longest support (the same gradient up to summation order, less padding computed; 1 =
+    one block). Two was fastest on ML-100K and ML-1M-shaped batches (benchmarks/meta_train.py);
+    more blocks save padding but pay each step's fixed kernel cost again.
     `resample`: every epoch, each training user's ratings are split afresh into support and query
     (same query size), so the meta-learner sees many tasks per user instead of memorising one
     split; `train_support` caps the support drawn during training (a random subset), which bounds
@@ -157,7 +167,7 @@ class MeLU(NeuralRecommender):
     def __init__(self, embedding_dim: int = 32, hidden: Sequence[int] = (64, 64), local_lr: float = 0.05,
                  local_steps: int = 5, global_lr: float = 1e-3, meta_batch_size: int = 32, epochs: int = 30,
                  patience: int = 5, order: Order = "first", adapt_layers: Sequence[int] | None = None,
-                 seed: int = 0, threads: int = 2, max_support: int | None = None, support_groups: int = 1,
+                 seed: int = 0, threads: int = 2, max_support: int | None = None, support_groups: int = 2,
                  resample: bool = True, train_support: int | None = 64, weight_decay: float = 0.0,
                  verbose: bool = False, encoder: FeatureEncoder | None = None) -> None:
         self.embedding_dim = embedding_dim

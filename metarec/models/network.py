@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from metarec.models.gram import gram_adapt_predict
+from metarec.models.pooling import TABLE_FACTOR, item_table
 
 Params = dict[str, Tensor]
 
@@ -115,6 +116,8 @@ def embed_parts(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spe
     per (user, item) row: half of the network's multiply-adds in the inner loop. `rows` (bool
     [B, N]): embed only these rows and leave zeros elsewhere; padded meta-batches are about half
     padding, and the embedding gather and its scatter-add backward are a third of a step's cost.
+    When the catalogue is not much larger than the rows asked for, the item part is computed for
+    every item once (`pooling.item_table`, multi-label features as a sparse product) and gathered.
     """
     B, N = items.shape
     dtype = next(iter(params.values())).dtype
@@ -123,6 +126,13 @@ def embed_parts(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spe
                        for j in range(len(spec.user_cardinalities))], dim=-1)
     else:
         u = torch.zeros(B, 0, dtype=dtype)
+    n_single, n_multi = len(spec.item_cardinalities), len(spec.multilabel_cardinalities)
+    n_rows = int(rows.sum()) if rows is not None else B * N
+    if n_single + n_multi and buffers["item_x"].shape[0] <= TABLE_FACTOR * max(n_rows, 1):
+        table = item_table(params, buffers, n_single, n_multi, dtype)     # every item once, then gather
+        if rows is None:
+            return u, F.embedding(items, table)
+        return u, table.new_zeros(B, N, table.shape[-1]).index_put((rows,), F.embedding(items[rows], table))
     if rows is not None:         # embed the real rows only; padded rows are zeros (masked later anyway)
         _, real = embed_parts(params, buffers, spec, user_x[:0], items[rows][None, :])
         return u, real.new_zeros(B, N, real.shape[-1]).index_put((rows,), real[0])
@@ -207,26 +217,24 @@ def adapt_predict(fast: Params, fixed: Params, xs: Tensor, ys: Tensor, ms: Tenso
 def adapt_and_rate(dense: Mapping[str, Tensor], u: Tensor, xs: Tensor, ys: Tensor, ms: Tensor, xq: Tensor,
                    adapt: Sequence[str], lr: float, steps: int, n_dense: int, first_order: bool = False,
                    inner: str = "gram") -> Tensor:
-    """Query predictions [B, Q] for a padded batch of tasks, each adapted on its own support set,
-    vmapped over tasks. u [B, Du], xs [B, S, Da], ys/ms [B, S], xq [B, Q, Da].
+    """Query predictions [B, Q] for a padded batch of tasks, each adapted on its own support set.
+    u [B, Du], xs [B, S, Da], ys/ms [B, S], xq [B, Q, Da].
 
-    inner="gram" uses the closed-form local update (`gram.gram_adapt_predict`) when whole layers
-    are adapted; otherwise, and with inner="autograd", the update is `torch.func.grad` of the
-    support loss (`inner_adapt`). Both compute the same function.
+    inner="gram" uses the closed-form local update (`gram.gram_adapt_predict`, written batched)
+    when whole layers are adapted; otherwise, and with inner="autograd", the update is
+    `torch.func.grad` of the support loss (`inner_adapt`), vmapped over tasks. Both compute the
+    same function.
     """
     layers = adapted_layers(adapt, n_dense) if inner == "gram" else None
     if layers is not None:
         W = [dense[f"{DECISION_PREFIX}{k}.weight"] for k in range(n_dense)]
         b = [dense[f"{DECISION_PREFIX}{k}.bias"] for k in range(n_dense)]
+        return gram_adapt_predict(W, b, layers, u, xs, ys, ms, xq, lr, steps, first_order)
+    fast = {k: dense[k] for k in adapt}
+    fixed = {k: v for k, v in dense.items() if k not in fast}
 
-        def one(u_b: Tensor, xs_b: Tensor, ys_b: Tensor, ms_b: Tensor, xq_b: Tensor) -> Tensor:
-            return gram_adapt_predict(W, b, layers, u_b, xs_b, ys_b, ms_b, xq_b, lr, steps, first_order)
-    else:
-        fast = {k: dense[k] for k in adapt}
-        fixed = {k: v for k, v in dense.items() if k not in fast}
-
-        def one(u_b: Tensor, xs_b: Tensor, ys_b: Tensor, ms_b: Tensor, xq_b: Tensor) -> Tensor:
-            return adapt_predict(fast, fixed, xs_b, ys_b, ms_b, xq_b, lr, steps, n_dense, first_order, u_b)
+    def one(u_b: Tensor, xs_b: Tensor, ys_b: Tensor, ms_b: Tensor, xq_b: Tensor) -> Tensor:
+        return adapt_predict(fast, fixed, xs_b, ys_b, ms_b, xq_b, lr, steps, n_dense, first_order, u_b)
 
     return vmap(one)(u, xs, ys.to(xs.dtype), ms, xq)
 

@@ -1,0 +1,103 @@
+"""Item embeddings as one table per batch, with multi-label features mean-pooled by a sparse product.
+
+Why: gathering [rows, labels, d] embeddings and scatter-adding their gradient back is the largest
+fixed cost of a meta-batch (an actor table of 8,030 labels, ten per item, costs more than the whole
+first-order inner loop), and a meta-batch of 32 tasks rates about as many (user, item) rows as the
+catalogue has items. So the item part of the input is computed for every item once per batch and
+the rows are a plain gather of that table. Each multi-label feature is the product of a constant
+sparse matrix A (items x labels, 1 / label count at each of an item's labels: the mean over its
+labels, the padding label 0 left out) with the embedding table, and its gradient is A^T times the
+incoming gradient: both are sparse-dense products over the nonzeros only. A and A^T are built once
+per item table and cached.
+
+The result is the same function as the per-row gather in `network.embed_parts` (the tests check
+values and gradients); that path stays for catalogues much larger than a batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Compute the whole item table when the catalogue has at most this many items per embedded row.
+TABLE_FACTOR = 4
+
+# id(label table) -> (weak reference to it, {(version, n_labels, dtype): (A, A^T)}); tensors compare
+# elementwise, so they cannot key a WeakKeyDictionary. An entry leaves with its table.
+_CACHE: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+class _Pooling:
+    """The constant pair (A, A^T), handed to the autograd function as one opaque object so that
+    torch.func transforms do not try to wrap sparse tensors (they cannot)."""
+
+    __slots__ = ("a", "a_t")
+
+    def __init__(self, a: Tensor, a_t: Tensor) -> None:
+        self.a, self.a_t = a, a_t
+
+    def transposed(self) -> "_Pooling":
+        return _Pooling(self.a_t, self.a)
+
+
+class _SparseProduct(torch.autograd.Function):
+    """A @ weight with A constant and sparse; the backward is A^T @ grad (both CSR products)."""
+
+    @staticmethod
+    def forward(weight: Tensor, pool: _Pooling) -> Tensor:
+        return torch.sparse.mm(pool.a, weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.pool = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        # The same product with the roles of A and A^T swapped, applied as this function again so
+        # that torch.func transforms hand it plain tensors (and it stays differentiable).
+        return _SparseProduct.apply(grad.contiguous(), ctx.pool.transposed()), None
+
+
+def pooling_matrices(labels: Tensor, n_labels: int, dtype: torch.dtype) -> _Pooling:
+    """(A, A^T) in CSR for a padded label table [n_items, width] (0 = no label): row i of A holds
+    1 / (number of labels of item i) at each of its labels. Cached per table, version and dtype."""
+    key = (labels._version, int(n_labels), dtype)
+    entry = _CACHE.get(id(labels))
+    if entry is None or entry[0]() is not labels:
+        entry = (weakref.ref(labels, lambda _, k=id(labels): _CACHE.pop(k, None)), {})
+        _CACHE[id(labels)] = entry
+    if key in entry[1]:
+        return entry[1][key]
+    n_items, width = labels.shape
+    keep = labels != 0
+    rows = torch.arange(n_items)[:, None].expand(n_items, width)[keep]
+    cols = labels[keep].to(torch.long)
+    counts = keep.sum(1).clamp(min=1).to(dtype)
+    vals = (1.0 / counts)[rows]
+    # Built outside any torch.func transform (under one, sparse layouts cannot be created): A is a
+    # constant of the data, not a function of the parameters.
+    with warnings.catch_warnings(), torch._C._DisableFuncTorch():
+        warnings.simplefilter("ignore", UserWarning)   # "sparse CSR support is in beta": products only, tested
+        a = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n_items, n_labels)).coalesce()
+        a_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), vals, (n_labels, n_items)).coalesce()
+        pair = _Pooling(a.to_sparse_csr(), a_t.to_sparse_csr())
+    entry[1][key] = pair
+    return pair
+
+
+def item_table(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], n_single: int, n_multi: int,
+               dtype: torch.dtype) -> Tensor:
+    """Item part of the input for every item of the catalogue: [n_items, (n_single + n_multi) * d]."""
+    parts: list[Tensor] = []
+    for j in range(n_single):
+        parts.append(F.embedding(buffers["item_x"][:, j], params[f"item_emb.{j}.weight"]))
+    for j in range(n_multi):
+        weight = params[f"ml_emb.{j}.weight"]
+        pool = pooling_matrices(buffers[f"item_ml_{j}"], weight.shape[0], dtype)
+        parts.append(_SparseProduct.apply(weight, pool))
+    return torch.cat(parts, dim=-1)
