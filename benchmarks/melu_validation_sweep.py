@@ -40,6 +40,9 @@ CHANGES: dict[str, dict] = {
     "resample=False": {"resample": False},
     "adapt output layer only": {"adapt_layers": [-1]},
     "weight_decay=1e-4": {"weight_decay": 1e-4},
+    "epochs=60+patience=10": {"epochs": 60, "patience": 10},
+    "epochs=60+patience=10+train_support=None": {"epochs": 60, "patience": 10, "train_support": None},
+    "global_lr=2e-3": {"global_lr": 2e-3},
 }
 BASELINES = ("itemknn", "svd", "bias", "finetune", "mean")
 

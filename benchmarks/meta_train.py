@@ -12,8 +12,8 @@ Two inputs:
     multi-label), director (2,186, up to 3), actor (8,030, up to 10); users gender (2), age (7),
     occupation (21), zip (3,402); embedding 32, hidden 64-64.
 32 tasks per meta-batch, support sizes uniform in 3..90, query 10; 1 and 5 local steps; first- and
-second-order. Run: `python benchmarks/meta_train.py [--threads 2] [--vec-batches 10] [--loop-batches 3]
-[--rounds 3] [--groups G]`.
+second-order. Run: `python benchmarks/meta_train.py [--threads 2] [--batches 8] [--rounds 3]
+[--groups G]`.
 """
 
 from __future__ import annotations
@@ -151,23 +151,24 @@ def time_steps(fn: Callable, net: RatingNetwork, batches: list[Batch], n: int, s
 
 
 def interleaved(net: RatingNetwork, batches: list[Batch], steps: int, first_order: bool, args) -> tuple[float, ...]:
-    """Medians over `args.rounds` rounds of (closed-form vmap-free step, torch.func vmap step, loop),
+    """(closed-form ms, torch.func vmap ms, loop ms, speedup): medians over `args.rounds` rounds,
     each round timing all three back to back, so that drift in the machine's speed (a shared VM
-    can vary by a third within minutes) falls on all of them alike."""
+    can vary by a third within minutes) falls on all of them alike. The speedup is the median of
+    the rounds' own ratios (loop over the faster vectorised form)."""
     times: list[list[float]] = [[], [], []]
     for _ in range(args.rounds):
-        times[0] += time_steps(meta_gradient, net, batches, args.vec_batches, steps, first_order, args.groups, "gram")
-        times[1] += time_steps(meta_gradient, net, batches, args.vec_batches, steps, first_order, args.groups,
+        times[0] += time_steps(meta_gradient, net, batches, args.batches, steps, first_order, args.groups, "gram")
+        times[1] += time_steps(meta_gradient, net, batches, args.batches, steps, first_order, args.groups,
                                "autograd")
-        times[2] += time_steps(loop_meta_gradient, net, batches, args.loop_batches, steps, first_order)
-    return tuple(float(np.median(t)) for t in times)
+        times[2] += time_steps(loop_meta_gradient, net, batches, args.batches, steps, first_order)
+    ratios = [loop / min(gram, auto) for gram, auto, loop in zip(*times)]
+    return (*(float(np.median(t)) for t in times), float(np.median(ratios)))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--vec-batches", type=int, default=10, help="timed meta-batches, vectorised")
-    ap.add_argument("--loop-batches", type=int, default=3, help="timed meta-batches, per-task loop")
+    ap.add_argument("--batches", type=int, default=8, help="timed meta-batches (the same ones for all three)")
     ap.add_argument("--groups", type=int, default=MeLU().support_groups,
                     help="support-size groups of the vectorised step (default: MeLU's)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed")
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "synthetic"):
         inputs.append(("synthetic ML-1M shapes", synthetic_batches))
 
-    n_batches = max(args.vec_batches, args.loop_batches) + 1
+    n_batches = args.batches + 1
     header = (f"{'tasks':<24}{'order':<8}{'steps':>6}{'closed-form ms':>16}{'vmap autograd ms':>18}"
               f"{'loop ms':>10}{'speedup':>9}")
     rows = []
@@ -197,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         for order in ("first", "second"):
             for steps in (1, 5):
                 fo = order == "first"
-                gram, auto, loop = interleaved(net, batches, steps, fo, args)
+                gram, auto, loop, speedup = interleaved(net, batches, steps, fo, args)
                 rows.append(f"{name:<24}{order:<8}{steps:>6}{gram:>16.1f}{auto:>18.1f}{loop:>10.1f}"
-                            f"{loop / min(gram, auto):>8.1f}x")
+                            f"{speedup:>8.1f}x")
                 print(rows[-1] if len(rows) > 1 else header + "\n" + rows[-1], flush=True)
     return 0
 

@@ -87,7 +87,8 @@ def gram_adapt_predict(W: Sequence[Tensor], b: Sequence[Tensor], layers: tuple[i
     # d loss / d output = 2 / n_task * (out - y) on real rows, 0 on padding: one fused multiply-add
     scale = torch.where(ms, 2.0 / ms.sum(-1, keepdim=True).clamp(min=1).to(zs.dtype), zs.new_zeros(()))[..., None]
     target = -(ys.to(zs.dtype)[..., None] * scale)
-    for _ in range(int(steps)):
+    for step in range(int(steps)):
+        last = step == int(steps) - 1                                  # the last update of zs reaches nothing
         acts = [zs.relu()]                                             # acts[k]: the input of layer k + 1
         for k in range(1, n_dense - 1):
             acts.append(_linear(acts[-1], ws[k], bs[k]).relu())
@@ -104,14 +105,16 @@ def gram_adapt_predict(W: Sequence[Tensor], b: Sequence[Tensor], layers: tuple[i
             if back is not None:                                       # through the ReLU: keep where it was active
                 delta = threshold_backward(back, acts[k - 1], 0.0)
         if 0 in layers and gram:                                       # delta is now at layer 0's output
-            zs = zs.baddbmm_(k_ss, delta, alpha=-lr) if inplace else torch.baddbmm(zs, k_ss, delta, alpha=-lr)
+            if not last:
+                zs = zs.baddbmm_(k_ss, delta, alpha=-lr) if inplace else torch.baddbmm(zs, k_ss, delta, alpha=-lr)
             if acc is None:
                 acc = lr * delta
             else:
                 acc = acc.add_(delta, alpha=lr) if inplace else torch.add(acc, delta, alpha=lr)
         elif 0 in layers:
             g_w, g_b = torch.bmm(delta.transpose(1, 2), xs_c), delta.sum(1, keepdim=True)
-            zs = zs - lr * torch.baddbmm(uu * g_b, xs_c, g_w.transpose(1, 2))
+            if not last:
+                zs = zs - lr * torch.baddbmm(uu * g_b, xs_c, g_w.transpose(1, 2))
             acc_w = lr * g_w if acc_w is None else torch.add(acc_w, g_w, alpha=lr)
             acc_b = lr * g_b if acc_b is None else torch.add(acc_b, g_b, alpha=lr)
     if 0 in layers:

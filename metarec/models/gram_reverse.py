@@ -67,7 +67,7 @@ class _SecondOrderGram(torch.autograd.Function):
         target = -(ys.to(zs.dtype)[..., None] * scale)
         acc = torch.zeros_like(zs)
         saved: list[Tensor] = []                       # per step: zs, a_1..a_{n-2}, e_0..e_{n-1}, W_1..W_{n-1}
-        for _ in range(steps):
+        for t in range(steps):
             acts = [zs.relu()]
             for k in range(1, n - 1):
                 acts.append(torch.baddbmm(bs[k][:, None, :], acts[-1], _tr(ws[k])).relu())
@@ -81,7 +81,8 @@ class _SecondOrderGram(torch.autograd.Function):
                 bs[k] = torch.add(bs[k], e[k].sum(1), alpha=-lr)
                 e[k - 1] = threshold_backward(back, acts[k - 1], 0.0)
             saved += [zs, *acts[1:], *e, *old[1:]]
-            zs = torch.baddbmm(zs, k_ss, e[0], alpha=-lr)
+            if t < steps - 1:                           # the last update of zs reaches nothing
+                zs = torch.baddbmm(zs, k_ss, e[0], alpha=-lr)
             acc.add_(e[0], alpha=lr)
         k_qs = torch.baddbmm(uu, xq, _tr(xs))
         zq = torch.baddbmm(zq0, k_qs, acc, alpha=-1.0)
@@ -127,6 +128,7 @@ class _SecondOrderGram(torch.autograd.Function):
         g_xq = torch.bmm(g_kqs, xs)
         g_xs = torch.bmm(_tr(g_kqs), xq)
         g_uu = g_kqs.sum((1, 2))
+        g_acc.mul_(lr)                              # acc = sum of lr * e_0: every step's e_0 gets lr * g_acc
         g_zs = torch.zeros_like(acc)
         g_k = torch.zeros_like(k_ss)
         for t in range(steps - 1, -1, -1):
@@ -136,15 +138,18 @@ class _SecondOrderGram(torch.autograd.Function):
             e = block[1 + max(n - 2, 0):1 + max(n - 2, 0) + n]
             w_t = [None, *block[1 + max(n - 2, 0) + n:]]
             # zs' = zs - lr K e_0 ; acc += lr e_0
-            g_e = torch.baddbmm(g_acc, k_ss, g_zs, alpha=-1.0).mul_(lr)
-            g_k.baddbmm_(g_zs, _tr(e[0]), alpha=-lr)
+            if t == steps - 1:                          # the last step's zs' reaches nothing: its adjoint is 0
+                g_e = g_acc.clone()
+            else:
+                g_e = torch.baddbmm(g_acc, k_ss, g_zs, alpha=-lr)
+                g_k.baddbmm_(g_zs, _tr(e[0]), alpha=-lr)
             g_a: list[Tensor | None] = [None] * n
             for k in range(1, n):                                        # the delta chain, reversed
                 g_back = threshold_backward(g_e, acts[k - 1], 0.0)
                 g_ek = torch.bmm(g_back, _tr(w_t[k]))
                 # through the SGD update of W_k and b_k, with the adjoints of their updated values
                 g_ek.baddbmm_(acts[k - 1], _tr(gW[k]), alpha=-lr).sub_(gb[k][:, None, :], alpha=lr)
-                g_a[k - 1] = bmm(e[k], gW[k]).mul_(-lr)
+                g_a[k - 1] = bmm(e[k], gW[k])                               # times -lr, below
                 gW[k].baddbmm_(_tr(e[k]), g_back)
                 g_e = g_ek
             g = g_e * scale                                              # e_{n-1} = (out - y) * scale
@@ -153,7 +158,7 @@ class _SecondOrderGram(torch.autograd.Function):
                 gb[k].add_(g.sum(1))
                 g_h = bmm(g, w_t[k])
                 if g_a[k - 1] is not None:
-                    g_h.add_(g_a[k - 1])
+                    g_h.add_(g_a[k - 1], alpha=-lr)
                 g = threshold_backward(g_h, acts[k - 1], 0.0)
             g_zs.add_(g)
         # K = xs xs^T + uu ; zs_0 = xs wa^T + c ; zq0 = xq wa^T + c

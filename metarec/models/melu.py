@@ -62,10 +62,10 @@ def meta_objective(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], 
 
     Embeddings are computed once for the whole batch; the tasks then go through the local update
     in blocks of similar support size (`groups`=1: the whole batch at once). Grouping only
-    changes how much padding is computed (and the order of a sum), not the value. `inner`: "gram" runs the local update in closed
-    form (`gram.gram_adapt_predict`, the fast path), "autograd" through `torch.func.grad`
-    (`network.inner_adapt`); both are the same function. "gram" needs whole layers in `adapt` and
-    falls back to "autograd" otherwise.
+    changes how much padding is computed (and the order of a sum), not the value. `inner`:
+    "gram" runs the local update in closed form (`gram.gram_adapt_predict`, the fast path),
+    "autograd" through `torch.func.grad` (`network.inner_adapt`); both are the same function.
+    "gram" needs whole layers in `adapt` and falls back to "autograd" otherwise.
     """
     batch, blocks = _support_groups(batch, groups)
     S = batch.support_items.shape[1]

@@ -1,14 +1,14 @@
 """Item embeddings as one table per batch, with multi-label features mean-pooled by a sparse product.
 
-Why: gathering [rows, labels, d] embeddings and scatter-adding their gradient back is the largest
-fixed cost of a meta-batch (an actor table of 8,030 labels, ten per item, costs more than the whole
-first-order inner loop), and a meta-batch of 32 tasks rates about as many (user, item) rows as the
-catalogue has items. So the item part of the input is computed for every item once per batch and
-the rows are a plain gather of that table. Each multi-label feature is the product of a constant
-sparse matrix A (items x labels, 1 / label count at each of an item's labels: the mean over its
-labels, the padding label 0 left out) with the embedding table, and its gradient is A^T times the
-incoming gradient: both are sparse-dense products over the nonzeros only. A and A^T are built once
-per item table and cached.
+Why: gathering [rows, labels, d] embeddings and scatter-adding their gradient back was the largest
+fixed cost of a meta-batch (for MeLU's actor feature, 8,030 labels and up to ten per item, 1.7 ms
+of a 13 ms first-order step on ML-1M shapes; the sparse product below takes about 0.3 ms), and a
+meta-batch of 32 tasks rates about as many (user, item) rows as the catalogue has items. So the
+item part of the input is computed for every item once per batch and the rows are a plain gather
+of that table. Each multi-label feature is the product of a constant sparse matrix A (items x
+labels, 1 / label count at each of an item's labels: the mean over its labels, the padding label 0
+left out) with the embedding table, and its gradient is A^T times the incoming gradient: both are
+sparse-dense products over the nonzeros only. A and A^T are built once per item table and cached.
 
 The result is the same function as the per-row gather in `network.embed_parts` (the tests check
 values and gradients); that path stays for catalogues much larger than a batch.
