@@ -2,7 +2,7 @@
 
 Why: differentiating `gram.gram_adapt_predict` with autograd records a few hundred nodes per
 meta-batch (every step's forward, its hand-derived gradient and the SGD update), and the engine's
-per-node work and gradient accumulation cost as much as the matrix products themselves. The
+per-node work and gradient accumulation cost nearly as much as the matrix products. The
 function is a fixed composition (a ReLU MLP's forward, its backward, an SGD step, T times, then the
 query forward), so its reverse can be written once: the adjoints of the state (support
 pre-activations of layer 0, per-task weights and biases of layers 1..) are carried backwards
