@@ -44,6 +44,50 @@ def bmm(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a, b)
 
 
+def _forward_pass(n: int, lr: float, steps: int, du: int, tensors: Sequence[Tensor]) -> tuple:
+    """The local update and the query forward (no autograd): (predictions [B, Q], K, Kq, acc,
+    scale, query activations, adapted weights W_1.., each step's state for the reverse pass)."""
+    W, b = list(tensors[:n]), list(tensors[n:2 * n])
+    u, xs, xq, ys, ms = tensors[2 * n:]
+    B = u.shape[0]
+    w0u, wa = W[0][:, :du], W[0][:, du:]
+    c = (u @ w0u.T + b[0])[:, None, :]
+    zq0 = xq @ wa.T + c
+    zs = xs @ wa.T + c
+    uu = ((u * u).sum(-1) + 1.0)[:, None, None]
+    k_ss = torch.baddbmm(uu, xs, _tr(xs))
+    ws = [None] + [W[k].expand(B, *W[k].shape).contiguous() for k in range(1, n)]
+    bs = [None] + [b[k].expand(B, *b[k].shape).contiguous() for k in range(1, n)]
+    scale = torch.where(ms, 2.0 / ms.sum(-1, keepdim=True).clamp(min=1).to(zs.dtype), zs.new_zeros(()))[..., None]
+    target = -(ys.to(zs.dtype)[..., None] * scale)
+    acc = torch.zeros_like(zs)
+    saved: list[Tensor] = []                           # per step: zs, a_1..a_{n-2}, e_0..e_{n-1}, W_1..W_{n-1}
+    for t in range(steps):
+        acts = [zs.relu()]
+        for k in range(1, n - 1):
+            acts.append(torch.baddbmm(bs[k][:, None, :], acts[-1], _tr(ws[k])).relu())
+        out = torch.baddbmm(bs[-1][:, None, :], acts[-1], _tr(ws[-1])) if n > 1 else zs
+        e = [None] * n
+        e[n - 1] = torch.addcmul(target, out, scale)
+        old = list(ws)
+        for k in range(n - 1, 0, -1):
+            back = bmm(e[k], ws[k])
+            ws[k] = torch.baddbmm(ws[k], _tr(e[k]), acts[k - 1], alpha=-lr)
+            bs[k] = torch.add(bs[k], e[k].sum(1), alpha=-lr)
+            e[k - 1] = threshold_backward(back, acts[k - 1], 0.0)
+        saved += [zs, *acts[1:], *e, *old[1:]]
+        if t < steps - 1:                               # the last update of zs reaches nothing
+            zs = torch.baddbmm(zs, k_ss, e[0], alpha=-lr)
+        acc.add_(e[0], alpha=lr)
+    k_qs = torch.baddbmm(uu, xq, _tr(xs))
+    zq = torch.baddbmm(zq0, k_qs, acc, alpha=-1.0)
+    h, q_acts = zq, []
+    for k in range(1, n):
+        q_acts.append(h.relu())
+        h = torch.baddbmm(bs[k][:, None, :], q_acts[-1], _tr(ws[k]))
+    return (h.squeeze(-1), k_ss, k_qs, acc, scale, *q_acts, *ws[1:], *saved)
+
+
 class _SecondOrderGram(torch.autograd.Function):
     """Inputs: n, lr, steps, du, then W_0..W_{n-1}, b_0..b_{n-1}, u, xs, xq, ys, ms.
     Outputs: the query predictions [B, Q], then the tensors the reverse pass needs (not
@@ -51,46 +95,7 @@ class _SecondOrderGram(torch.autograd.Function):
 
     @staticmethod
     def forward(n: int, lr: float, steps: int, du: int, *tensors: Tensor):
-        W, b = list(tensors[:n]), list(tensors[n:2 * n])
-        u, xs, xq, ys, ms = tensors[2 * n:]
-        B = u.shape[0]
-        w0u, wa = W[0][:, :du], W[0][:, du:]
-        c = (u @ w0u.T + b[0])[:, None, :]
-        zq0 = xq @ wa.T + c
-        zs = xs @ wa.T + c
-        uu = ((u * u).sum(-1) + 1.0)[:, None, None]
-        k_ss = torch.baddbmm(uu, xs, _tr(xs))
-        ws = [None] + [W[k].expand(B, *W[k].shape).contiguous() for k in range(1, n)]
-        bs = [None] + [b[k].expand(B, *b[k].shape).contiguous() for k in range(1, n)]
-        scale = torch.where(ms, 2.0 / ms.sum(-1, keepdim=True).clamp(min=1).to(zs.dtype),
-                            zs.new_zeros(()))[..., None]
-        target = -(ys.to(zs.dtype)[..., None] * scale)
-        acc = torch.zeros_like(zs)
-        saved: list[Tensor] = []                       # per step: zs, a_1..a_{n-2}, e_0..e_{n-1}, W_1..W_{n-1}
-        for t in range(steps):
-            acts = [zs.relu()]
-            for k in range(1, n - 1):
-                acts.append(torch.baddbmm(bs[k][:, None, :], acts[-1], _tr(ws[k])).relu())
-            out = torch.baddbmm(bs[-1][:, None, :], acts[-1], _tr(ws[-1])) if n > 1 else zs
-            e = [None] * n
-            e[n - 1] = torch.addcmul(target, out, scale)
-            old = list(ws)
-            for k in range(n - 1, 0, -1):
-                back = bmm(e[k], ws[k])
-                ws[k] = torch.baddbmm(ws[k], _tr(e[k]), acts[k - 1], alpha=-lr)
-                bs[k] = torch.add(bs[k], e[k].sum(1), alpha=-lr)
-                e[k - 1] = threshold_backward(back, acts[k - 1], 0.0)
-            saved += [zs, *acts[1:], *e, *old[1:]]
-            if t < steps - 1:                           # the last update of zs reaches nothing
-                zs = torch.baddbmm(zs, k_ss, e[0], alpha=-lr)
-            acc.add_(e[0], alpha=lr)
-        k_qs = torch.baddbmm(uu, xq, _tr(xs))
-        zq = torch.baddbmm(zq0, k_qs, acc, alpha=-1.0)
-        h, q_acts = zq, []
-        for k in range(1, n):
-            q_acts.append(h.relu())
-            h = torch.baddbmm(bs[k][:, None, :], q_acts[-1], _tr(ws[k]))
-        return (h.squeeze(-1), k_ss, k_qs, acc, scale, *q_acts, *ws[1:], *saved)
+        return _forward_pass(n, lr, steps, du, tensors)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

@@ -23,11 +23,10 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.func import vmap
 
 from metarec.errors import ConfigError
 from metarec.features import FeatureEncoder
-from metarec.models.network import (NetworkSpec, Params, adapt_and_rate, embed, embed_parts, masked_mse, mlp,
+from metarec.models.network import (NetworkSpec, Params, adapt_and_rate, embed, embed_parts, mlp, task_mse,
                                     split_params)
 from metarec.models.training import (EarlyStopping, History, NeuralRecommender, progress, slice_batch)
 from metarec.seeding import rng, seed_everything
@@ -80,7 +79,7 @@ def meta_objective(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], 
         width = max(int(ms.sum(1).max()), 1)
         pred = adapt_and_rate(dense, u[idx], xs[idx, :width], ys[idx, :width], ms[:, :width], xq[idx], adapt,
                               local_lr, local_steps, spec.n_dense, first_order, inner)
-        losses = vmap(masked_mse)(pred, yq[idx], batch.query_mask[idx])
+        losses = task_mse(pred, yq[idx], batch.query_mask[idx])
         total = total + (losses * batch.query_mask[idx].any(dim=1).to(losses.dtype)).sum()
     n_tasks = batch.query_mask.any(dim=1).sum().clamp(min=1).to(x.dtype)
     return total / n_tasks

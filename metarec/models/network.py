@@ -182,8 +182,15 @@ def masked_mse(pred: Tensor, y: Tensor, mask: Tensor) -> Tensor:
     `torch.where` (not a multiplication) keeps whatever sits in padded rows out of the value and
     out of the gradient.
     """
+    return task_mse(pred, y, mask, dims=None)
+
+
+def task_mse(pred: Tensor, y: Tensor, mask: Tensor, dims: int | None = -1) -> Tensor:
+    """`masked_mse` per task: reduced over the last dimension of [B, N] (dims=None: over all)."""
     diff = torch.where(mask, pred - y.to(pred.dtype), torch.zeros((), dtype=pred.dtype))
-    return (diff * diff).sum() / mask.sum().clamp(min=1).to(pred.dtype)
+    if dims is None:
+        return (diff * diff).sum() / mask.sum().clamp(min=1).to(pred.dtype)
+    return (diff * diff).sum(dims) / mask.sum(dims).clamp(min=1).to(pred.dtype)
 
 
 def inner_adapt(fast: Params, fixed: Params, x: Tensor, y: Tensor, mask: Tensor, lr: float, steps: int,
