@@ -34,9 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metarec.models.gram_reverse import bmm, second_order_gram
-
-threshold_backward = torch.ops.aten.threshold_backward
+from metarec.models.gram_reverse import bmm, second_order_gram, threshold_backward
 
 # Past this many support rows per item input column, the S x S Gram step costs more than
 # updating the first layer's weights explicitly (2 x S x Da x H), so long supports (warm users)
