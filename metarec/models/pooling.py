@@ -45,22 +45,30 @@ class _Pooling:
         return _Pooling(self.a_t, self.a)
 
 
-class _SparseProduct(torch.autograd.Function):
-    """A @ weight with A constant and sparse; the backward is A^T @ grad (both CSR products)."""
+class _SparseProducts(torch.autograd.Function):
+    """[A_1 @ W_1 | A_2 @ W_2 | ...] with every A_j constant and sparse, side by side; the
+    backward is A_j^T @ (its block of the gradient). One function for all the features, because
+    each application of an autograd.Function costs about as much as a product of this size."""
 
     @staticmethod
-    def forward(weight: Tensor, pool: _Pooling) -> Tensor:
-        return torch.sparse.mm(pool.a, weight)
+    def forward(pools: tuple[_Pooling, ...], *weights: Tensor) -> Tensor:
+        return torch.cat([torch.sparse.mm(p.a, w) for p, w in zip(pools, weights)], dim=1)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.pool = inputs[1]
+        ctx.pools = inputs[0]
+        ctx.widths = [w.shape[1] for w in inputs[1:]]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        # The same product with the roles of A and A^T swapped, applied as this function again so
-        # that torch.func transforms hand it plain tensors (and it stays differentiable).
-        return _SparseProduct.apply(grad.contiguous(), ctx.pool.transposed()), None
+        blocks = [g.contiguous() for g in grad.split(ctx.widths, dim=1)]
+        if torch._C._are_functorch_transforms_active():
+            # Under torch.func the products must see plain tensors: apply this function again,
+            # with A and A^T swapped (which also keeps it differentiable).
+            grads = [_SparseProducts.apply((p.transposed(),), g) for p, g in zip(ctx.pools, blocks)]
+        else:
+            grads = [torch.sparse.mm(p.a_t, g) for p, g in zip(ctx.pools, blocks)]
+        return (None, *grads)
 
 
 def pooling_matrices(labels: Tensor, n_labels: int, dtype: torch.dtype) -> _Pooling:
@@ -96,8 +104,11 @@ def item_table(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], n_si
     parts: list[Tensor] = []
     for j in range(n_single):
         parts.append(F.embedding(buffers["item_x"][:, j], params[f"item_emb.{j}.weight"]))
+    weights: list[Tensor] = []
+    pools: list[_Pooling] = []
     for j in range(n_multi):
-        weight = params[f"ml_emb.{j}.weight"]
-        pool = pooling_matrices(buffers[f"item_ml_{j}"], weight.shape[0], dtype)
-        parts.append(_SparseProduct.apply(weight, pool))
-    return torch.cat(parts, dim=-1)
+        weights.append(params[f"ml_emb.{j}.weight"])
+        pools.append(pooling_matrices(buffers[f"item_ml_{j}"], weights[-1].shape[0], dtype))
+    if pools:
+        parts.append(_SparseProducts.apply(tuple(pools), *weights))
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
