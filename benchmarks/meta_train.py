@@ -126,9 +126,8 @@ def synthetic_batches(n_batches: int, seed: int = 0, n_items: int = 3706) -> tup
 
 # ------------------------------------------------------------------------------------------ timing
 def time_steps(fn: Callable, net: RatingNetwork, batches: list[Batch], n: int, steps: int, first_order: bool,
-               groups: int = 1, inner: str = "gram", local_lr: float = 0.05, rounds: int = 1) -> list[float]:
-    """ms per meta-batch (gradient + Adam step) over n batches, once per round, after one untimed
-    warm-up batch."""
+               groups: int = 1, inner: str = "gram", local_lr: float = 0.05) -> float:
+    """ms per meta-batch (gradient + Adam step) over n batches, after one untimed warm-up batch."""
     params = {k: p.detach().clone() for k, p in net.params().items()}
     buffers = net.buffers_dict()
     adapt = dense_names(net.spec)
@@ -141,13 +140,10 @@ def time_steps(fn: Callable, net: RatingNetwork, batches: list[Batch], n: int, s
         opt.step()
 
     step(batches[0])
-    out = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for i in range(n):
-            step(batches[(i + 1) % len(batches)])
-        out.append((time.perf_counter() - t0) / n * 1000.0)
-    return out
+    t0 = time.perf_counter()
+    for i in range(n):
+        step(batches[(i + 1) % len(batches)])
+    return (time.perf_counter() - t0) / n * 1000.0
 
 
 def interleaved(net: RatingNetwork, batches: list[Batch], steps: int, first_order: bool, args) -> tuple[float, ...]:
@@ -157,10 +153,10 @@ def interleaved(net: RatingNetwork, batches: list[Batch], steps: int, first_orde
     the rounds' own ratios (loop over the faster vectorised form)."""
     times: list[list[float]] = [[], [], []]
     for _ in range(args.rounds):
-        times[0] += time_steps(meta_gradient, net, batches, args.batches, steps, first_order, args.groups, "gram")
-        times[1] += time_steps(meta_gradient, net, batches, args.batches, steps, first_order, args.groups,
-                               "autograd")
-        times[2] += time_steps(loop_meta_gradient, net, batches, args.batches, steps, first_order)
+        times[0].append(time_steps(meta_gradient, net, batches, args.batches, steps, first_order, args.groups, "gram"))
+        times[1].append(time_steps(meta_gradient, net, batches, args.batches, steps, first_order, args.groups,
+                                   "autograd"))
+        times[2].append(time_steps(loop_meta_gradient, net, batches, args.batches, steps, first_order))
     ratios = [loop / min(gram, auto) for gram, auto, loop in zip(*times)]
     return (*(float(np.median(t)) for t in times), float(np.median(ratios)))
 

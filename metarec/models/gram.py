@@ -52,7 +52,7 @@ def gram_adapt_predict(W: Sequence[Tensor], b: Sequence[Tensor], layers: tuple[i
     the input, xs [B, S, Da] / xq [B, Q, Da] item parts, ys [B, S], ms [B, S] (bool mask). Returns
     the query predictions [B, Q]. Written batched (not vmapped): the adapted weights carry the task
     dimension in front, every product is one batched matmul, and the fused `baddbmm` forms keep a
-    step at about a dozen kernels, which is what a step costs at these sizes. `gram`: the Gram form
+    step under twenty kernels, whose count is what a step costs at these sizes. `gram`: the Gram form
     (True) or the accumulated weight update (False) for the first layer; None picks the cheaper.
     """
     sg = (lambda t: t.detach()) if first_order else (lambda t: t)

@@ -49,9 +49,7 @@ def _support_groups(batch: Batch, groups: int) -> tuple[Batch, list[slice]]:
         return batch, [slice(None)]
     order = torch.argsort(batch.support_mask.sum(1), stable=True)
     batch = Batch(*(getattr(batch, f.name)[order] for f in fields(Batch)))
-    bounds = [len(block) for block in torch.tensor_split(torch.arange(n), groups)]
-    starts = np.cumsum([0, *bounds])
-    return batch, [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:]) if b > a]
+    return batch, [slice(int(block[0]), int(block[-1]) + 1) for block in np.array_split(np.arange(n), groups)]
 
 
 def meta_objective(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spec: NetworkSpec, batch: Batch,

@@ -128,14 +128,14 @@ def embed_parts(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spe
         u = torch.zeros(B, 0, dtype=dtype)
     n_single, n_multi = len(spec.item_cardinalities), len(spec.multilabel_cardinalities)
     n_rows = int(rows.sum()) if rows is not None else B * N
-    if n_single + n_multi and buffers["item_x"].shape[0] <= TABLE_FACTOR * max(n_rows, 1):
-        table = item_table(params, buffers, n_single, n_multi, dtype)     # every item once, then gather
-        if rows is None:
-            return u, F.embedding(items, table)
-        return u, table.new_zeros(B, N, table.shape[-1]).index_put((rows,), F.embedding(items[rows], table))
+    use_table = bool(n_single + n_multi) and buffers["item_x"].shape[0] <= TABLE_FACTOR * max(n_rows, 1)
+    table = item_table(params, buffers, n_single, n_multi, dtype) if use_table else None   # every item once
     if rows is not None:         # embed the real rows only; padded rows are zeros (masked later anyway)
-        _, real = embed_parts(params, buffers, spec, user_x[:0], items[rows][None, :])
-        return u, real.new_zeros(B, N, real.shape[-1]).index_put((rows,), real[0])
+        real = (F.embedding(items[rows], table) if use_table
+                else embed_parts(params, buffers, spec, user_x[:0], items[rows][None, :])[1][0])
+        return u, real.new_zeros(B, N, real.shape[-1]).index_put((rows,), real)
+    if use_table:
+        return u, F.embedding(items, table)
     parts: list[Tensor] = []
     if spec.item_cardinalities:
         ix = buffers["item_x"][items]                                  # [B, N, n_single]
@@ -182,15 +182,13 @@ def masked_mse(pred: Tensor, y: Tensor, mask: Tensor) -> Tensor:
     `torch.where` (not a multiplication) keeps whatever sits in padded rows out of the value and
     out of the gradient.
     """
-    return task_mse(pred, y, mask, dims=None)
+    return task_mse(pred.reshape(1, -1), y.reshape(1, -1), mask.reshape(1, -1))[0]
 
 
-def task_mse(pred: Tensor, y: Tensor, mask: Tensor, dims: int | None = -1) -> Tensor:
-    """`masked_mse` per task: reduced over the last dimension of [B, N] (dims=None: over all)."""
+def task_mse(pred: Tensor, y: Tensor, mask: Tensor) -> Tensor:
+    """`masked_mse` of each task of a batch [B, N]: [B]."""
     diff = torch.where(mask, pred - y.to(pred.dtype), torch.zeros((), dtype=pred.dtype))
-    if dims is None:
-        return (diff * diff).sum() / mask.sum().clamp(min=1).to(pred.dtype)
-    return (diff * diff).sum(dims) / mask.sum(dims).clamp(min=1).to(pred.dtype)
+    return (diff * diff).sum(-1) / mask.sum(-1).clamp(min=1).to(pred.dtype)
 
 
 def inner_adapt(fast: Params, fixed: Params, x: Tensor, y: Tensor, mask: Tensor, lr: float, steps: int,
