@@ -26,7 +26,7 @@ from torch import Tensor
 
 from metarec.errors import ConfigError
 from metarec.features import FeatureEncoder
-from metarec.models.network import (NetworkSpec, Params, adapt_and_rate, embed, embed_parts, mlp, task_mse,
+from metarec.models.network import (NetworkSpec, Params, adapt_and_rate, embed, embed_sets, mlp, task_mse,
                                     split_params)
 from metarec.models.training import (EarlyStopping, History, NeuralRecommender, progress, slice_batch)
 from metarec.seeding import rng, seed_everything
@@ -65,13 +65,14 @@ def meta_objective(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], 
     "gram" needs whole layers in `adapt` and falls back to "autograd" otherwise.
     """
     batch, blocks = _support_groups(batch, groups)
-    S = batch.support_items.shape[1]
-    u, x = embed_parts(params, buffers, spec, batch.user_x, torch.cat([batch.support_items, batch.query_items], dim=1),
-                       rows=torch.cat([batch.support_mask, batch.query_mask], dim=1))
-    xs, xq = x[:, :S], x[:, S:]
-    ys, yq = batch.support_y.to(x.dtype), batch.query_y.to(x.dtype)
+    # First order differentiates nothing on the support side (both inner forms detach it), so its
+    # rows are gathered without a gradient path; the value is the same.
+    u, (xs, xq) = embed_sets(params, buffers, spec, batch.user_x,
+                             [(batch.support_items, batch.support_mask), (batch.query_items, batch.query_mask)],
+                             constant=(first_order, False))
+    ys, yq = batch.support_y.to(xq.dtype), batch.query_y.to(xq.dtype)
     _, dense = split_params(params)
-    total = torch.zeros((), dtype=x.dtype)
+    total = torch.zeros((), dtype=xq.dtype)
     for idx in blocks:
         ms = batch.support_mask[idx]
         width = max(int(ms.sum(1).max()), 1)
@@ -79,7 +80,7 @@ def meta_objective(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], 
                               local_lr, local_steps, spec.n_dense, first_order, inner)
         losses = task_mse(pred, yq[idx], batch.query_mask[idx])
         total = total + (losses * batch.query_mask[idx].any(dim=1).to(losses.dtype)).sum()
-    n_tasks = batch.query_mask.any(dim=1).sum().clamp(min=1).to(x.dtype)
+    n_tasks = batch.query_mask.any(dim=1).sum().clamp(min=1).to(xq.dtype)
     return total / n_tasks
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from metarec.models.gram import gram_adapt_predict
-from metarec.models.pooling import TABLE_FACTOR, item_table
+from metarec.models.pooling import TABLE_FACTOR, gather_rows, item_table
 
 Params = dict[str, Tensor]
 
@@ -114,12 +114,24 @@ def embed_parts(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spe
 
     Kept apart so the first dense layer can apply its user columns once per user instead of once
     per (user, item) row: half of the network's multiply-adds in the inner loop. `rows` (bool
-    [B, N]): embed only these rows and leave zeros elsewhere; padded meta-batches are about half
-    padding, and the embedding gather and its scatter-add backward are a third of a step's cost.
-    When the catalogue is not much larger than the rows asked for, the item part is computed for
-    every item once (`pooling.item_table`, multi-label features as a sparse product) and gathered.
+    [B, N]): embed only these rows and leave zeros elsewhere (padding). One item set of
+    `embed_sets`.
     """
-    B, N = items.shape
+    u, (x,) = embed_sets(params, buffers, spec, user_x, [(items, rows)])
+    return u, x
+
+
+def embed_sets(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spec: NetworkSpec, user_x: Tensor,
+               sets: Sequence[tuple[Tensor, Tensor | None]], constant: Sequence[bool] = ()) -> tuple[Tensor, list[Tensor]]:
+    """The user part [B, Du] and the item part of each item set (items [B, N_i], rows [B, N_i] bool
+    or None): [B, N_i, Da] with zeros outside `rows`.
+
+    The sets share one item table: when the catalogue is not much larger than the rows asked for,
+    the item part is computed for every item once (`pooling.item_table`, multi-label features as
+    a sparse product) and gathered. `constant[i]`: set i is used without its gradient (first-order
+    MAML's support rows), so it is gathered from the detached table and sends nothing back.
+    """
+    B = user_x.shape[0]
     dtype = next(iter(params.values())).dtype
     if spec.user_cardinalities:
         u = torch.cat([F.embedding(user_x[:, j], params[f"user_emb.{j}.weight"])
@@ -127,15 +139,30 @@ def embed_parts(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spe
     else:
         u = torch.zeros(B, 0, dtype=dtype)
     n_single, n_multi = len(spec.item_cardinalities), len(spec.multilabel_cardinalities)
-    n_rows = int(rows.sum()) if rows is not None else B * N
+    n_rows = sum(int(r.sum()) if r is not None else i.numel() for i, r in sets)
     use_table = bool(n_single + n_multi) and buffers["item_x"].shape[0] <= TABLE_FACTOR * max(n_rows, 1)
     table = item_table(params, buffers, n_single, n_multi, dtype) if use_table else None   # every item once
-    if rows is not None:         # embed the real rows only; padded rows are zeros (masked later anyway)
-        real = (F.embedding(items[rows], table) if use_table
-                else embed_parts(params, buffers, spec, user_x[:0], items[rows][None, :])[1][0])
-        return u, real.new_zeros(B, N, real.shape[-1]).index_put((rows,), real)
-    if use_table:
-        return u, F.embedding(items, table)
+    out = []
+    for i, (items, rows) in enumerate(sets):
+        fixed = i < len(constant) and constant[i]
+        if table is not None:                    # padded rows gather item 0, then are zeroed
+            src = table.detach() if fixed else table
+            x = gather_rows(src, items if rows is None else torch.where(rows, items, 0))
+            out.append(x if rows is None else x * rows[..., None].to(x.dtype))
+            continue
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not fixed):
+            if rows is None:
+                out.append(_item_rows(params, buffers, spec, items, dtype))
+            else:                                # the real rows only: padding is often half a batch
+                real = _item_rows(params, buffers, spec, items[rows][None, :], dtype)[0]
+                out.append(real.new_zeros(*items.shape, real.shape[-1]).index_put((rows,), real))
+    return u, out
+
+
+def _item_rows(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spec: NetworkSpec, items: Tensor,
+               dtype: torch.dtype) -> Tensor:
+    """Item part [B, N, Da] straight from the feature tables (catalogues much larger than a batch)."""
+    B, N = items.shape
     parts: list[Tensor] = []
     if spec.item_cardinalities:
         ix = buffers["item_x"][items]                                  # [B, N, n_single]
@@ -147,8 +174,7 @@ def embed_parts(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spe
         keep = (idx != 0).to(e.dtype)
         pooled = (e * keep[..., None]).sum(-2) / keep.sum(-1, keepdim=True).clamp(min=1.0)
         parts.append(pooled)
-    i = torch.cat(parts, dim=-1) if parts else torch.zeros(B, N, 0, dtype=dtype)
-    return u, i
+    return torch.cat(parts, dim=-1) if parts else torch.zeros(B, N, 0, dtype=dtype)
 
 
 def embed(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spec: NetworkSpec,

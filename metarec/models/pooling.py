@@ -1,14 +1,16 @@
-"""Item embeddings as one table per batch, with multi-label features mean-pooled by a sparse product.
+"""Item embeddings as one table per batch: every item feature a sparse product, rows gathered.
 
 Why: gathering [rows, labels, d] embeddings and scatter-adding their gradient back was the largest
 fixed cost of a meta-batch (for MeLU's actor feature, 8,030 labels and up to ten per item, 1.7 ms
 of a 13 ms first-order step on ML-1M shapes; the sparse product below takes about 0.3 ms), and a
 meta-batch of 32 tasks rates about as many (user, item) rows as the catalogue has items. So the
-item part of the input is computed for every item once per batch and the rows are a plain gather
-of that table. Each multi-label feature is the product of a constant sparse matrix A (items x
+item part of the input is computed for every item once per batch and the rows are a gather of
+that table. Each multi-label feature is the product of a constant sparse matrix A (items x
 labels, 1 / label count at each of an item's labels: the mean over its labels, the padding label 0
 left out) with the embedding table, and its gradient is A^T times the incoming gradient: both are
-sparse-dense products over the nonzeros only. A and A^T are built once per item table and cached.
+sparse-dense products over the nonzeros only. A single-valued feature is the same product with a
+one-hot A, so all features share one autograd function. A and A^T are built once per item table
+and cached. The rows' gradient goes back to the table through `index_add_` (`gather_rows`).
 
 The result is the same function as the per-row gather in `network.embed_parts` (the tests check
 values and gradients); that path stays for catalogues much larger than a batch.
@@ -21,7 +23,6 @@ import weakref
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 # Compute the whole item table when the catalogue has at most this many items per embedded row.
@@ -43,6 +44,33 @@ class _Pooling:
 
     def transposed(self) -> "_Pooling":
         return _Pooling(self.a_t, self.a)
+
+
+class _Gather(torch.autograd.Function):
+    """table[index] for any index shape, with the gradient scattered back by `index_add_`:
+    `F.embedding`'s dense backward adds one row at a time through a generic kernel, about five
+    times slower at the few thousand rows a meta-batch gathers from the item table. Same values,
+    same sums in the same (index) order."""
+
+    @staticmethod
+    def forward(table: Tensor, index: Tensor) -> Tensor:
+        return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1])
+        ctx.n_rows = inputs[0].shape[0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        flat = grad.reshape(-1, grad.shape[-1]).contiguous()     # index_add_ is slow on strided rows
+        return flat.new_zeros(ctx.n_rows, flat.shape[1]).index_add(0, index.reshape(-1), flat), None
+
+
+def gather_rows(table: Tensor, index: Tensor) -> Tensor:
+    """Rows of a 2-D table by an integer index of any shape: [*index.shape, table.shape[1]]."""
+    return _Gather.apply(table, index)
 
 
 class _SparseProducts(torch.autograd.Function):
@@ -71,10 +99,12 @@ class _SparseProducts(torch.autograd.Function):
         return (None, *grads)
 
 
-def pooling_matrices(labels: Tensor, n_labels: int, dtype: torch.dtype) -> _Pooling:
+def pooling_matrices(labels: Tensor, n_labels: int, dtype: torch.dtype, column: int | None = None) -> _Pooling:
     """(A, A^T) in CSR for a padded label table [n_items, width] (0 = no label): row i of A holds
-    1 / (number of labels of item i) at each of its labels. Cached per table, version and dtype."""
-    key = (labels._version, int(n_labels), dtype)
+    1 / (number of labels of item i) at each of its labels. With `column`, A is instead the one-hot
+    matrix of that column of a table of single-valued features (0 = unknown, a category like any
+    other), so that a plain lookup is the same product. Cached per table, column, version, dtype."""
+    key = (labels._version, int(n_labels), dtype, column)
     entry = _CACHE.get(id(labels))
     if entry is None or entry[0]() is not labels:
         entry = (weakref.ref(labels, lambda _, k=id(labels): _CACHE.pop(k, None)), {})
@@ -82,33 +112,40 @@ def pooling_matrices(labels: Tensor, n_labels: int, dtype: torch.dtype) -> _Pool
     if key in entry[1]:
         return entry[1][key]
     n_items, width = labels.shape
-    keep = labels != 0
-    rows = torch.arange(n_items)[:, None].expand(n_items, width)[keep]
-    cols = labels[keep].to(torch.long)
-    counts = keep.sum(1).clamp(min=1).to(dtype)
-    vals = (1.0 / counts)[rows]
+    if column is None:
+        keep = labels != 0
+        rows = torch.arange(n_items)[:, None].expand(n_items, width)[keep]
+        cols = labels[keep].to(torch.long)
+        vals = (1.0 / keep.sum(1).clamp(min=1).to(dtype))[rows]
+    else:
+        rows, cols = torch.arange(n_items), labels[:, column].to(torch.long)
+        vals = torch.ones(n_items, dtype=dtype)
     # Built outside any torch.func transform (under one, sparse layouts cannot be created): A is a
     # constant of the data, not a function of the parameters.
     with warnings.catch_warnings(), torch._C._DisableFuncTorch():
         warnings.simplefilter("ignore", UserWarning)   # "sparse CSR support is in beta": products only, tested
         a = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n_items, n_labels)).coalesce()
         a_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), vals, (n_labels, n_items)).coalesce()
-        pair = _Pooling(a.to_sparse_csr(), a_t.to_sparse_csr())
+        pair = _Pooling(_csr32(a), _csr32(a_t))
     entry[1][key] = pair
     return pair
 
 
+def _csr32(coo: Tensor) -> Tensor:
+    """CSR with 32-bit indices: MKL's sparse product takes those, and converts 64-bit ones on
+    every call (a copy of both index arrays per product)."""
+    csr = coo.to_sparse_csr()
+    return torch.sparse_csr_tensor(csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32),
+                                   csr.values(), csr.shape)
+
+
 def item_table(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], n_single: int, n_multi: int,
                dtype: torch.dtype) -> Tensor:
-    """Item part of the input for every item of the catalogue: [n_items, (n_single + n_multi) * d]."""
-    parts: list[Tensor] = []
-    for j in range(n_single):
-        parts.append(F.embedding(buffers["item_x"][:, j], params[f"item_emb.{j}.weight"]))
-    weights: list[Tensor] = []
-    pools: list[_Pooling] = []
+    """Item part of the input for every item of the catalogue: [n_items, (n_single + n_multi) * d],
+    every feature (single-valued ones as one-hot products) in one sparse-product function."""
+    weights = [params[f"item_emb.{j}.weight"] for j in range(n_single)]
+    pools = [pooling_matrices(buffers["item_x"], w.shape[0], dtype, column=j) for j, w in enumerate(weights)]
     for j in range(n_multi):
         weights.append(params[f"ml_emb.{j}.weight"])
         pools.append(pooling_matrices(buffers[f"item_ml_{j}"], weights[-1].shape[0], dtype))
-    if pools:
-        parts.append(_SparseProducts.apply(tuple(pools), *weights))
-    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+    return _SparseProducts.apply(tuple(pools), *weights)
