@@ -12,7 +12,7 @@ Two inputs:
     multi-label), director (2,186, up to 3), actor (8,030, up to 10); users gender (2), age (7),
     occupation (21), zip (3,402); embedding 32, hidden 64-64.
 32 tasks per meta-batch, support sizes uniform in 3..90, query 10; 1 and 5 local steps; first- and
-second-order. Run: `python benchmarks/meta_train.py [--threads 2] [--batches 8] [--rounds 3]
+second-order. Run: `python benchmarks/meta_train.py [--threads 2] [--batches 8] [--rounds 5]
 [--groups G]`.
 """
 
@@ -146,11 +146,11 @@ def time_steps(fn: Callable, net: RatingNetwork, batches: list[Batch], n: int, s
     return (time.perf_counter() - t0) / n * 1000.0
 
 
-def interleaved(net: RatingNetwork, batches: list[Batch], steps: int, first_order: bool, args) -> tuple[float, ...]:
-    """(closed-form ms, torch.func vmap ms, loop ms, speedup): medians over `args.rounds` rounds,
+def interleaved(net: RatingNetwork, batches: list[Batch], steps: int, first_order: bool, args) -> tuple:
+    """(closed-form ms, torch.func vmap ms, loop ms, speedups): medians over `args.rounds` rounds,
     each round timing all three back to back, so that drift in the machine's speed (a shared VM
-    can vary by a third within minutes) falls on all of them alike. The speedup is the median of
-    the rounds' own ratios (loop over the faster vectorised form)."""
+    can vary by a third within minutes) falls on all of them alike. The speedups are the rounds'
+    own ratios (loop over the faster vectorised form), so their spread shows how sure the figure is."""
     times: list[list[float]] = [[], [], []]
     for _ in range(args.rounds):
         times[0].append(time_steps(meta_gradient, net, batches, args.batches, steps, first_order, args.groups, "gram"))
@@ -158,7 +158,7 @@ def interleaved(net: RatingNetwork, batches: list[Batch], steps: int, first_orde
                                    "autograd"))
         times[2].append(time_steps(loop_meta_gradient, net, batches, args.batches, steps, first_order))
     ratios = [loop / min(gram, auto) for gram, auto, loop in zip(*times)]
-    return (*(float(np.median(t)) for t in times), float(np.median(ratios)))
+    return (*(float(np.median(t)) for t in times), ratios)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=8, help="timed meta-batches (the same ones for all three)")
     ap.add_argument("--groups", type=int, default=MeLU().support_groups,
                     help="support-size groups of the vectorised step (default: MeLU's)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are printed")
     ap.add_argument("--only", choices=["ml100k", "synthetic"], default=None)
     args = ap.parse_args(argv)
     info = seed_everything(0, args.threads)
@@ -187,16 +187,16 @@ def main(argv: list[str] | None = None) -> int:
 
     n_batches = args.batches + 1
     header = (f"{'tasks':<24}{'order':<8}{'steps':>6}{'closed-form ms':>16}{'vmap autograd ms':>18}"
-              f"{'loop ms':>10}{'speedup':>9}")
+              f"{'loop ms':>10}{'speedup':>9}  {'rounds: min..max':<16}")
     rows = []
     for name, build in inputs:
         net, batches = build(n_batches)
         for order in ("first", "second"):
             for steps in (1, 5):
                 fo = order == "first"
-                gram, auto, loop, speedup = interleaved(net, batches, steps, fo, args)
+                gram, auto, loop, ratios = interleaved(net, batches, steps, fo, args)
                 rows.append(f"{name:<24}{order:<8}{steps:>6}{gram:>16.1f}{auto:>18.1f}{loop:>10.1f}"
-                            f"{speedup:>8.1f}x")
+                            f"{np.median(ratios):>8.1f}x  {min(ratios):.1f}..{max(ratios):.1f}x")
                 print(rows[-1] if len(rows) > 1 else header + "\n" + rows[-1], flush=True)
     return 0
 
