@@ -3,7 +3,7 @@
 Why: the issue asks for MeLU within 3% of the best baseline on user_cold with hyperparameters chosen
 on validation users; where it falls short, this is the investigation. It fits MeLU under one seed
 for the default configuration and one change at a time (local and global step sizes, local steps,
-order, the training-support cap, resampling), and the strongest baselines, and prints validation
+order, the training-support cap, resampling, network widths, meta-batch size), and the strongest baselines, and prints validation
 MAE (after adaptation on each validation user's support set), the best epoch, and the default's
 learning curve. It reads the task splits of `dvc repro tasks` (data/prepared, data/tasks).
 
@@ -43,6 +43,11 @@ CHANGES: dict[str, dict] = {
     "epochs=60+patience=10": {"epochs": 60, "patience": 10},
     "epochs=60+patience=10+train_support=None": {"epochs": 60, "patience": 10, "train_support": None},
     "global_lr=2e-3": {"global_lr": 2e-3},
+    "embedding_dim=16": {"embedding_dim": 16},
+    "embedding_dim=64": {"embedding_dim": 64},
+    "hidden=128-64": {"hidden": [128, 64]},
+    "meta_batch_size=16": {"meta_batch_size": 16},
+    "local_lr=0.03": {"local_lr": 0.03},
 }
 BASELINES = ("itemknn", "svd", "bias", "finetune", "mean")
 
