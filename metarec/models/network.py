@@ -122,7 +122,8 @@ def embed_parts(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spe
 
 
 def embed_sets(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spec: NetworkSpec, user_x: Tensor,
-               sets: Sequence[tuple[Tensor, Tensor | None]], constant: Sequence[bool] = ()) -> tuple[Tensor, list[Tensor]]:
+               sets: Sequence[tuple[Tensor, Tensor | None]],
+               constant: Sequence[bool] = ()) -> tuple[Tensor, list[Tensor]]:
     """The user part [B, Du] and the item part of each item set (items [B, N_i], rows [B, N_i] bool
     or None): [B, N_i, Da] with zeros outside `rows`.
 
