@@ -5,7 +5,8 @@ on validation users; where it falls short, this is the investigation. It fits Me
 for the default configuration and one change at a time (local and global step sizes, local steps,
 order, the training-support cap, resampling, network widths, meta-batch size), and the strongest
 baselines, and prints validation MAE (after adaptation on each validation user's support set), the
-best epoch, and the default's learning curve. It reads the task splits of `dvc repro tasks` (data/prepared, data/tasks).
+best epoch, and the default's learning curve. It reads the task splits of `dvc repro tasks`
+(data/prepared, data/tasks).
 
 Run: `python benchmarks/melu_validation_sweep.py [--seed 0] [--only default,local_lr=0.1]`.
 """
