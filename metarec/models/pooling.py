@@ -48,9 +48,9 @@ class _Pooling:
 
 class _Gather(torch.autograd.Function):
     """table[index] for any index shape, with the gradient scattered back by `index_add_`:
-    `F.embedding`'s dense backward adds one row at a time through a generic kernel (five times
-    slower for 3,706 indices into a small table, a tenth slower for a meta-batch's rows of the item
-    table). Same values and the same gradient (the tests compare both with `F.embedding`)."""
+    `F.embedding`'s dense backward adds one row at a time through a generic kernel, about a tenth
+    slower for a meta-batch's rows of the item table (where this is used). Same values and the same
+    gradient (the tests compare both with `F.embedding`)."""
 
     @staticmethod
     def forward(table: Tensor, index: Tensor) -> Tensor:
