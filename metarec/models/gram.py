@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metarec.models import native
 from metarec.models.gram_reverse import bmm, second_order_gram, threshold_backward
 
 # Past this many support rows per item input column, the S x S Gram step costs more than
@@ -67,12 +68,20 @@ def gram_adapt_predict(W: Sequence[Tensor], b: Sequence[Tensor], layers: tuple[i
         return _forward(zq, W, b, n_dense)
     if gram is None:
         gram = xs.shape[-2] <= GRAM_WIDTH_FACTOR * max(xs.shape[-1], 1)
-    if gram and not first_order and torch.is_grad_enabled() and layers == tuple(range(n_dense)):
+    whole = layers == tuple(range(n_dense))
+    if gram and not first_order and torch.is_grad_enabled() and whole:
         return second_order_gram(W, b, u, xs, ys, ms, xq, lr, steps)     # same function, faster reverse
     ws, bs = [sg(w) for w in W], [sg(v) for v in b]
     # Nothing on the support side is differentiated (first order, or no gradient at all): update
     # the task's state in place instead of allocating and copying it every step.
     inplace = first_order or not torch.is_grad_enabled()
+    if (gram and inplace and whole and not torch._C._are_functorch_transforms_active()
+            and native.library() is not None and native.supports(W, xs, ms)):
+        us, xs_c = sg(u), sg(xs)                                       # the support loop, compiled
+        k_ss = torch.baddbmm(((us * us).sum(-1) + 1.0)[:, None, None], xs_c, xs_c.transpose(1, 2))
+        w_new, b_new, acc, _ = native.local_update(zs, k_ss, ys, ms, W, b, lr, steps, save=False)
+        zq = zq - torch.bmm(torch.baddbmm(((u * us).sum(-1) + 1.0)[:, None, None], xq, xs_c.transpose(1, 2)), acc)
+        return _query(zq, W, b, [ws[0], *w_new], [bs[0], *b_new], layers, first_order)
     if inplace:
         zs = zs.clone()
     if 0 in layers:
@@ -123,7 +132,14 @@ def gram_adapt_predict(W: Sequence[Tensor], b: Sequence[Tensor], layers: tuple[i
             zq = zq - torch.bmm(torch.baddbmm(uq, xq, xs_c.transpose(1, 2)), acc)
         else:
             zq = zq - torch.baddbmm(uq * acc_b, xq, acc_w.transpose(1, 2))
-    # query weights: the adapted ones; first order: the live initial weights plus a constant shift
+    return _query(zq, W, b, ws, bs, layers, first_order)
+
+
+def _query(zq: Tensor, W: Sequence[Tensor], b: Sequence[Tensor], ws: list[Tensor], bs: list[Tensor],
+           layers: tuple[int, ...], first_order: bool) -> Tensor:
+    """The query ratings from layer 0's adapted pre-activation and the adapted weights `ws`, `bs`;
+    under first order the live initial weights plus the (constant) adaptation shift."""
+    n_dense = len(W)
     if first_order:
         ws = [W[k] + (ws[k] - W[k].detach()) if k in layers else W[k] for k in range(n_dense)]
         bs = [b[k] + (bs[k] - b[k].detach()) if k in layers else b[k] for k in range(n_dense)]

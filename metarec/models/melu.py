@@ -26,6 +26,7 @@ from torch import Tensor
 
 from metarec.errors import ConfigError
 from metarec.features import FeatureEncoder
+from metarec.models import native
 from metarec.models.network import (NetworkSpec, Params, adapt_and_rate, embed, embed_sets, mlp, task_mse,
                                     split_params)
 from metarec.models.training import (EarlyStopping, History, NeuralRecommender, progress, slice_batch)
@@ -50,6 +51,13 @@ def _support_groups(batch: Batch, groups: int) -> tuple[Batch, list[slice]]:
     order = torch.argsort(batch.support_mask.sum(1), stable=True)
     batch = Batch(*(getattr(batch, f.name)[order] for f in fields(Batch)))
     return batch, [slice(int(block[0]), int(block[-1]) + 1) for block in np.array_split(np.arange(n), groups)]
+
+
+def default_groups(spec: NetworkSpec) -> int:
+    """Support blocks per meta-batch: one when the compiled local update runs (`native`: it
+    computes no padding, so more blocks only add fixed cost), else two, the batched form's best on
+    ML-100K and ML-1M-shaped batches (benchmarks/meta_train.py prints both forms)."""
+    return 1 if native.handles(spec.hidden) else 2
 
 
 def meta_objective(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spec: NetworkSpec, batch: Batch,
@@ -154,8 +162,7 @@ class MeLU(NeuralRecommender):
     negative indices count from the output). `max_support` keeps each task's latest ratings only.
     `support_groups`: a meta-batch runs as this many blocks of similar support size, each padded to
     its own longest support (the same gradient up to summation order, less padding computed; 1 =
-    one block). Two was fastest on ML-100K and ML-1M-shaped batches (benchmarks/meta_train.py);
-    more blocks save padding but pay each step's fixed kernel cost again.
+    one block); None picks `default_groups`.
     `resample`: every epoch, each training user's ratings are split afresh into support and query
     (same query size), so the meta-learner sees many tasks per user instead of memorising one
     split; `train_support` caps the support drawn during training (a random subset), which bounds
@@ -165,7 +172,7 @@ class MeLU(NeuralRecommender):
     def __init__(self, embedding_dim: int = 32, hidden: Sequence[int] = (64, 64), local_lr: float = 0.05,
                  local_steps: int = 5, global_lr: float = 1e-3, meta_batch_size: int = 32, epochs: int = 30,
                  patience: int = 5, order: Order = "first", adapt_layers: Sequence[int] | None = None,
-                 seed: int = 0, threads: int = 2, max_support: int | None = None, support_groups: int = 2,
+                 seed: int = 0, threads: int = 2, max_support: int | None = None, support_groups: int | None = None,
                  resample: bool = True, train_support: int | None = 64, weight_decay: float = 0.0,
                  verbose: bool = False, encoder: FeatureEncoder | None = None) -> None:
         self.embedding_dim = embedding_dim
@@ -195,8 +202,8 @@ class MeLU(NeuralRecommender):
             raise ConfigError(f"MeLU: order must be 'first' or 'second', got {self.order!r}")
         if not 0 <= int(self.local_steps) <= 100:
             raise ConfigError(f"MeLU: local_steps must be in 0..100, got {self.local_steps}")
-        if int(self.support_groups) < 1:
-            raise ConfigError("MeLU: support_groups must be >= 1")
+        if self.support_groups is not None and int(self.support_groups) < 1:
+            raise ConfigError("MeLU: support_groups must be None or >= 1")
         if int(self.meta_batch_size) < 1 or int(self.epochs) < 0 or int(self.patience) < 1:
             raise ConfigError("MeLU: meta_batch_size and patience must be >= 1 and epochs >= 0")
         if self.max_support is not None and int(self.max_support) < 0:
@@ -225,6 +232,7 @@ class MeLU(NeuralRecommender):
         buffers = net.buffers_dict()
         adapt, lr, steps = self._adaptation()
         first_order = self.order == "first"
+        groups = default_groups(net.spec) if self.support_groups is None else int(self.support_groups)
         opt = torch.optim.AdamW(params.values(), lr=float(self.global_lr), weight_decay=float(self.weight_decay),
                                 fused=True)
         order_rng = rng(int(self.seed), "melu-task-order")
@@ -237,7 +245,7 @@ class MeLU(NeuralRecommender):
             for block in iterate_batches(len(keep), int(self.meta_batch_size), order_rng):
                 batch = slice_batch(data, keep[block])
                 grads, loss = meta_gradient(params, buffers, net.spec, batch, adapt, lr, steps, first_order,
-                                            int(self.support_groups))
+                                            groups)
                 opt.zero_grad(set_to_none=True)
                 for k, p in params.items():
                     p.grad = grads[k]
