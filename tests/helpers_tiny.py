@@ -96,3 +96,16 @@ def make_tiny(seed: int = 0, n_train: int = 48, n_val: int = 16, n_items: int = 
                                  train_items=items["item_id"])
     return TinyData(TINY_SPEC, users, items, TaskSet(train_frame, users, items), TaskSet(val_frame, users, items),
                     encoder)
+
+
+def mixed_batch(tiny: TinyData, n: int = 7):
+    """A meta-batch of the first n training tasks with varied support sizes, one of them emptied,
+    and one query set cut to two items."""
+    from metarec.tasks import make_batch
+
+    pairs = tiny.train.tasks_with_truth()[:n]
+    tasks, truth = [t for t, _ in pairs], [y for _, y in pairs]
+    tasks[2] = tasks[2].replace(support_items=tasks[2].support_items[:0], support_ratings=tasks[2].support_ratings[:0])
+    tasks[1] = tasks[1].replace(candidates=tasks[1].candidates[:2])
+    truth[1] = truth[1][:2]
+    return make_batch(tasks, tiny.encoder, truth)

@@ -13,8 +13,8 @@ from metarec.models.melu import MeLU, loop_meta_gradient, meta_gradient, meta_ob
 from metarec.models.gram import GRAM_WIDTH_FACTOR, gram_adapt_predict
 from metarec.models.network import NetworkSpec, RatingNetwork, adapt_predict, adapted_layers, dense_names
 from metarec.models.training import mae
-from metarec.tasks import Batch, make_batch
-from tests.helpers_tiny import make_tiny
+from metarec.tasks import Batch
+from tests.helpers_tiny import make_tiny, mixed_batch
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +31,7 @@ def _net(encoder, dtype=torch.float32, seed=3) -> RatingNetwork:
 
 
 def _batch(tiny, n=7) -> Batch:
-    """A meta-batch with varied support sizes, one of them empty, and one short query set."""
-    pairs = tiny.train.tasks_with_truth()[:n]
-    tasks, truth = [t for t, _ in pairs], [y for _, y in pairs]
-    tasks[2] = tasks[2].replace(support_items=tasks[2].support_items[:0], support_ratings=tasks[2].support_ratings[:0])
-    tasks[1] = tasks[1].replace(candidates=tasks[1].candidates[:2])
-    truth[1] = truth[1][:2]
-    return make_batch(tasks, tiny.encoder, truth)
+    return mixed_batch(tiny, n)
 
 
 def _flat(g: dict) -> torch.Tensor:

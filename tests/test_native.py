@@ -13,8 +13,8 @@ from metarec.models import gram_reverse, native
 from metarec.models.gram import gram_adapt_predict
 from metarec.models.melu import MeLU, default_groups, loop_meta_gradient, meta_gradient
 from metarec.models.network import NetworkSpec, RatingNetwork, dense_names
-from metarec.tasks import make_batch
-from tests.helpers_tiny import make_tiny
+from metarec.tasks import Batch
+from tests.helpers_tiny import make_tiny, mixed_batch
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="no C compiler: the compiled local update cannot be built here")
@@ -48,14 +48,8 @@ def _net(encoder, hidden=(32, 16), seed=3) -> RatingNetwork:
     return net
 
 
-def _batch(tiny, n=9):
-    """Varied support sizes, one empty support, one short query set."""
-    pairs = tiny.train.tasks_with_truth()[:n]
-    tasks, truth = [t for t, _ in pairs], [y for _, y in pairs]
-    tasks[2] = tasks[2].replace(support_items=tasks[2].support_items[:0], support_ratings=tasks[2].support_ratings[:0])
-    tasks[1] = tasks[1].replace(candidates=tasks[1].candidates[:2])
-    truth[1] = truth[1][:2]
-    return make_batch(tasks, tiny.encoder, truth)
+def _batch(tiny, n=9) -> Batch:
+    return mixed_batch(tiny, n)
 
 
 def _block(seed=0, B=6, S=40, du=24, da=32, hidden=(64, 32)):

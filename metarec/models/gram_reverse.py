@@ -52,7 +52,6 @@ def _forward_pass(n: int, lr: float, steps: int, du: int, compiled: bool, tensor
     per step in Python, or as `native.local_update`'s seven arrays when `compiled`)."""
     W, b = list(tensors[:n]), list(tensors[n:2 * n])
     u, xs, xq, ys, ms = tensors[2 * n:]
-    B = u.shape[0]
     w0u, wa = W[0][:, :du], W[0][:, du:]
     c = (u @ w0u.T + b[0])[:, None, :]
     zq0 = xq @ wa.T + c

@@ -158,7 +158,7 @@ static void layer2(int n, int h, float *restrict a1, const float *restrict b1, c
     }
 }
 
-/* Task indices, longest support first, so that the dynamic schedule ends with short tasks. */
+/* Task indices, longest support first. */
 static int *longest_first(const int32_t *counts, int B) {
     int *order = malloc(sizeof(int) * (B > 0 ? B : 1));
     if (!order) return NULL;
@@ -169,6 +169,28 @@ static int *longest_first(const int32_t *counts, int B) {
         order[j] = o;
     }
     return order;
+}
+
+/* Runs task(problem, b, scratch) for every task b, longest support first (so that the dynamic
+   schedule ends with short tasks), one task per thread at a time, each thread with its own scratch
+   of per_thread floats. Returns 0, or 1 when memory could not be allocated. */
+typedef void (*TaskFn)(const void *problem, int b, float *scratch);
+
+static int run_tasks(const int32_t *counts, int B, int threads, long per_thread, TaskFn task, const void *problem) {
+    int *order = longest_first(counts, B);
+    if (!order) return 1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)
+    {
+        float *scratch = malloc(sizeof(float) * per_thread);
+        if (!scratch) failed = 1;
+#pragma omp for schedule(dynamic, 1)
+        for (int i = 0; i < B; i++)
+            if (scratch) task(problem, order[i], scratch);
+        free(scratch);
+    }
+    free(order);
+    return failed;
 }
 
 typedef struct {
@@ -237,6 +259,8 @@ static void one_task(const Problem *P, int b, float *scratch) {
     }
 }
 
+static void forward_task(const void *problem, int b, float *scratch) { one_task(problem, b, scratch); }
+
 /* Returns 0, or 1 when a thread's scratch could not be allocated. */
 int metarec_gram_local_update(int B, int S, int H0, int H1, int steps, float lr, int threads,
                               const int32_t *counts, float *zs, const float *K, const float *ys,
@@ -246,21 +270,8 @@ int metarec_gram_local_update(int B, int S, int H0, int H1, int steps, float lr,
                               float *s_w2) {
     Problem P = {B, S, H0, H1, steps, lr, counts, zs, K, ys, W1, b1, w2, b2, W1o, b1o, w2o, b2o, acc,
                  s_zs, s_a1, s_e0, s_e1, s_e2, s_W1, s_w2};
-    int *order = longest_first(counts, B);
-    if (!order) return 1;
     const long per_thread = 2L * S * H0 + (long)H0 * H1 + 2L * S * H1 + S + 64;
-    int failed = 0;
-#pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)
-    {
-        float *scratch = malloc(sizeof(float) * per_thread);
-        if (!scratch) failed = 1;
-#pragma omp for schedule(dynamic, 1)
-        for (int i = 0; i < B; i++)
-            if (scratch) one_task(&P, order[i], scratch);
-        free(scratch);
-    }
-    free(order);
-    return failed;
+    return run_tasks(counts, B, threads, per_thread, forward_task, &P);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -356,6 +367,8 @@ static void one_task_reverse(const Reverse *P, int b, float *scratch) {
     }
 }
 
+static void reverse_task(const void *problem, int b, float *scratch) { one_task_reverse(problem, b, scratch); }
+
 int metarec_gram_local_update_reverse(int B, int S, int S16, int H0, int H1, int steps, float lr, int threads,
                                       const int32_t *counts, const float *K, const float *s_zs, const float *s_a1,
                                       const float *s_e0, const float *s_e1, const float *s_e2, const float *s_W1,
@@ -363,19 +376,6 @@ int metarec_gram_local_update_reverse(int B, int S, int S16, int H0, int H1, int
                                       float *gb2, float *g_zs, float *g_k) {
     Reverse P = {B, S, S16, H0, H1, steps, lr, counts, K, s_zs, s_a1, s_e0, s_e1, s_e2, s_W1, s_w2, g_acc,
                  gW1, gb1, gw2, gb2, g_zs, g_k};
-    int *order = longest_first(counts, B);
-    if (!order) return 1;
     const long per_thread = 4L * S * H0 + 2L * S * H1 + 2L * H0 * H1 + (long)H0 * S16 + S + H1 + 64;
-    int failed = 0;
-#pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)
-    {
-        float *scratch = malloc(sizeof(float) * per_thread);
-        if (!scratch) failed = 1;
-#pragma omp for schedule(dynamic, 1)
-        for (int i = 0; i < B; i++)
-            if (scratch) one_task_reverse(&P, order[i], scratch);
-        free(scratch);
-    }
-    free(order);
-    return failed;
+    return run_tasks(counts, B, threads, per_thread, reverse_task, &P);
 }
