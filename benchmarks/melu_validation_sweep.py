@@ -49,6 +49,10 @@ CHANGES: dict[str, dict] = {
     "hidden=128-64": {"hidden": [128, 64]},
     "meta_batch_size=16": {"meta_batch_size": 16},
     "local_lr=0.03": {"local_lr": 0.03},
+    "weight_decay=1e-3": {"weight_decay": 1e-3},
+    "local_steps=10": {"local_steps": 10},
+    "local_steps=10+local_lr=0.025": {"local_steps": 10, "local_lr": 0.025},
+    "meta_batch_size=64": {"meta_batch_size": 64},
 }
 BASELINES = ("itemknn", "svd", "bias", "finetune", "mean")
 
