@@ -170,6 +170,7 @@ def test_blocks_the_kernel_does_not_cover_take_the_batched_form(calls):
     assert not native.supports([w.double() for w in W], xs.double(), ms)
     narrow, _, _ = _block(seed=3, hidden=(24, 16))
     assert not native.supports(narrow[:3], xs, ms)
+    assert not native.supports(W, xs[:, :0], ms[:, :0])                 # no support rows at all
     with torch.no_grad():
         gram_adapt_predict(W, inputs[3:6], (0, 1, 2), u, xs, ys, holes, xq, 0.05, 2, True)
         gram_adapt_predict(W, inputs[3:6], (1, 2), u, xs, ys, ms, xq, 0.05, 2, True)
@@ -179,7 +180,8 @@ def test_blocks_the_kernel_does_not_cover_take_the_batched_form(calls):
 def test_default_groups_follow_the_kernel(monkeypatch):
     spec = NetworkSpec(user_cardinalities=(3,), item_cardinalities=(4,), multilabel_cardinalities=(),
                        embedding_dim=8, hidden=(64, 64))
-    assert default_groups(spec) == 1
+    assert default_groups(spec) == 1 == default_groups(spec, dense_names(spec))
+    assert default_groups(spec, dense_names(spec, [-1])) == 2          # the kernel adapts whole networks
     assert default_groups(NetworkSpec(**{**spec.to_dict(), "hidden": (6, 5)})) == 2
     monkeypatch.setenv("METAREC_NATIVE", "0")
     assert default_groups(spec) == 2
@@ -217,19 +219,28 @@ def test_no_compiler_warns_once_and_the_batched_form_runs(fresh_state, monkeypat
 
 
 def test_a_failing_compile_names_the_source(fresh_state, monkeypatch):
-    fake = fresh_state / "cc"
-    fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo fake 1.0; exit 0; fi\n"
+    fake = fresh_state / "cc"                           # its version is not even UTF-8
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then printf 'fake \\377 1.0\\n'; exit 0; fi\n"
                     "echo 'error: no can do' >&2; exit 1\n")
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
     with pytest.warns(RuntimeWarning, match=r"failed on gram_step\.c: error: no can do"):
         assert native.library() is None
     assert [p.name for p in fresh_state.iterdir()] == ["cc"]
+    assert native.status().startswith("batched form (the kernel is unavailable: ")
+
+
+def test_a_compiler_command_with_arguments(fresh_state, monkeypatch):
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    monkeypatch.setenv("CC", f"{shutil.which('env')} {compiler}")
+    assert native.library() is not None
+    assert native.status().startswith("compiled (gram_step-")
 
 
 def test_turned_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("METAREC_NATIVE", "off")
     assert not native.enabled() and native.library() is None
+    assert native.status() == "batched form (METAREC_NATIVE turns the kernel off)"
 
 
 def test_a_call_with_the_wrong_number_of_arguments_is_refused():

@@ -27,8 +27,8 @@ from torch import Tensor
 from metarec.errors import ConfigError
 from metarec.features import FeatureEncoder
 from metarec.models import native
-from metarec.models.network import (NetworkSpec, Params, adapt_and_rate, embed, embed_sets, mlp, task_mse,
-                                    split_params)
+from metarec.models.network import (NetworkSpec, Params, adapt_and_rate, adapted_layers, embed, embed_sets, mlp,
+                                    split_params, task_mse)
 from metarec.models.training import (EarlyStopping, History, NeuralRecommender, progress, slice_batch)
 from metarec.seeding import rng, seed_everything
 from metarec.tasks import Batch, Task, TaskSet, iterate_batches, make_batch
@@ -53,11 +53,13 @@ def _support_groups(batch: Batch, groups: int) -> tuple[Batch, list[slice]]:
     return batch, [slice(int(block[0]), int(block[-1]) + 1) for block in np.array_split(np.arange(n), groups)]
 
 
-def default_groups(spec: NetworkSpec) -> int:
+def default_groups(spec: NetworkSpec, adapt: Sequence[str] | None = None) -> int:
     """Support blocks per meta-batch: one when the compiled local update runs (`native`: it
     computes no padding, so more blocks only add fixed cost), else two, the batched form's best on
-    ML-100K and ML-1M-shaped batches (benchmarks/meta_train.py prints both forms)."""
-    return 1 if native.handles(spec.hidden) else 2
+    ML-100K and ML-1M-shaped batches (benchmarks/meta_train.py prints both forms). `adapt`: the
+    adapted parameter names (None: every dense layer); the kernel adapts whole networks only."""
+    whole = adapt is None or adapted_layers(adapt, spec.n_dense) == tuple(range(spec.n_dense))
+    return 1 if whole and native.handles(spec.hidden) else 2
 
 
 def meta_objective(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spec: NetworkSpec, batch: Batch,
@@ -232,7 +234,7 @@ class MeLU(NeuralRecommender):
         buffers = net.buffers_dict()
         adapt, lr, steps = self._adaptation()
         first_order = self.order == "first"
-        groups = default_groups(net.spec) if self.support_groups is None else int(self.support_groups)
+        groups = default_groups(net.spec, adapt) if self.support_groups is None else int(self.support_groups)
         opt = torch.optim.AdamW(params.values(), lr=float(self.global_lr), weight_decay=float(self.weight_decay),
                                 fused=True)
         order_rng = rng(int(self.seed), "melu-task-order")

@@ -21,6 +21,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -73,9 +74,11 @@ def _cpu_model() -> str:
     return "\n".join(first.values()) or platform.processor()
 
 
-def _build(compiler: str) -> Path:
-    """Compile the kernel unless a build for this compiler, CPU and source is cached; its path."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+def _build(compiler: list[str]) -> Path:
+    """Compile the kernel unless a build for this compiler, CPU and source is cached; its path.
+    `compiler`: the command, possibly with arguments (`CC="ccache gcc"`)."""
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, errors="replace",
+                             check=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_model(),
                                     platform.machine()]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"gram_step-{key}.so"
@@ -85,9 +88,10 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        proc = subprocess.run([*compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                              errors="replace")
         if proc.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {proc.stderr.strip()[:2000]}")
+            raise RuntimeError(f"{' '.join(compiler)} failed on {SOURCE.name}: {proc.stderr.strip()[:2000]}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -96,26 +100,40 @@ def _build(compiler: str) -> Path:
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel, or None (turned off, or no compiler: warned once, the batched form runs)."""
+    """The loaded kernel, or None (turned off, or it cannot be built or loaded here: warned once,
+    the batched form runs)."""
     if not enabled():
         return None
     with _lock:
         if "lib" not in _state:
-            compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+            cc = os.environ.get("CC", "").strip()
+            compiler = shlex.split(cc) if cc else [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
             lib = None
             try:
-                if compiler is None:
+                if not compiler:
                     raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
-                lib = ctypes.CDLL(str(_build(compiler)))
+                path = _build(compiler)
+                lib = ctypes.CDLL(str(path))
                 for name, argtypes in _SIGNATURES.items():
                     getattr(lib, name).restype = ctypes.c_int
                     getattr(lib, name).argtypes = argtypes
-            except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+                _state["status"] = f"compiled ({path.name}, {' '.join(compiler)})"
+            except Exception as err:  # noqa: BLE001 - whatever fails here, the batched form still works
                 warnings.warn(f"metarec: the compiled local update is unavailable ({err}); "
-                              "using the batched form (same results, slower)", RuntimeWarning, stacklevel=2)
+                              "using the batched form (same function, slower)", RuntimeWarning, stacklevel=2)
                 lib = None
+                _state["status"] = f"batched form (the kernel is unavailable: {err})"
             _state["lib"] = lib
         return _state["lib"]  # type: ignore[return-value]
+
+
+def status() -> str:
+    """Which form runs MeLU's local update in this process, for the environment fingerprint: the
+    two agree to float32 rounding, not bit for bit."""
+    if not enabled():
+        return "batched form (METAREC_NATIVE turns the kernel off)"
+    library()
+    return str(_state["status"])
 
 
 def handles(hidden: Sequence[int]) -> bool:
@@ -131,6 +149,8 @@ def supports(W: Sequence[Tensor], xs: Tensor, ms: Tensor) -> bool:
         return False
     if xs.dtype != torch.float32 or any(w.dtype != torch.float32 for w in W):
         return False
+    if xs.device.type != "cpu" or any(w.device.type != "cpu" for w in W) or xs.shape[1] == 0:
+        return False                                   # (no support rows at all: nothing to compute)
     counts = ms.sum(1)
     return bool((ms == (torch.arange(ms.shape[1]) < counts[:, None])).all())
 
