@@ -75,14 +75,8 @@ def gram_adapt_predict(W: Sequence[Tensor], b: Sequence[Tensor], layers: tuple[i
     # Nothing on the support side is differentiated (first order, or no gradient at all): update
     # the task's state in place instead of allocating and copying it every step.
     inplace = first_order or not torch.is_grad_enabled()
-    if (gram and inplace and whole and not torch._C._are_functorch_transforms_active()
-            and native.library() is not None and native.supports(W, xs, ms)):
-        us, xs_c = sg(u), sg(xs)                                       # the support loop, compiled
-        k_ss = torch.baddbmm(((us * us).sum(-1) + 1.0)[:, None, None], xs_c, xs_c.transpose(1, 2))
-        w_new, b_new, acc, _ = native.local_update(zs, k_ss, ys, ms, W, b, lr, steps, save=False)
-        zq = zq - torch.bmm(torch.baddbmm(((u * us).sum(-1) + 1.0)[:, None, None], xq, xs_c.transpose(1, 2)), acc)
-        return _query(zq, W, b, [ws[0], *w_new], [bs[0], *b_new], layers, first_order)
-    if inplace:
+    compiled = gram and inplace and whole and native.supports(W, xs, ms)   # the support loop in C
+    if inplace and not compiled:
         zs = zs.clone()
     if 0 in layers:
         us, xs_c = sg(u), sg(xs)
@@ -93,10 +87,13 @@ def gram_adapt_predict(W: Sequence[Tensor], b: Sequence[Tensor], layers: tuple[i
         else:                                                          # long support: accumulate the update
             acc_w = None                                               # lr * sum of delta^T xs, [B, H0, Da]
             acc_b = None                                               # lr * sum of delta row sums, [B, 1, H0]
-    # d loss / d output = 2 / n_task * (out - y) on real rows, 0 on padding: one fused multiply-add
-    scale = torch.where(ms, 2.0 / ms.sum(-1, keepdim=True).clamp(min=1).to(zs.dtype), zs.new_zeros(()))[..., None]
-    target = -(ys.to(zs.dtype)[..., None] * scale)
-    for step in range(int(steps)):
+    if compiled:                                                       # the whole loop below, in C
+        w_new, b_new, acc, _ = native.local_update(zs, k_ss, ys, ms, W, b, lr, steps, save=False)
+        ws, bs = [ws[0], *w_new], [bs[0], *b_new]
+    else:   # d loss / d output = 2 / n_task * (out - y) on real rows, 0 on padding: one fused multiply-add
+        scale = torch.where(ms, 2.0 / ms.sum(-1, keepdim=True).clamp(min=1).to(zs.dtype), zs.new_zeros(()))[..., None]
+        target = -(ys.to(zs.dtype)[..., None] * scale)
+    for step in range(0 if compiled else int(steps)):
         last = step == int(steps) - 1                                  # the last update of zs reaches nothing
         acts = [zs.relu()]                                             # acts[k]: the input of layer k + 1
         for k in range(1, n_dense - 1):

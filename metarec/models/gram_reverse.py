@@ -216,7 +216,6 @@ def second_order_gram(W: Sequence[Tensor], b: Sequence[Tensor], u: Tensor, xs: T
     """Query predictions [B, Q] after `steps` SGD steps on every dense layer, first layer in Gram
     form, differentiable (exactly, second order) through the hand-written reverse above."""
     n = len(W)
-    compiled = (int(steps) > 0 and not torch._C._are_functorch_transforms_active()
-                and native.library() is not None and native.supports(W, xs, ms))
+    compiled = int(steps) > 0 and native.supports(W, xs, ms)
     out = _SecondOrderGram.apply(n, float(lr), int(steps), int(u.shape[-1]), compiled, *W, *b, u, xs, xq, ys, ms)
     return out[0]

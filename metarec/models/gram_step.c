@@ -130,13 +130,19 @@ static float lane_sum(v16 v) {
     return s;
 }
 
-/* b -= lr * (column sums of g [n x h]) */
-static void col_sums_sub(float *restrict b, const float *restrict g, int n, int h, float lr) {
+/* b += alpha * (column sums of g [n x h]) */
+static void add_col_sums(float *restrict b, float alpha, const float *restrict g, int n, int h) {
     for (int c = 0; c < h; c += 16) {
         v16 s = {0};
         for (int i = 0; i < n; i++) s += ld(g + (long)i * h + c);
-        st(b + c, ld(b + c) - lr * s);
+        st(b + c, ld(b + c) + alpha * s);
     }
+}
+
+/* out [cols x rows, leading dimension ldo] = in [rows x cols]^T */
+static void transpose(float *restrict out, long ldo, const float *restrict in, int rows, int cols) {
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) out[(long)c * ldo + r] = in[(long)r * cols + c];
 }
 
 /* Layer 1's activation in place (a1 = relu(a1 + b1)), the output, its loss gradient
@@ -234,8 +240,7 @@ static void one_task(const Problem *P, int b, float *scratch) {
             memcpy(P->s_w2 + at * H1, w2, sizeof(float) * H1);
         }
         relu_into(a0, z, (long)n * H0);
-        for (int r = 0; r < H1; r++)
-            for (int c = 0; c < H0; c++) W1T[(long)c * H1 + r] = W1[(long)r * H0 + c];
+        transpose(W1T, H1, W1, H1, H0);
         gemm(n, H1, H0, 1.0f, a0, H0, 1, W1T, H1, a1, H1, 0);
         layer2(n, H1, a1, b1, w2, *b2, y, scale, e2, e1);
         float sum_e2 = 0.0f;
@@ -244,7 +249,7 @@ static void one_task(const Problem *P, int b, float *scratch) {
         *b2 -= lr * sum_e2;
         gemm(n, H0, H1, 1.0f, e1, H1, 1, W1, H0, e0, H0, 0);           /* back through the old W1 */
         gemm(H1, H0, n, -lr, e1, 1, H1, a0, H0, W1, H0, 1);            /* W1 -= lr e1^T a0 */
-        col_sums_sub(b1, e1, n, H1, lr);
+        add_col_sums(b1, -lr, e1, n, H1);
         mask_where_positive(e0, a0, (long)n * H0);
         if (t < P->steps - 1) {
             float *next = z;
@@ -280,11 +285,6 @@ int metarec_gram_local_update(int B, int S, int H0, int H1, int steps, float lr,
    times the adjoint of acc), and the adjoints of the adapted W1, b1, w2, b2 from the query side.
    Outputs: those adjoints carried back to the shared initial weights (in place), the adjoint of
    the initial zs, g_zs [B, S, H0], and of K, g_k [B, S, S16] (columns past S16 >= S are zero). */
-
-static void transpose(float *restrict out, long ldo, const float *restrict in, int rows, int cols) {
-    for (int r = 0; r < rows; r++)
-        for (int c = 0; c < cols; c++) out[(long)c * ldo + r] = in[(long)r * cols + c];
-}
 
 static float dot(const float *restrict x, const float *restrict y, int h) {
     v16 s = {0};
@@ -355,11 +355,7 @@ static void one_task_reverse(const Reverse *P, int b, float *scratch) {
                    keep_positive(ge2[i] * ld(w2 + c) - lr * (e2[i] * ld(gw2_old + c)), ld(row + c)));
         }
         gemm(H1, H0, n, 1.0f, g1, 1, H1, a0, H0, gW1, H0, 1);
-        for (int c = 0; c < H1; c += 16) {
-            v16 s = {0};
-            for (int i = 0; i < n; i++) s += ld(g1 + (long)i * H1 + c);
-            st(gb1 + c, ld(gb1 + c) + s);
-        }
+        add_col_sums(gb1, 1.0f, g1, n, H1);
         gemm(n, H0, H1, 1.0f, g1, H1, 1, W1, H0, gh0, H0, 0);
         axpy(gh0, -lr, ga0, (long)n * H0);
         mask_where_positive(gh0, a0, (long)n * H0);

@@ -143,14 +143,17 @@ def handles(hidden: Sequence[int]) -> bool:
 
 
 def supports(W: Sequence[Tensor], xs: Tensor, ms: Tensor) -> bool:
-    """Whether the kernel computes this block: two hidden layers, a one-unit output, widths that
-    are multiples of 16, float32, and every task's real support rows first."""
+    """Whether the kernel computes this block: the kernel is available, two hidden layers, a
+    one-unit output, widths that are multiples of 16, float32 CPU tensors, every task's real
+    support rows first, and no torch.func transform active."""
     if len(W) != 3 or W[2].shape[0] != 1 or not handles((W[0].shape[0], W[1].shape[0])):
         return False
     if xs.dtype != torch.float32 or any(w.dtype != torch.float32 for w in W):
         return False
     if xs.device.type != "cpu" or any(w.device.type != "cpu" for w in W) or xs.shape[1] == 0:
         return False                                   # (no support rows at all: nothing to compute)
+    if torch._C._are_functorch_transforms_active():    # wrapped tensors: no raw memory to hand over
+        return False
     counts = ms.sum(1)
     return bool((ms == (torch.arange(ms.shape[1]) < counts[:, None])).all())
 
@@ -176,12 +179,15 @@ def local_update(zs: Tensor, k_ss: Tensor, ys: Tensor, ms: Tensor, W: list[Tenso
 
     zs [B, S, H0] (support pre-activations of layer 0), k_ss [B, S, S], ys [B, S], ms [B, S];
     W, b: the shared dense layers. Returns (per-task W_1, W_2 [B, 1, H1], per-task b_1, b_2 [B, 1],
-    acc = lr * sum of layer 0's deltas [B, S, H0], and with `save` each step's state in the order
-    `gram_reverse` keeps it: zs, a_1, e_0, e_1, e_2, W_1, W_2 per step)."""
+    acc = lr * sum of layer 0's deltas [B, S, H0], and with `save` the state of every step for
+    `local_update_reverse`: seven [steps, B, ...] arrays zs, a_1, e_0, e_1, e_2, W_1, W_2, each
+    written on the tasks' real rows only)."""
     B, S, H0 = zs.shape
     H1 = W[1].shape[0]
     f32 = dict(dtype=torch.float32)
-    zs = zs.detach().contiguous().clone()
+    zs = zs.detach().contiguous()
+    if not save:                                       # first order updates it in place
+        zs = zs.clone()
     k_ss, ys = k_ss.detach().contiguous(), ys.detach().to(torch.float32).contiguous()
     w1, b1 = W[1].detach().contiguous(), b[1].detach().contiguous()
     w2, b2 = W[2].detach().reshape(H1).contiguous(), b[2].detach().reshape(1).contiguous()
