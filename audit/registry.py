@@ -148,6 +148,7 @@ METRICS: tuple[Metric, ...] = (
            "audit.shilling.attack_effect"),
 )
 
+_BY_NAME = {m.name: m for m in METRICS}
 _EXACT = {m.name: m for m in METRICS if "{k}" not in m.name}
 _FAMILIES = [(re.compile("^" + re.escape(m.name).replace(r"\{k\}", r"([1-9][0-9]*)") + "$"), m)
              for m in METRICS if "{k}" in m.name]
@@ -157,6 +158,8 @@ def lookup(name: str) -> Metric:
     """The registry entry of a metric name (``ndcg@5`` finds ``ndcg@{k}``)."""
     if name in _EXACT:
         return _EXACT[name]
+    if name in _BY_NAME:   # a family by its own name, "ndcg@{k}"
+        return _BY_NAME[name]
     for pattern, metric in _FAMILIES:
         if pattern.match(name):
             return metric
