@@ -43,8 +43,10 @@ PUBLISHED_PUB_PATH = "reports/signing.pub"
 REPORT_PATH = "reports/audit.html"
 # Signed subjects. Required ones must exist (sign exits 2 naming the first missing one); the
 # globbed model files are included when present (a run with only non-neural baselines has none).
+# `verify` refuses a statement that omits any required subject: a signature over params.yaml alone
+# must not pass for a signed audit. results/per_user.parquet is what a later audit compares with.
 REQUIRED_SUBJECTS = (
-    REPORT_PATH, "params.yaml", "dvc.lock", "results/metrics_long.parquet",
+    REPORT_PATH, "params.yaml", "dvc.lock", "results/metrics_long.parquet", "results/per_user.parquet",
     "metrics/summary.json", "metrics/fairness.json", "metrics/robustness.json",
     "metrics/reproducibility.json", "metrics/gate.json",
 )
@@ -342,21 +344,44 @@ class Verified:
 
 
 def _b64(value: Any, what: str) -> bytes:
+    """Standard or URL-safe base64, padded or not: DSSE allows either alphabet."""
     if not isinstance(value, str):
         raise VerifyInputError(f"bundle {what} is not a base64 string")
+    text = value.strip()
+    if "-" in text or "_" in text:
+        if "+" in text or "/" in text:
+            raise VerifyInputError(f"bundle {what} is not valid base64 (mixes the standard and URL-safe alphabets)")
+        text = text.replace("-", "+").replace("_", "/")
+    if not text.endswith("="):
+        text += "=" * (-len(text) % 4)
     try:
-        return base64.b64decode(value, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise VerifyInputError(f"bundle {what} is not valid base64") from None
 
 
+def _loads(data: bytes, what: str, error: type[MetarecError]) -> Any:
+    """json.loads that turns malformed and absurdly nested input into one sentence."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise error(f"{what} is nested too deeply to be JSON an audit writes") from None
+    except (ValueError, UnicodeDecodeError):
+        raise error(f"{what} is not JSON") from None
+
+
 def _safe_subject_path(root: Path, name: Any) -> Path:
+    """The subject's file under root; refuses names and symbolic links that lead outside it."""
     if not isinstance(name, str) or not name:
         raise VerificationFailed("a subject has no name")
     pure = PurePosixPath(name)
     if pure.is_absolute() or ".." in pure.parts or "\\" in name:
         raise VerificationFailed(f"subject {name} points outside the project root")
-    return root.joinpath(*pure.parts)
+    path = root.joinpath(*pure.parts)
+    real_root = root.resolve()
+    if path.exists() and not path.resolve().is_relative_to(real_root):
+        raise VerificationFailed(f"subject {name} is a symbolic link to {path.resolve()}, outside the project root")
+    return path
 
 
 def verify(bundle_path: str | os.PathLike, pub_path: str | os.PathLike,
@@ -365,11 +390,10 @@ def verify(bundle_path: str | os.PathLike, pub_path: str | os.PathLike,
     bundle_path = Path(bundle_path)
     root = Path(root) if root is not None else bundle_path.resolve().parent.parent
     try:
-        envelope = json.loads(bundle_path.read_bytes())
+        raw = bundle_path.read_bytes()
     except OSError as exc:
         raise VerifyInputError(f"cannot read bundle {bundle_path} ({exc.strerror})") from None
-    except (ValueError, UnicodeDecodeError):
-        raise VerifyInputError(f"bundle {bundle_path} is not JSON") from None
+    envelope = _loads(raw, f"bundle {bundle_path}", VerifyInputError)
     if not isinstance(envelope, dict) or not all(k in envelope for k in ("payload", "payloadType", "signatures")):
         raise VerifyInputError(f"bundle {bundle_path} is not a DSSE envelope (needs payload, payloadType, signatures)")
     payload = _b64(envelope["payload"], "payload")
@@ -382,7 +406,8 @@ def verify(bundle_path: str | os.PathLike, pub_path: str | os.PathLike,
     if payload_type != PAYLOAD_TYPE:
         raise VerificationFailed(f"payloadType is {payload_type!r}, expected {PAYLOAD_TYPE!r}")
     message = pae(payload_type, payload)  # over the exact decoded bytes, never re-serialised
-    matching = [s for s in sigs if s.get("keyid") == kid]
+    # keyid is optional in DSSE: a signature without one is tried with the given key.
+    matching = [s for s in sigs if s.get("keyid") in (kid, None, "")]
     for s in matching:
         try:
             public.verify(_b64(s.get("sig"), "signature"), message)
@@ -394,20 +419,22 @@ def verify(bundle_path: str | os.PathLike, pub_path: str | os.PathLike,
         why = (f"; the bundle was signed by keyid {', '.join(o[:16] + '...' for o in others)}" if not matching and others
                else "")
         raise VerificationFailed(f"signature does not verify with key {pub_path} (keyid {kid[:16]}...){why}")
-    try:
-        statement = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        raise VerificationFailed("the signed payload is not JSON") from None
+    statement = _loads(payload, "the signed payload", VerificationFailed)
     if not isinstance(statement, dict) or statement.get("_type") != STATEMENT_TYPE:
         raise VerificationFailed(f"the signed payload is not an in-toto Statement v1 ({STATEMENT_TYPE})")
     subjects = statement.get("subject")
     if not isinstance(subjects, list) or not subjects:
         raise VerificationFailed("the signed statement lists no subjects")
-    for subj in subjects:
-        if not isinstance(subj, dict):
-            raise VerificationFailed("a subject entry is not an object")
+    if not all(isinstance(subj, dict) for subj in subjects):
+        raise VerificationFailed("a subject entry is not an object")
+    paths = [_safe_subject_path(root, subj.get("name")) for subj in subjects]   # names first
+    listed = {subj.get("name") for subj in subjects}
+    absent = [rel for rel in REQUIRED_SUBJECTS if rel not in listed]
+    if absent:
+        raise VerificationFailed(f"the signed statement does not cover the audit's required subject {absent[0]} "
+                                 f"(an audit bundle signs {', '.join(REQUIRED_SUBJECTS)})")
+    for subj, path in zip(subjects, paths):
         name = subj.get("name")
-        path = _safe_subject_path(root, name)
         expected = (subj.get("digest") or {}).get("sha256")
         if not isinstance(expected, str):
             raise VerificationFailed(f"subject {name} has no sha256 digest")

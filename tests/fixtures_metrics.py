@@ -326,6 +326,10 @@ def _write(root: Path, *, gates_pass: bool = True, hostile: bool = False,
     rows = [{"model": m, "seed": s, "scenario": sc, "perturbation": "none", "attribute": "all", "group": "all",
              "metric": "mae", "value": BASE_MAE[m] + SCENARIO_PENALTY[sc]} for m in MODELS for s in SEEDS for sc in SCENARIOS]
     atomic_write_parquet(root / "results" / "metrics_long.parquet", pd.DataFrame(rows))
+    per_user = [{"model": m, "seed": s, "scenario": sc, "user_id": u, "metric": "mae",
+                 "value": BASE_MAE[m] + SCENARIO_PENALTY[sc] + rng.gauss(0.0, 0.1)}
+                for m in MODELS for s in SEEDS for sc in SCENARIOS for u in range(1, 21)]
+    atomic_write_parquet(root / "results" / "per_user.parquet", pd.DataFrame(per_user))
     if with_models:
         for model in ("melu", "finetune"):
             for seed in SEEDS:

@@ -346,3 +346,95 @@ def test_keyid_matches_openssl_fingerprint(keypair) -> None:
     import hashlib
 
     assert hashlib.sha256(der[-32:]).hexdigest() == signing.key_id(signing.load_public_key(keypair[1]))
+
+
+# --- verifier boundaries (found by trying to break them) -----------------------------------------
+
+
+def _resign(root: Path, key_path: Path, statement: dict, *, urlsafe: bool = False, keyid: bool = True) -> None:
+    """Sign `statement` with the key and write it as the project's bundle."""
+    key = signing.load_private_key(key_path)
+    payload = json.dumps(statement).encode()
+    enc = base64.urlsafe_b64encode if urlsafe else base64.b64encode
+    sig = {"sig": enc(key.sign(signing.pae(signing.PAYLOAD_TYPE, payload))).decode()}
+    if keyid:
+        sig["keyid"] = signing.key_id(key.public_key())
+    env = {"payload": enc(payload).decode().rstrip("=" if urlsafe else ""), "payloadType": signing.PAYLOAD_TYPE,
+           "signatures": [sig]}
+    _write_envelope(root, env)
+
+
+def _statement(root: Path) -> dict:
+    return json.loads(base64.b64decode(_envelope(root)["payload"]))
+
+
+def test_subject_symlink_leaving_the_root_is_refused(signed: Path, keypair, tmp_path: Path, capsys) -> None:
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    statement = _statement(signed)
+    statement["subject"].append({"name": "metrics/extra.json", "digest": {"sha256": signing.sha256_file(outside)}})
+    (signed / "metrics" / "extra.json").symlink_to(outside)
+    _resign(signed, keypair[0], statement)
+    rc, _, err = _verify(capsys, signed, keypair[1])
+    assert rc == 1
+    assert f"subject metrics/extra.json is a symbolic link to {outside.resolve()}, outside the project root" in err
+
+
+def test_symlink_inside_the_root_still_verifies(signed: Path, keypair, capsys) -> None:
+    statement = _statement(signed)
+    target = signed / "metrics" / "summary.json"
+    (signed / "metrics" / "alias.json").symlink_to(target)
+    statement["subject"].append({"name": "metrics/alias.json", "digest": {"sha256": signing.sha256_file(target)}})
+    _resign(signed, keypair[0], statement)
+    assert _verify(capsys, signed, keypair[1])[0] == 0
+
+
+def test_statement_without_the_standard_subjects_is_refused(signed: Path, keypair, capsys) -> None:
+    statement = _statement(signed)
+    statement["subject"] = [s for s in statement["subject"] if s["name"] == "params.yaml"]
+    _resign(signed, keypair[0], statement)
+    rc, _, err = _verify(capsys, signed, keypair[1])
+    assert rc == 1
+    assert "the signed statement does not cover the audit's required subject reports/audit.html" in err
+
+
+def test_url_safe_unpadded_base64_verifies(signed: Path, keypair, capsys) -> None:
+    _resign(signed, keypair[0], _statement(signed), urlsafe=True)
+    env = _envelope(signed)
+    assert not env["payload"].endswith("=")
+    assert _verify(capsys, signed, keypair[1])[0] == 0
+
+
+def test_mixed_base64_alphabets_are_refused(signed: Path, keypair, capsys) -> None:
+    env = _envelope(signed)
+    env["signatures"][0]["sig"] = "ab+c-d" + env["signatures"][0]["sig"][6:]
+    _write_envelope(signed, env)
+    rc, _, err = _verify(capsys, signed, keypair[1])
+    assert rc == 2 and "bundle signature is not valid base64 (mixes the standard and URL-safe alphabets)" in err
+
+
+def test_signature_without_keyid_is_tried_with_the_given_key(signed: Path, keypair, tmp_path: Path, capsys) -> None:
+    _resign(signed, keypair[0], _statement(signed), keyid=False)
+    assert _verify(capsys, signed, keypair[1])[0] == 0
+    _run(capsys, "keygen", "--out", str(tmp_path / "other"))
+    rc, _, err = _verify(capsys, signed, tmp_path / "other" / "signing.pub")
+    assert rc == 1 and "signature does not verify with key" in err
+
+
+def test_deeply_nested_bundle_is_an_input_error(tmp_path: Path, keypair, capsys) -> None:
+    bundle = tmp_path / "deep.json"
+    bundle.write_text("[" * 100_000 + "]" * 100_000)
+    rc, _, err = _run(capsys, "verify", str(bundle), "--key", str(keypair[1]))
+    assert rc == 2
+    assert err.strip() == f"metarec-audit verify: bundle {bundle} is nested too deeply to be JSON an audit writes"
+
+
+def test_deeply_nested_signed_payload_fails_verification(signed: Path, keypair, capsys) -> None:
+    key = signing.load_private_key(keypair[0])
+    payload = b"[" * 100_000 + b"]" * 100_000
+    env = {"payload": base64.b64encode(payload).decode(), "payloadType": signing.PAYLOAD_TYPE,
+           "signatures": [{"keyid": signing.key_id(key.public_key()),
+                           "sig": base64.b64encode(key.sign(signing.pae(signing.PAYLOAD_TYPE, payload))).decode()}]}
+    _write_envelope(signed, env)
+    rc, _, err = _verify(capsys, signed, keypair[1])
+    assert rc == 1 and "the signed payload is nested too deeply to be JSON an audit writes" in err
