@@ -48,7 +48,7 @@ REPORT_PATH = "reports/audit.html"
 REQUIRED_SUBJECTS = (
     REPORT_PATH, "params.yaml", "dvc.lock", "results/metrics_long.parquet", "results/per_user.parquet",
     "metrics/summary.json", "metrics/fairness.json", "metrics/robustness.json",
-    "metrics/reproducibility.json", "metrics/gate.json",
+    "metrics/reproducibility.json", "metrics/gate.json", "metrics/provenance.json",
 )
 SUBJECT_GLOBS = ("metrics/*.json", "models/**/*.safetensors", "models/**/config.json")
 
