@@ -66,6 +66,12 @@ class Estimator(BaseEstimator):
     def _fit(self: E, train: TaskSet, val: TaskSet | None, encoder: FeatureEncoder | None) -> E:
         raise NotImplementedError
 
+    def _require_encoder(self, encoder: FeatureEncoder | None) -> FeatureEncoder:
+        """The encoder, for models built on item or user features (ConfigError when it is missing)."""
+        if encoder is None:
+            raise ConfigError(f"{self.name}: fit() needs the FeatureEncoder of the task split (encoder=...).")
+        return encoder
+
     def predict(self, tasks: Sequence[Task]) -> list[np.ndarray]:
         raise NotImplementedError
 

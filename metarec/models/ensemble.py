@@ -33,7 +33,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -359,9 +359,7 @@ class SupportSetEnsemble(Estimator):
         `encoder` (the split's FeatureEncoder) is required: it defines the item features. `val`, if
         given, is only scored (val_mae_), never trained on.
         """
-        if encoder is None:
-            raise ConfigError("ensemble: fit() needs the FeatureEncoder of the task split (encoder=...).")
-        self.encoder_ = encoder
+        self.encoder_ = encoder = self._require_encoder(encoder)
         ratings = train.all_ratings()[["user_id", "item_id", "rating"]].copy()
         ratings = ratings.sort_values(["user_id", "item_id"], kind="stable").reset_index(drop=True)
         if ratings.empty:

@@ -170,11 +170,6 @@ class NeuralRecommender(Estimator):
         return dense_names(self.network_.spec, adapt_layers)
 
     # -- construction shared by fit and load
-    def _require_encoder(self, encoder: FeatureEncoder | None) -> FeatureEncoder:
-        if encoder is None:
-            raise ConfigError(f"{self.name}: fit() needs the FeatureEncoder of the task split (encoder=...).")
-        return encoder
-
     def _build_network(self, encoder: FeatureEncoder, embedding_dim: int, hidden: Sequence[int],
                        seed: int | None) -> RatingNetwork:
         spec = NetworkSpec.from_encoder(encoder, embedding_dim, hidden)
