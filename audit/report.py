@@ -19,9 +19,12 @@ The context dict (all keys required; lists may be empty, numbers may be None):
     ci_low, ci_high, file, where} as in metrics/gate.json.
 - model_card: {details: [[label, value]], intended_use, out_of_scope, factors, metrics,
     evaluation_data, training_data, quantitative, ethical, caveats}: each a list of sentences.
+    What each model is ("Type", and one "Compared model: <name>" row per other model) is the
+    model class's own `description`; what the data is comes from data/prepared/meta.json.
 - data: {available: bool, source, path, checksum, files: [{name, sha256}],
     counts: {ratings, users, items}, rating_range: [min, max] | None, sensitive: [str],
-    groups: [{attribute, group, n_users}], intersections: [{attributes, group, n_users}],
+    user_attributes: [str], item_features: [str], groups: [{attribute, group, n_users}],
+    intersections: [{attributes, group, n_users}],
     scenarios: [{scenario, n_users, n_items, n_ratings, n_tasks}], top_items: [{item_id, title, n_ratings}]}
     Missing values may be None; the lead's pipeline may pass this dict directly (`data=`).
 - accuracy: {scenarios: [{scenario, metrics: [str], rows: [{model, focal, cells: [{mean, ci_low,
@@ -56,15 +59,7 @@ TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "reports" / "templates"
 SCENARIO_ORDER = ("warm", "user_cold", "item_cold", "user_item_cold", "val")
 META_LEARNERS = ("melu", "ensemble", "finetune")
 METRIC_FILES = ("summary", "fairness", "robustness", "reproducibility", "gate")
-MODEL_DESCRIPTIONS = {
-    "melu": "MeLU, a meta-learned user preference estimator (Lee et al., KDD 2019): attribute embeddings "
-            "feed dense decision layers that are adapted to each user on their support ratings (MAML-style).",
-    "ensemble": "an ensemble of meta-learned MeLU models",
-    "finetune": "a globally trained network fine-tuned on each user's support ratings (non-meta baseline)",
-    "global": "one global network without per-user adaptation",
-    "mean": "each item's mean rating", "bias": "global mean plus user and item biases",
-    "pop": "item popularity", "itemknn": "item-based k-nearest neighbours", "svd": "matrix factorisation (SVD)",
-}
+UNRECORDED_SOURCE = "data of unrecorded source"
 
 
 class ReportError(MetarecError):
@@ -156,17 +151,22 @@ def data_context_from_files(root: Path, strata: list[dict[str, Any]] | None = No
     return {
         "available": True, "source": meta["source"], "path": prov.get("location"),
         "checksum": prov.get("canonical_sha256"),
-        "files": [{"name": k, "sha256": v} for k, v in sorted((prov.get("files") or {}).items())],
+        # csv/parquet sources record {path, sha256} per file, MovieLens the digest alone
+        "files": [{"name": k, "sha256": v.get("sha256") if isinstance(v, dict) else v}
+                  for k, v in sorted((prov.get("files") or {}).items())],
         "counts": {k: meta["counts"].get(k) for k in ("ratings", "users", "items")},
         "rating_range": [spec["rating_min"], spec["rating_max"]],
         "sensitive": [str(x) for x in spec["sensitive"]],
+        "user_attributes": [str(a["name"]) for a in spec.get("user_attributes", [])],
+        "item_features": [str(a["name"]) for a in spec.get("item_features", [])],
         "groups": groups, "intersections": inter, "scenarios": scenarios, "top_items": top,
     }
 
 
 DATA_DEFAULTS: dict[str, Any] = {
     "available": True, "source": None, "path": None, "checksum": None, "files": [], "rating_range": None,
-    "sensitive": [], "groups": [], "intersections": [], "scenarios": [], "top_items": [],
+    "sensitive": [], "user_attributes": [], "item_features": [], "groups": [], "intersections": [], "scenarios": [],
+    "top_items": [],
 }
 
 
@@ -377,19 +377,47 @@ def _findings(ctx: dict[str, Any]) -> list[str]:
     return out
 
 
+def model_description(name: str) -> str:
+    """What a model is, as its class states it (`description`); the report never words it itself."""
+    from metarec.errors import ConfigError
+    from metarec.models.registry import model_class
+
+    try:
+        return model_class(name).description
+    except ConfigError as exc:
+        raise ReportError(f"cannot describe model {name!r} in the model card: {exc}") from None
+
+
+def data_description(data: dict[str, Any]) -> str:
+    """One sentence on the data, built only from the `data` dict (data/prepared/meta.json)."""
+    counts = data.get("counts") or {}
+    rr = data.get("rating_range")
+    parts = [f"{data.get('source') or UNRECORDED_SOURCE}: {counts.get('ratings', 'n/a')} ratings by "
+             f"{counts.get('users', 'n/a')} users on {counts.get('items', 'n/a')} items"]
+    if rr and all(_num(x) is not None for x in rr):
+        parts.append(f"rated {rr[0]:g} to {rr[1]:g}")
+    if data.get("user_attributes"):
+        parts.append(f"user attributes {', '.join(data['user_attributes'])}")
+    if data.get("item_features"):
+        parts.append(f"item features {', '.join(data['item_features'])}")
+    return "; ".join(parts) + "."
+
+
 def _model_card(params: dict[str, Any], ctx: dict[str, Any]) -> dict[str, list[Any]]:
     f, data = ctx["focus"], ctx["data"]
     model = f["model"]
     hp = params.get(model) if isinstance(params.get(model), dict) else (params.get("model_params") or {}).get(model)
+    others = [m for m in f["models"] if m != model]
     details: list[list[str]] = [["Model", str(model)],
-                                ["Type", MODEL_DESCRIPTIONS.get(str(model), "a recommender configured in params.yaml")],
+                                ["Type", model_description(str(model))],
                                 ["Software", f"metarec-audit {ctx['version']}"],
                                 ["Seeds", ", ".join(str(s) for s in ctx["reproducibility"]["seeds"]) or "n/a"],
-                                ["Compared against", ", ".join(m for m in f["models"] if m != model) or "none"]]
+                                ["Compared against", ", ".join(others) or "none"]]
+    details += [[f"Compared model: {m}", model_description(str(m))] for m in others]
     if isinstance(hp, dict) and hp:
         details.append(["Hyperparameters", ", ".join(f"{k}={json.dumps(v)}" for k, v in hp.items())])
     tasks = params.get("tasks") or {}
-    src = data.get("source") or (params.get("data") or {}).get("source") or "the configured data source"
+    src = data.get("source") or UNRECORDED_SOURCE
     sens = data.get("sensitive") or _ordered([g.get("attribute") for g in ctx["fairness"]["gaps"]], [])
     scen_rows = {s["scenario"]: s for s in data.get("scenarios", [])}
     eval_data = []
@@ -398,7 +426,6 @@ def _model_card(params: dict[str, Any], ctx: dict[str, Any]) -> dict[str, list[A
         eval_data.append(f"{s}: {row.get('n_users', 'n/a')} users, {row.get('n_ratings', 'n/a')} query+support ratings"
                          if row else f"{s}: sizes not recorded")
     train = scen_rows.get("train")
-    counts = data.get("counts") or {}
     rr = data.get("rating_range")
     scale = f" on the {rr[0]:g} to {rr[1]:g} scale" if rr and all(_num(x) is not None for x in rr) else ""
     quant = []
@@ -448,8 +475,7 @@ def _model_card(params: dict[str, Any], ctx: dict[str, Any]) -> dict[str, list[A
                     + (", ".join(p["name"] for p in ctx["robustness"]["perturbations"]) or "no recorded perturbation")
                     + (" and profile injection (shilling) attacks." if ctx["robustness"]["shilling"] else ".")],
         "evaluation_data": eval_data,
-        "training_data": [f"{src}: {counts.get('ratings', 'n/a')} ratings by {counts.get('users', 'n/a')} users on "
-                          f"{counts.get('items', 'n/a')} items in total."]
+        "training_data": [data_description(data)]
                          + ([f"Training tasks: {train.get('n_tasks', 'n/a')} users with {train.get('n_ratings', 'n/a')} "
                              f"ratings (existing users, existing items)."] if train else []),
         "quantitative": quant,

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         seed_everything(args.seed)
         t0 = time.perf_counter()
         model = registry.build("melu", CHANGES[name], args.seed)
-        registry.fit(model, train, val, encoder)
+        model.fit(train, val, encoder)
         score = mae(model.predict(tasks), truth)
         rows.append((f"melu {name}", score, model.best_epoch_, time.perf_counter() - t0))
         if name == "default":
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         seed_everything(args.seed, torch_too=name not in registry.CLASSIC)
         t0 = time.perf_counter()
         model = registry.build(name, {}, args.seed)
-        registry.fit(model, train, val, encoder)
+        model.fit(train, val, encoder)
         rows.append((name, mae(model.predict(tasks), truth), None, time.perf_counter() - t0))
         print(f"{name:<34}val MAE {rows[-1][1]:.4f}", flush=True)
     best_base = min(r[1] for r in rows if not r[0].startswith("melu"))

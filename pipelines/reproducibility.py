@@ -24,7 +24,7 @@ def determinism(params: dict) -> dict:
     seed_everything(seed)
     data = load_prepared()
     model = registry.build(name, params.get("model_params", {}).get(name) or {}, seed)
-    registry.fit(model, load_split("train", data), load_split("val", data), load_encoder())
+    model.fit(load_split("train", data), load_split("val", data), load_encoder())
     fresh = pd.concat([query_predictions(model, load_split(s, data)) for s in SCENARIOS], ignore_index=True)
     stored = pd.read_parquet(f"predictions/{name}/seed{seed}.parquet")
     same_rows = fresh[["user_id", "item_id", "scenario"]].equals(stored[["user_id", "item_id", "scenario"]])

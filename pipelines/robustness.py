@@ -74,7 +74,7 @@ def _shilling(params: dict, data) -> list[dict]:
         def fit_predict(extra: pd.DataFrame, name: str = name) -> tuple[pd.DataFrame, pd.DataFrame]:
             seed_everything(seed, torch_too=name not in registry.CLASSIC)
             model = registry.build(name, params.get("model_params", {}).get(name) or {}, seed)
-            registry.fit(model, _with_fakes(train, extra), val, encoder)
+            model.fit(_with_fakes(train, extra), val, encoder)
             preds = model.predict(target_tasks)
             pred = pd.concat([pd.DataFrame({"user_id": t.user_id, "item_id": t.candidates, "y_pred": p})
                               for t, p in zip(target_tasks, preds)], ignore_index=True)

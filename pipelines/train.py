@@ -33,7 +33,7 @@ def main() -> None:
     train, val = load_split("train", data), load_split("val", data)
     t0 = time.perf_counter()
     model = registry.build(args.model, params.get("model_params", {}).get(args.model) or {}, args.seed)
-    registry.fit(model, train, val, encoder)
+    model.fit(train, val, encoder)
     fit_s = time.perf_counter() - t0
     out_dir = f"models/{args.model}/seed{args.seed}"
     model.save(out_dir)

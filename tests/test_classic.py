@@ -6,9 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metarec.models import classic
-from metarec.models.classic import (BiasBaseline, ClassicRecommender, GlobalMean, ItemKNN, Popularity,
-                                    SVDRecommender, build, fold_in, task_user_key, tune)
+from metarec.errors import ConfigError
+from metarec.models import classic, registry
+from metarec.models.classic import (BiasBaseline, GlobalMean, ItemKNN, Popularity, SVDRecommender, fold_in,
+                                    task_user_key, tune)
+from metarec.models.registry import build
 from metarec.tasks import TaskSet
 
 
@@ -188,10 +190,12 @@ def test_determinism_and_save_load(data, tmp_path, name):
     model.save(tmp_path)
     assert (tmp_path / "train_ratings.parquet").exists() and (tmp_path / "config.json").exists()
     assert not list(tmp_path.glob("*.pkl"))
-    loaded = ClassicRecommender.load(tmp_path)
+    loaded = registry.load(name, tmp_path)
     assert type(loaded) is type(model) and loaded.get_params() == model.get_params()
     np.testing.assert_array_equal(np.concatenate(loaded.predict(tasks)), np.concatenate(b))
-    assert type(model).load(tmp_path).get_params() == model.get_params()
+    other = GlobalMean if name != "mean" else Popularity
+    with pytest.raises(ConfigError, match=f"holds a '{name}' model, not '{other.name}'"):
+        other.load(tmp_path)
 
 
 def test_svd_seed_matters(data):

@@ -199,7 +199,9 @@ def test_unknown_items_and_errors(data, fitted):
     assert np.all(np.isfinite(model.predict([task])[0]))
     with pytest.raises(ConfigError):
         SupportSetEnsemble().fit(train, None, None)
-    with pytest.raises(ConfigError):
-        SupportSetEnsemble(group_by="items")
-    with pytest.raises(ConfigError):
-        SupportSetEnsemble(combine="median")
+    with pytest.raises(ConfigError, match="ensemble: group_by must be one of"):
+        SupportSetEnsemble(group_by="items").fit(train, None, enc)
+    with pytest.raises(ConfigError, match="ensemble: combine must be one of"):
+        SupportSetEnsemble(combine="median").fit(train, None, enc)
+    with pytest.raises(ConfigError, match=r"ensemble: lr must be a number >= 0.0, got '1e-3'"):
+        SupportSetEnsemble(lr="1e-3").fit(train, None, enc)

@@ -228,7 +228,7 @@ def test_save_load_round_trip_without_pickle(tiny, tmp_path):
     with safe_open(str(tmp_path / "weights.safetensors"), framework="pt") as fh:
         assert set(fh.keys()) == set(model.network_.params())
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["model"] == "MeLU" and cfg["params"]["order"] == "first" and "vocab" in cfg["encoder"]
+    assert cfg["model"] == "melu" and cfg["params"]["order"] == "first" and "vocab" in cfg["encoder"]
     history = json.loads((tmp_path / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2] and {"train_loss", "val_loss"} <= set(history[0])
 
@@ -270,8 +270,10 @@ def test_empty_support_and_empty_task_list(tiny):
 def test_bad_config_is_rejected():
     from metarec.errors import ConfigError
 
-    with pytest.raises(ConfigError):
-        MeLU(order="third")
+    tiny = make_tiny(n_train=4, n_val=0)
+    bad = MeLU(order="third")   # scikit-learn convention: the constructor stores, fit checks
+    with pytest.raises(ConfigError, match="melu: order must be one of"):
+        bad.fit(tiny.train, None, tiny.encoder)
     with pytest.raises(ConfigError):
         MeLU().fit(make_tiny(n_train=4, n_val=0).train)
 

@@ -68,7 +68,7 @@ def test_finetune_save_load_round_trip(tiny, tmp_path):
                                                                                          tiny.encoder)
     ft.save(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["model"] == "FineTune" and cfg["params"]["steps"] == 2 and cfg["params"]["adapt_layers"] == [-1]
+    assert cfg["model"] == "finetune" and cfg["params"]["steps"] == 2 and cfg["params"]["adapt_layers"] == [-1]
     loaded = FineTune.load(tmp_path)
     tasks = tiny.val.tasks()
     for a, b in zip(ft.predict(tasks), loaded.predict(tasks)):

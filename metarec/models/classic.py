@@ -28,7 +28,6 @@ validation users only (pooled val-query MAE; see each class). Models persist as 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -38,7 +37,9 @@ import numpy as np
 import pandas as pd
 
 from metarec.errors import ConfigError
+from metarec.features import FeatureEncoder
 from metarec.io import atomic_write_json, atomic_write_parquet
+from metarec.models.base import CONFIG, Estimator
 from metarec.tasks import Task, TaskSet
 
 RATING_COLUMNS = ["user_id", "item_id", "rating"]
@@ -117,42 +118,33 @@ def _surprise_trainset(rows: pd.DataFrame, scale: tuple[float, float]):
 
 
 # ---------------------------------------------------------------------------------------- base class
-class ClassicRecommender:
+class ClassicRecommender(Estimator):
     """Shared fit/predict/save logic; subclasses say how to fit on the folded rows and score.
 
-    Constructor arguments are the hyperparameters (scikit-learn style, see `get_params`).
+    Constructor arguments are the hyperparameters (stored as given; see `Estimator`).
     """
 
-    name: ClassVar[str] = ""
     cache_size: ClassVar[int] = 4
     # Predictions depend on every support folded in together: callers must not split the tasks.
     predict_chunk: ClassVar[int | None] = None
+    train_ratings_: pd.DataFrame | None = None
 
     def __init__(self, seed: int = 0, rating_scale: tuple[float, float] | None = None) -> None:
-        self.seed = int(seed)
-        self.rating_scale = None if rating_scale is None else (float(rating_scale[0]), float(rating_scale[1]))
-        self.train_ratings_: pd.DataFrame | None = None
-        self._cache: OrderedDict[str, Any] = OrderedDict()
-
-    # -------------------------------------------------------------- scikit-learn style params
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        sig = inspect.signature(cls.__init__)
-        return [p for p in sig.parameters if p != "self"]
-
-    def get_params(self) -> dict[str, Any]:
-        out = {}
-        for p in self._param_names():
-            v = getattr(self, p)
-            out[p] = list(v) if isinstance(v, tuple) else v
-        return out
+        self.seed = seed
+        self.rating_scale = rating_scale
 
     # -------------------------------------------------------------- fitting
-    def fit(self, train: TaskSet, val: TaskSet | None = None) -> "ClassicRecommender":
+    def _check_params(self) -> None:
+        rs = self.rating_scale
+        if rs is not None and not (len(rs) == 2 and float(rs[0]) < float(rs[1])):
+            raise ConfigError(f"{self.name}: rating_scale must be None or [min, max] with min < max, got {rs!r}.")
+
+    def _fit(self, train: TaskSet, val: TaskSet | None, encoder: FeatureEncoder | None) -> "ClassicRecommender":
         """Store the training ratings (support and query rows of the training tasks).
 
         The algorithm itself is fitted lazily in `predict`, where the supports to fold in are
-        known. `val` is unused (hyperparameters are chosen by `tune`).
+        known. `val` is unused (hyperparameters are chosen by `tune`), and so is `encoder`: these
+        models see item ids only.
         """
         return self._set_train(train.all_ratings())
 
@@ -165,14 +157,14 @@ class ClassicRecommender:
         if r.empty:
             raise ConfigError(f"{self.name}: the training split has no ratings to fit on.")
         self.train_ratings_ = r.reset_index(drop=True)
-        self._cache.clear()
+        self._cache: OrderedDict[str, Any] = OrderedDict()
         return self
 
     @property
     def scale_(self) -> tuple[float, float]:
         """The rating scale predictions are clipped to (given, or the training min/max)."""
         if self.rating_scale is not None:
-            return self.rating_scale
+            return float(self.rating_scale[0]), float(self.rating_scale[1])
         r = self._train()["rating"]
         return float(r.min()), float(r.max())
 
@@ -213,26 +205,15 @@ class ClassicRecommender:
     def save(self, directory: str | Path) -> None:
         """config.json (model name, hyperparameters, seed), train_ratings.parquet, history.json."""
         d = Path(directory)
-        atomic_write_json(d / "config.json", {"model": self.name, "params": self.get_params()})
+        atomic_write_json(d / CONFIG, {"model": self.name, "params": self.config_params()})
         atomic_write_parquet(d / "train_ratings.parquet", self._train())
         atomic_write_json(d / "history.json", [])
 
     @classmethod
     def load(cls, directory: str | Path, train: TaskSet | None = None) -> "ClassicRecommender":
         """Rebuild from config.json and the stored training ratings (`train` is not needed)."""
-        d = Path(directory)
-        config = json.loads((d / "config.json").read_text())
-        target = CLASSIC_MODELS.get(config.get("model", ""))
-        if target is None:
-            raise ConfigError(f"{d / 'config.json'}: unknown classic model {config.get('model')!r}.")
-        if cls is not ClassicRecommender and target is not cls:
-            raise ConfigError(f"{d / 'config.json'} holds model {config['model']!r}, not {cls.name!r}.")
-        model = target(**config["params"])
-        return model._set_train(pd.read_parquet(d / "train_ratings.parquet"))
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
+        model = cls.from_config_params(cls.read_config(directory)["params"])
+        return model._set_train(pd.read_parquet(Path(directory) / "train_ratings.parquet"))
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -243,9 +224,8 @@ class GlobalMean(ClassicRecommender):
     """
 
     name = "mean"
-
-    def __init__(self, seed: int = 0, rating_scale: tuple[float, float] | None = None) -> None:
-        super().__init__(seed=seed, rating_scale=rating_scale)
+    description = ("the global mean: every prediction is the mean of all training ratings, for every user and item "
+                   "(support ratings are ignored)")
 
     def _fitted(self, tasks: Sequence[Task]) -> tuple[Any, list[str]]:
         return float(self._train()["rating"].mean()), ["" for _ in tasks]
@@ -265,15 +245,23 @@ class Popularity(ClassicRecommender):
     """
 
     name = "pop"
+    description = ("item popularity: each item's ratings averaged with `shrinkage` pseudo-ratings at the global mean, "
+                   "so well-rated, often-rated items score highest; the same score for every user")
 
     def __init__(self, shrinkage: float = 5.0, seed: int = 0, rating_scale: tuple[float, float] | None = None) -> None:
         super().__init__(seed=seed, rating_scale=rating_scale)
-        self.shrinkage = float(shrinkage)
+        self.shrinkage = shrinkage
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if not float(self.shrinkage) >= 0:
+            raise ConfigError(f"pop: shrinkage must be >= 0, got {self.shrinkage!r}.")
 
     def _fit_rows(self, rows: pd.DataFrame) -> tuple[float, pd.Series]:
         mu = float(rows["rating"].mean())
         g = rows.groupby("item_id")["rating"].agg(["sum", "count"])
-        score = (g["sum"] + self.shrinkage * mu) / (g["count"] + self.shrinkage)
+        k = float(self.shrinkage)
+        score = (g["sum"] + k * mu) / (g["count"] + k)
         return mu, score
 
     def _score(self, state: tuple[float, pd.Series], user_key: str, items: np.ndarray) -> np.ndarray:
@@ -316,18 +304,26 @@ def _bias_score(algo, user_key: str, items: np.ndarray, factors: bool) -> np.nda
     return est
 
 
+def _als_options(model: ClassicRecommender) -> dict:
+    """surprise's ALS baseline options from a model's n_epochs, reg_u and reg_i."""
+    return {"method": "als", "n_epochs": int(model.n_epochs), "reg_u": float(model.reg_u),
+            "reg_i": float(model.reg_i)}
+
+
 class BiasBaseline(_SurpriseRecommender):
     """surprise BaselineOnly (mu + b_u + b_i) with biases fitted by ALS."""
 
     name = "bias"
+    description = ("baseline predictor: global mean plus a user bias and an item bias fitted by alternating least "
+                   "squares (scikit-surprise BaselineOnly), refitted with the new user's support ratings folded in")
 
     def __init__(self, n_epochs: int = 10, reg_u: float = 5.0, reg_i: float = 5.0, seed: int = 0,
                  rating_scale: tuple[float, float] | None = None) -> None:
         super().__init__(seed=seed, rating_scale=rating_scale)
-        self.n_epochs, self.reg_u, self.reg_i = int(n_epochs), float(reg_u), float(reg_i)
+        self.n_epochs, self.reg_u, self.reg_i = n_epochs, reg_u, reg_i
 
     def bsl_options(self) -> dict:
-        return {"method": "als", "n_epochs": self.n_epochs, "reg_u": self.reg_u, "reg_i": self.reg_i}
+        return _als_options(self)
 
     def _algorithm(self):
         from surprise import BaselineOnly
@@ -343,22 +339,28 @@ class ItemKNN(_SurpriseRecommender):
     ALS baselines; with fewer than `min_k` positive neighbours it falls back to the baseline."""
 
     name = "itemknn"
+    description = ("item-based k-nearest neighbours: baseline prediction plus the similarity-weighted deviations of "
+                   "the user's ratings of the k most similar items (scikit-surprise KNNBaseline, shrunk "
+                   "Pearson-baseline similarity), refitted with the new user's support ratings folded in")
 
     def __init__(self, k: int = 20, min_k: int = 1, shrinkage: int = 100, n_epochs: int = 10, reg_u: float = 15.0,
                  reg_i: float = 10.0, seed: int = 0, rating_scale: tuple[float, float] | None = None) -> None:
         super().__init__(seed=seed, rating_scale=rating_scale)
-        self.k, self.min_k, self.shrinkage = int(k), int(min_k), int(shrinkage)
-        self.n_epochs, self.reg_u, self.reg_i = int(n_epochs), float(reg_u), float(reg_i)
+        self.k, self.min_k, self.shrinkage = k, min_k, shrinkage
+        self.n_epochs, self.reg_u, self.reg_i = n_epochs, reg_u, reg_i
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if int(self.k) < 1 or int(self.min_k) < 0:
+            raise ConfigError(f"itemknn: k must be >= 1 and min_k >= 0, got k={self.k!r}, min_k={self.min_k!r}.")
 
     def _algorithm(self):
         from surprise import KNNBaseline
 
-        return KNNBaseline(k=self.k, min_k=self.min_k,
-                           sim_options={"name": "pearson_baseline", "user_based": False, "shrinkage": self.shrinkage},
-                           bsl_options={"method": "als", "n_epochs": self.n_epochs, "reg_u": self.reg_u,
-                                        "reg_i": self.reg_i},
-                           verbose=False)
-
+        return KNNBaseline(k=int(self.k), min_k=int(self.min_k),
+                           sim_options={"name": "pearson_baseline", "user_based": False,
+                                        "shrinkage": int(self.shrinkage)},
+                           bsl_options=_als_options(self), verbose=False)
 
     def _score(self, algo, user_key: str, items: np.ndarray) -> np.ndarray:
         """Vectorised KNNBaseline estimate: b_ui + sum(sim * (r_uj - b_uj)) / sum(sim) over the k
@@ -379,15 +381,16 @@ class ItemKNN(_SurpriseRecommender):
         r = np.fromiter((y for _, y in rated), dtype=np.float64, count=len(rated))
         dev = r - (ts.global_mean + np.asarray(algo.bi)[j] + algo.bu[u])
         sim = np.asarray(algo.sim)[np.ix_(inner[known], j)]
-        if self.k < len(j):
-            idx = np.argpartition(-sim, self.k - 1, axis=1)[:, : self.k]
+        k = int(self.k)
+        if k < len(j):
+            idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
             sim, dev = np.take_along_axis(sim, idx, axis=1), dev[idx]
         else:
             dev = np.broadcast_to(dev, sim.shape)
         pos = sim > 0
         sum_sim = np.where(pos, sim, 0.0).sum(axis=1)
         sum_dev = np.where(pos, sim * dev, 0.0).sum(axis=1)
-        sum_dev[pos.sum(axis=1) < self.min_k] = 0.0
+        sum_dev[pos.sum(axis=1) < int(self.min_k)] = 0.0
         with np.errstate(divide="ignore", invalid="ignore"):
             est[known] += np.where(sum_sim > 0, sum_dev / np.where(sum_sim > 0, sum_sim, 1.0), 0.0)
         return est
@@ -397,40 +400,24 @@ class SVDRecommender(_SurpriseRecommender):
     """surprise SVD (biased matrix factorisation by SGD), seeded through random_state."""
 
     name = "svd"
+    description = ("biased matrix factorisation (global mean, user and item biases and latent factors) trained by "
+                   "SGD (scikit-surprise SVD), refitted with the new user's support ratings folded in")
 
     def __init__(self, n_factors: int = 100, n_epochs: int = 40, lr_all: float = 0.005, reg_all: float = 0.05,
                  init_std_dev: float = 0.1, seed: int = 0, rating_scale: tuple[float, float] | None = None) -> None:
         super().__init__(seed=seed, rating_scale=rating_scale)
-        self.n_factors, self.n_epochs = int(n_factors), int(n_epochs)
-        self.lr_all, self.reg_all, self.init_std_dev = float(lr_all), float(reg_all), float(init_std_dev)
+        self.n_factors, self.n_epochs = n_factors, n_epochs
+        self.lr_all, self.reg_all, self.init_std_dev = lr_all, reg_all, init_std_dev
 
     def _algorithm(self):
         from surprise import SVD
 
-        return SVD(n_factors=self.n_factors, n_epochs=self.n_epochs, lr_all=self.lr_all, reg_all=self.reg_all,
-                   init_std_dev=self.init_std_dev, random_state=self.seed, verbose=False)
+        return SVD(n_factors=int(self.n_factors), n_epochs=int(self.n_epochs), lr_all=float(self.lr_all),
+                   reg_all=float(self.reg_all), init_std_dev=float(self.init_std_dev), random_state=int(self.seed),
+                   verbose=False)
 
     def _score(self, algo, user_key: str, items: np.ndarray) -> np.ndarray:
         return _bias_score(algo, user_key, items, factors=True)
-
-
-CLASSIC_MODELS: dict[str, type[ClassicRecommender]] = {
-    cls.name: cls for cls in (GlobalMean, BiasBaseline, Popularity, ItemKNN, SVDRecommender)
-}
-
-
-def build(name: str, params: Mapping[str, Any] | None = None, seed: int = 0) -> ClassicRecommender:
-    """A classic model by name ('mean', 'bias', 'pop', 'itemknn', 'svd') with hyperparameters."""
-    cls = CLASSIC_MODELS.get(name)
-    if cls is None:
-        raise ConfigError(f"unknown classic model {name!r}; expected one of {sorted(CLASSIC_MODELS)}.")
-    params = dict(params or {})
-    params.pop("seed", None)
-    unknown = set(params) - set(cls._param_names())
-    if unknown:
-        raise ConfigError(f"model {name!r}: unknown hyperparameters {sorted(unknown)}; "
-                          f"accepted: {[p for p in cls._param_names() if p != 'seed']}.")
-    return cls(**params, seed=seed)
 
 
 def query_mae(model, tasks_with_truth: Sequence[tuple[Task, np.ndarray]]) -> float:
@@ -450,6 +437,8 @@ def tune(model_name: str, train: TaskSet, val: TaskSet, grid: Mapping[str, Itera
     Returns the best params (and, with return_scores, a list of (params, mae)).
     """
     from sklearn.model_selection import ParameterGrid
+
+    from metarec.models.registry import build
 
     combos = list(ParameterGrid(grid if isinstance(grid, Mapping) else list(grid)))
     if not combos:

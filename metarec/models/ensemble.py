@@ -33,7 +33,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -42,6 +42,7 @@ import torch
 from metarec.errors import ConfigError
 from metarec.features import PAD, FeatureEncoder
 from metarec.io import atomic_write_bytes, atomic_write_json
+from metarec.models.base import CONFIG, Estimator, check_choice, check_number
 from metarec.seeding import rng as named_rng
 from metarec.tasks import Task, TaskSet
 
@@ -229,7 +230,7 @@ def combine_weights(losses: np.ndarray, temperature: float) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- the ensemble
-class SupportSetEnsemble:
+class SupportSetEnsemble(Estimator):
     """Per-user or per-cluster base learners, combined by their fit to a new user's support.
 
     Parameters: group_by ("user" | "cluster"), n_clusters (KMeans clusters for "cluster"),
@@ -245,46 +246,43 @@ class SupportSetEnsemble:
     """
 
     name = "ensemble"
+    description = ("support-set ensemble (not meta-learned): small models of item features to rating, one per "
+                   "cluster of training users or per training user, combined for each new user according to how "
+                   "well they predict that user's support ratings (ridge stacking, or a softmax of their errors)")
+    encoder_: FeatureEncoder | None = None
+    params_: dict[str, torch.Tensor] | None = None
+    val_mae_: float | None = None
+    _item_pred: np.ndarray | None = None
 
     def __init__(self, group_by: str = "cluster", n_clusters: int = 50, hidden: int = 0, emb_dim: int = 8,
                  lr: float = 0.05, weight_decay: float = 1e-3, max_epochs: int = 200, patience: int = 10,
                  holdout: float = 0.2, min_ratings: int = 5, combine: str = "stacking", temperature: float = 0.03,
                  alpha: float = 30.0, seed: int = 0) -> None:
-        if group_by not in GROUP_BY:
-            raise ConfigError(f"ensemble: group_by must be one of {GROUP_BY}, got {group_by!r}.")
-        if combine not in COMBINE:
-            raise ConfigError(f"ensemble: combine must be one of {COMBINE}, got {combine!r}.")
-        if not 0.0 <= holdout < 1.0:
-            raise ConfigError(f"ensemble: holdout must be in [0, 1), got {holdout!r}.")
-        self.group_by, self.n_clusters = group_by, int(n_clusters)
-        self.hidden, self.emb_dim = int(hidden), int(emb_dim)
-        self.lr, self.weight_decay = float(lr), float(weight_decay)
-        self.max_epochs, self.patience = int(max_epochs), int(patience)
-        self.holdout, self.min_ratings = float(holdout), int(min_ratings)
-        self.combine, self.temperature, self.alpha = combine, float(temperature), float(alpha)
-        self.seed = int(seed)
-        self.encoder: FeatureEncoder | None = None
-        self.params_: dict[str, torch.Tensor] | None = None
-        self.groups_: list[np.ndarray] = []
-        self.history_: list[dict] = []
-        self.val_mae_: float | None = None
-        self._item_pred: np.ndarray | None = None
+        self.group_by, self.n_clusters = group_by, n_clusters
+        self.hidden, self.emb_dim = hidden, emb_dim
+        self.lr, self.weight_decay = lr, weight_decay
+        self.max_epochs, self.patience = max_epochs, patience
+        self.holdout, self.min_ratings = holdout, min_ratings
+        self.combine, self.temperature, self.alpha = combine, temperature, alpha
+        self.seed = seed
 
-    _PARAMS = ("group_by", "n_clusters", "hidden", "emb_dim", "lr", "weight_decay", "max_epochs", "patience",
-               "holdout", "min_ratings", "combine", "temperature", "alpha", "seed")
-
-    def get_params(self) -> dict[str, Any]:
-        return {p: getattr(self, p) for p in self._PARAMS}
-
-    def __repr__(self) -> str:
-        return f"SupportSetEnsemble({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
+    def _check_params(self) -> None:
+        check_choice("ensemble", "group_by", self.group_by, GROUP_BY)
+        check_choice("ensemble", "combine", self.combine, COMBINE)
+        check_number("ensemble", "holdout", self.holdout, 0.0, 1.0, high_open=True)
+        for param in ("n_clusters", "max_epochs", "patience"):
+            check_number("ensemble", param, getattr(self, param), 1, integer=True)
+        for param in ("hidden", "emb_dim", "min_ratings", "seed"):
+            check_number("ensemble", param, getattr(self, param), 0, integer=True)
+        for param in ("lr", "weight_decay", "temperature", "alpha"):
+            check_number("ensemble", param, getattr(self, param), 0.0)
 
     # -------------------------------------------------------------- grouping
     def _cluster_features(self, ratings: pd.DataFrame, users: pd.DataFrame, user_ids: np.ndarray) -> np.ndarray:
         """User attribute one-hots + standardised rating profile (mean rating, mean centred rating
         per multi-label value, e.g. per genre). The profile block is scaled to weigh as much as
         the attribute blocks together; near-unique attributes (zip) are left out."""
-        enc = self.encoder
+        enc = self.encoder_
         attrs = users.set_index("user_id").reindex(user_ids).reset_index()
         codes = enc.encode_users(attrs)
         blocks = []
@@ -334,7 +332,7 @@ class SupportSetEnsemble:
 
     # -------------------------------------------------------------- fitting
     def _item_tensors(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        enc = self.encoder
+        enc = self.encoder_
         return torch.from_numpy(enc.item_x), {n: torch.from_numpy(enc.item_ml[n]) for n in enc.item_multilabel}
 
     def _learner_data(self, ratings: pd.DataFrame) -> LearnerData:
@@ -350,21 +348,18 @@ class SupportSetEnsemble:
                 n_val = max(1, min(n_val, n - 1))
             is_val = np.zeros(n, dtype=bool)
             is_val[split_rng.permutation(n)[:n_val]] = True
-            row_lists.append(self.encoder.item_rows(g["item_id"].to_numpy()))
+            row_lists.append(self.encoder_.item_rows(g["item_id"].to_numpy()))
             y_lists.append(g["rating"].to_numpy(np.float32))
             val_lists.append(is_val)
         return LearnerData.build(row_lists, y_lists, val_lists)
 
-    def fit(self, train: TaskSet, val: TaskSet | None = None, encoder: FeatureEncoder | None = None
-            ) -> "SupportSetEnsemble":
+    def _fit(self, train: TaskSet, val: TaskSet | None, encoder: FeatureEncoder | None) -> "SupportSetEnsemble":
         """Train one learner per training user / cluster on its support+query training rows.
 
         `encoder` (the split's FeatureEncoder) is required: it defines the item features. `val`, if
         given, is only scored (val_mae_), never trained on.
         """
-        if encoder is None:
-            raise ConfigError("ensemble: fit() needs the FeatureEncoder of the task split (encoder=...).")
-        self.encoder = encoder
+        self.encoder_ = encoder = self._require_encoder(encoder)
         ratings = train.all_ratings()[["user_id", "item_id", "rating"]].copy()
         ratings = ratings.sort_values(["user_id", "item_id"], kind="stable").reset_index(drop=True)
         if ratings.empty:
@@ -393,12 +388,12 @@ class SupportSetEnsemble:
     # -------------------------------------------------------------- prediction
     def item_predictions(self) -> np.ndarray:
         """[n_learners, n_items in the encoder's item table]: every learner's rating of every item."""
-        if self.params_ is None or self.encoder is None:
+        if self.params_ is None or self.encoder_ is None:
             raise ConfigError("ensemble: call fit() (or load()) before predict().")
         if self._item_pred is None:
             item_x, item_ml = self._item_tensors()
-            n_items = len(self.encoder.item_ids)
-            names, ml = self.encoder.item_names, self.encoder.item_multilabel
+            n_items = len(self.encoder_.item_ids)
+            names, ml = self.encoder_.item_names, self.encoder_.item_multilabel
             out = []
             step = max(1, 2_000_000 // max(n_items * max(self.emb_dim, 1), 1))
             with torch.no_grad():
@@ -413,8 +408,8 @@ class SupportSetEnsemble:
     def base_predictions(self, task: Task) -> tuple[np.ndarray, np.ndarray]:
         """(learners' predictions of the support items [B, S], of the candidates [B, C])."""
         p = self.item_predictions()
-        s = self.encoder.item_rows(np.asarray(task.support_items, dtype=np.int64))
-        c = self.encoder.item_rows(np.asarray(task.candidates, dtype=np.int64))
+        s = self.encoder_.item_rows(np.asarray(task.support_items, dtype=np.int64))
+        c = self.encoder_.item_rows(np.asarray(task.candidates, dtype=np.int64))
         return p[:, s], p[:, c]
 
     def support_losses(self, task: Task) -> np.ndarray:
@@ -433,7 +428,7 @@ class SupportSetEnsemble:
         else:
             losses = ((ps - y) ** 2).mean(1) if len(y) else np.zeros(ps.shape[0])
             pred = combine_weights(losses, self.temperature) @ pc
-        spec = self.encoder.spec
+        spec = self.encoder_.spec
         return np.clip(pred, spec.rating_min, spec.rating_max)
 
     def predict(self, tasks: Sequence[Task]) -> list[np.ndarray]:
@@ -446,7 +441,7 @@ class SupportSetEnsemble:
         (hyperparameters + encoder), history.json (per-epoch mean train/held-out loss)."""
         from safetensors.torch import save as st_save
 
-        if self.params_ is None or self.encoder is None:
+        if self.params_ is None or self.encoder_ is None:
             raise ConfigError("ensemble: nothing to save; call fit() first.")
         d = Path(directory)
         sizes = np.array([len(g) for g in self.groups_], dtype=np.int64)
@@ -454,8 +449,8 @@ class SupportSetEnsemble:
         tensors["groups.users"] = torch.from_numpy(np.concatenate(self.groups_).astype(np.int64))
         tensors["groups.sizes"] = torch.from_numpy(sizes)
         atomic_write_bytes(d / "weights.safetensors", st_save(tensors))
-        atomic_write_json(d / "config.json", {"model": self.name, "params": self.get_params(),
-                                              "encoder": json.loads(self.encoder.to_json()),
+        atomic_write_json(d / CONFIG, {"model": self.name, "params": self.config_params(),
+                                              "encoder": json.loads(self.encoder_.to_json()),
                                               "val_mae": self.val_mae_})
         atomic_write_json(d / "history.json", self.history_)
 
@@ -464,9 +459,9 @@ class SupportSetEnsemble:
         from safetensors.torch import load as st_load
 
         d = Path(directory)
-        config = json.loads((d / "config.json").read_text())
-        model = cls(**config["params"])
-        model.encoder = FeatureEncoder.from_json(json.dumps(config["encoder"]))
+        config = cls.read_config(d)
+        model = cls.from_config_params(config["params"])
+        model.encoder_ = FeatureEncoder.from_json(json.dumps(config["encoder"]))
         tensors = st_load((d / "weights.safetensors").read_bytes())
         users, sizes = tensors.pop("groups.users").numpy(), tensors.pop("groups.sizes").numpy()
         model.groups_ = [a.copy() for a in np.split(users, np.cumsum(sizes)[:-1])]

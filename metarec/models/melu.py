@@ -27,6 +27,7 @@ from torch import Tensor
 from metarec.errors import ConfigError
 from metarec.features import FeatureEncoder
 from metarec.models import native
+from metarec.models.base import check_choice, check_number
 from metarec.models.network import (NetworkSpec, Params, adapt_and_rate, adapted_layers, embed, embed_sets, mlp,
                                     split_params, task_mse)
 from metarec.models.training import (EarlyStopping, History, NeuralRecommender, progress, slice_batch)
@@ -152,7 +153,7 @@ def loop_meta_gradient(params: Mapping[str, Tensor], buffers: Mapping[str, Tenso
 
 # ------------------------------------------------------------------------------------------ model
 class MeLU(NeuralRecommender):
-    """MeLU with scikit-learn style hyperparameters.
+    """MeLU with scikit-learn style hyperparameters (stored as given, checked by `fit`).
 
     Defaults are tuned for MovieLens-100K-scale tasks (hundreds of training users, supports up to
     ~90 ratings, 10 query ratings): MeLU's published step sizes (local 5e-6, global 5e-5) learn
@@ -171,14 +172,19 @@ class MeLU(NeuralRecommender):
     the cost of a meta-batch. Neither applies at prediction time.
     """
 
+    name = "melu"
+    description = ("MeLU, a meta-learned user preference estimator (Lee et al., KDD 2019): a rating network over "
+                   "user-attribute and item-feature embeddings whose dense decision layers are meta-trained "
+                   "(MAML-style) so that a few SGD steps on a user's support ratings adapt them to that user")
+
     def __init__(self, embedding_dim: int = 32, hidden: Sequence[int] = (64, 64), local_lr: float = 0.05,
                  local_steps: int = 5, global_lr: float = 1e-3, meta_batch_size: int = 32, epochs: int = 30,
                  patience: int = 5, order: Order = "first", adapt_layers: Sequence[int] | None = None,
                  seed: int = 0, threads: int = 2, max_support: int | None = None, support_groups: int | None = None,
                  resample: bool = True, train_support: int | None = 64, weight_decay: float = 0.0,
-                 verbose: bool = False, encoder: FeatureEncoder | None = None) -> None:
+                 verbose: bool = False) -> None:
         self.embedding_dim = embedding_dim
-        self.hidden = tuple(hidden)
+        self.hidden = hidden
         self.local_lr = local_lr
         self.local_steps = local_steps
         self.global_lr = global_lr
@@ -186,7 +192,7 @@ class MeLU(NeuralRecommender):
         self.epochs = epochs
         self.patience = patience
         self.order = order
-        self.adapt_layers = None if adapt_layers is None else tuple(adapt_layers)
+        self.adapt_layers = adapt_layers
         self.seed = seed
         self.threads = threads
         self.max_support = max_support
@@ -195,30 +201,25 @@ class MeLU(NeuralRecommender):
         self.train_support = train_support
         self.weight_decay = weight_decay
         self.verbose = verbose
-        self.encoder = encoder
-        self.history_ = History()
-        self._validate()
 
-    def _validate(self) -> None:
-        if self.order not in ("first", "second"):
-            raise ConfigError(f"MeLU: order must be 'first' or 'second', got {self.order!r}")
-        if not 0 <= int(self.local_steps) <= 100:
-            raise ConfigError(f"MeLU: local_steps must be in 0..100, got {self.local_steps}")
-        if self.support_groups is not None and int(self.support_groups) < 1:
-            raise ConfigError("MeLU: support_groups must be None or >= 1")
-        if int(self.meta_batch_size) < 1 or int(self.epochs) < 0 or int(self.patience) < 1:
-            raise ConfigError("MeLU: meta_batch_size and patience must be >= 1 and epochs >= 0")
-        if self.max_support is not None and int(self.max_support) < 0:
-            raise ConfigError("MeLU: max_support must be None or >= 0")
+    def _check_params(self) -> None:
+        check_choice("melu", "order", self.order, ("first", "second"))
+        check_number("melu", "local_steps", self.local_steps, 0, 100, integer=True)
+        for param in ("meta_batch_size", "patience", "threads"):
+            check_number("melu", param, getattr(self, param), 1, integer=True)
+        check_number("melu", "epochs", self.epochs, 0, integer=True)
+        for param in ("support_groups", "max_support", "train_support"):
+            if getattr(self, param) is not None:
+                check_number("melu", param, getattr(self, param), 1 if param == "support_groups" else 0,
+                             integer=True)
 
     def _adaptation(self) -> tuple[list[str], float, int]:
         return self._adapt_layer_names(self.adapt_layers), float(self.local_lr), int(self.local_steps)
 
-    def fit(self, train: TaskSet, val: TaskSet | None = None, encoder: FeatureEncoder | None = None) -> "MeLU":
+    def _fit(self, train: TaskSet, val: TaskSet | None, encoder: FeatureEncoder | None) -> "MeLU":
         """Meta-train on the training tasks; early-stop on validation MAE after adaptation and keep
         the best weights. Everything random derives from `seed`."""
-        self._validate()
-        enc = self._resolve_encoder(encoder)
+        enc = self._require_encoder(encoder)
         seed_everything(int(self.seed), int(self.threads))
         net = self._build_network(enc, self.embedding_dim, self.hidden, self.seed)
         data, _, _ = self._encode_split(train)

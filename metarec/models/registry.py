@@ -1,67 +1,67 @@
-"""Model names (as in params.yaml `models`) to classes: build, fit, load, history."""
+"""Model names (as in params.yaml `models`) to model classes: resolve, build, load, history.
+
+The registry maps each name to a class, written as "module:Class" (the form of an entry point, and
+of the `class:` key issue 16 adds to params.yaml) and imported on first use, so that a pipeline
+that runs only the classic models never imports torch. Every class is an `Estimator`, whose
+`name` must be the name it is registered under: the class, not this module, states what a model
+is called, what it is (`description`) and which hyperparameters it takes.
+"""
 
 from __future__ import annotations
 
-import inspect
+import importlib
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
 from metarec.errors import ConfigError
-from metarec.features import FeatureEncoder
+from metarec.models.base import Estimator
 from metarec.tasks import TaskSet
 
-NAMES = ("melu", "ensemble", "finetune", "global", "mean", "bias", "pop", "itemknn", "svd")
-CLASSIC = ("mean", "bias", "pop", "itemknn", "svd")
+BUILTIN: dict[str, str] = {
+    "melu": "metarec.models.melu:MeLU",
+    "ensemble": "metarec.models.ensemble:SupportSetEnsemble",
+    "finetune": "metarec.models.transfer:FineTune",
+    "global": "metarec.models.transfer:GlobalModel",
+    "mean": "metarec.models.classic:GlobalMean",
+    "bias": "metarec.models.classic:BiasBaseline",
+    "pop": "metarec.models.classic:Popularity",
+    "itemknn": "metarec.models.classic:ItemKNN",
+    "svd": "metarec.models.classic:SVDRecommender",
+}
+NAMES = tuple(BUILTIN)
+# Models that run without torch (scikit-surprise and pandas): seeded without torch, refitted in forks.
+CLASSIC = tuple(name for name, target in BUILTIN.items() if target.startswith("metarec.models.classic:"))
 
 
-def model_class(name: str) -> type:
-    if name == "melu":
-        from metarec.models.melu import MeLU
-        return MeLU
-    if name == "ensemble":
-        from metarec.models.ensemble import SupportSetEnsemble
-        return SupportSetEnsemble
-    if name == "global":
-        from metarec.models.transfer import GlobalModel
-        return GlobalModel
-    if name == "finetune":
-        from metarec.models.transfer import FineTune
-        return FineTune
-    if name in CLASSIC:
-        from metarec.models import classic
-        return type(classic.build(name))
-    raise ConfigError(f"unknown model {name!r}; expected one of {', '.join(NAMES)}")
+@lru_cache(maxsize=None)
+def model_class(name: str) -> type[Estimator]:
+    """The class registered under `name`; ConfigError for a name that is not registered."""
+    target = BUILTIN.get(name)
+    if target is None:
+        raise ConfigError(f"unknown model {name!r}; expected one of {', '.join(NAMES)}")
+    module, _, attr = target.partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    if not (isinstance(cls, type) and issubclass(cls, Estimator)) or cls.name != name:
+        raise ConfigError(f"model {name!r}: {target} is not an Estimator whose name is {name!r}")
+    return cls
 
 
-def build(name: str, params: Mapping[str, Any] | None, seed: int) -> Any:
-    """A fresh, unfitted model with the given hyperparameters and seed."""
-    params = dict(params or {})
-    if name in CLASSIC:
-        from metarec.models import classic
-        cls = model_class(name)
-        _check(name, cls, params)
-        return classic.build(name, params, seed)
+def build(name: str, params: Mapping[str, Any] | None, seed: int) -> Estimator:
+    """A fresh, unfitted model with the hyperparameters of params.yaml `model_params.<name>` and a
+    seed from `seeds` (which is why `seed` itself is refused there). Values are checked by `fit`."""
     cls = model_class(name)
-    _check(name, cls, params)
-    return cls(**params, seed=seed)
-
-
-def _check(name: str, cls: type, params: Mapping[str, Any]) -> None:
-    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "seed", "encoder"}
+    params = dict(params or {})
+    allowed = set(cls.param_names()) - {"seed"}
     unknown = set(params) - allowed
     if unknown:
         raise ConfigError(f"params.yaml model_params.{name}: unknown hyperparameter(s) {sorted(unknown)}; "
-                          f"expected some of {sorted(allowed)}")
+                          f"expected some of {sorted(allowed)} (seeds come from `seeds`)")
+    return cls(**params, seed=seed)
 
 
-def fit(model: Any, train: TaskSet, val: TaskSet | None, encoder: FeatureEncoder) -> Any:
-    """Fit with the encoder when the model takes one (neural models), without it otherwise."""
-    if "encoder" in inspect.signature(model.fit).parameters:
-        return model.fit(train, val, encoder=encoder)
-    return model.fit(train, val)
-
-
-def load(name: str, directory: str | Path, train: TaskSet | None = None) -> Any:
+def load(name: str, directory: str | Path, train: TaskSet | None = None) -> Estimator:
+    """The fitted model saved in `directory` by the model registered as `name`."""
     return model_class(name).load(directory, train=train)
 
 

@@ -8,7 +8,6 @@ candidates), validation MAE, save and load.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from pathlib import Path
@@ -23,12 +22,12 @@ from torch import Tensor
 from metarec.errors import ConfigError, MetarecError
 from metarec.features import FeatureEncoder
 from metarec.io import atomic_write_bytes, atomic_write_json
+from metarec.models.base import CONFIG, Estimator
 from metarec.models.network import NetworkSpec, RatingNetwork, batched_adapt_predict, dense_names
 from metarec.tasks import Batch, Task, TaskSet, make_batch
 
 T = TypeVar("T")
 WEIGHTS = "weights.safetensors"
-CONFIG = "config.json"
 HISTORY = "history.json"
 
 
@@ -147,10 +146,10 @@ def mae(preds: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> float:
 
 
 # ------------------------------------------------------------------------------------------ base model
-class NeuralRecommender:
+class NeuralRecommender(Estimator):
     """What the network-based models share once trained: adapt-then-predict, validation, persistence.
 
-    Subclasses define `__init__` (hyperparameters only, scikit-learn style), `fit`, and
+    Subclasses define `__init__` (hyperparameters only, see `Estimator`), `_fit`, and
     `_adaptation()` -> (adapted parameter names, step size, steps) used at predict time.
     Fitted state: `network_`, `encoder_`, `history_`, `rating_mean_`, `best_epoch_`.
     """
@@ -162,18 +161,6 @@ class NeuralRecommender:
     predict_rows: int = 65536     # tasks x padded width per prediction chunk
     predict_tasks: int = 1024
 
-    # -- scikit-learn style hyperparameters
-    def get_params(self) -> dict[str, Any]:
-        names = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "encoder")]
-        out = {}
-        for n in names:
-            v = getattr(self, n)
-            out[n] = list(v) if isinstance(v, tuple) else v
-        return out
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
-
     # -- hooks
     def _adaptation(self) -> tuple[list[str], float, int]:
         raise NotImplementedError
@@ -183,13 +170,6 @@ class NeuralRecommender:
         return dense_names(self.network_.spec, adapt_layers)
 
     # -- construction shared by fit and load
-    def _resolve_encoder(self, encoder: FeatureEncoder | None) -> FeatureEncoder:
-        enc = encoder if encoder is not None else getattr(self, "encoder", None)
-        if enc is None:
-            raise ConfigError(f"{type(self).__name__}.fit needs the FeatureEncoder of the task split "
-                              "(pass encoder= to fit or to the constructor)")
-        return enc
-
     def _build_network(self, encoder: FeatureEncoder, embedding_dim: int, hidden: Sequence[int],
                        seed: int | None) -> RatingNetwork:
         spec = NetworkSpec.from_encoder(encoder, embedding_dim, hidden)
@@ -290,9 +270,9 @@ class NeuralRecommender:
         assert self.encoder_ is not None
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_tensors(d / WEIGHTS, net.params(), {"model": type(self).__name__})
+        save_tensors(d / WEIGHTS, net.params(), {"model": self.name})
         atomic_write_json(d / CONFIG, {
-            "model": type(self).__name__, "params": self.get_params(), "network": net.spec.to_dict(),
+            "model": self.name, "params": self.config_params(), "network": net.spec.to_dict(),
             "rating_mean": self.rating_mean_, "best_epoch": self.best_epoch_,
             "encoder": json.loads(self.encoder_.to_json()), **self._extra_config(),
         })
@@ -302,14 +282,8 @@ class NeuralRecommender:
     def load(cls, directory: str | Path, train: TaskSet | None = None) -> "NeuralRecommender":
         """Rebuild a fitted model from `save`'s directory (train is unused: all state is on disk)."""
         d = Path(directory)
-        cfg = json.loads((d / CONFIG).read_text())
-        if cfg.get("model") != cls.__name__:
-            raise ConfigError(f"{d / CONFIG}: holds a {cfg.get('model')!r} model, not {cls.__name__}")
-        params = dict(cfg["params"])
-        for k in ("hidden", "adapt_layers"):
-            if isinstance(params.get(k), list):
-                params[k] = tuple(params[k])
-        model = cls(**params)
+        cfg = cls.read_config(d)
+        model = cls.from_config_params(cfg["params"])
         enc = FeatureEncoder.from_json(json.dumps(cfg["encoder"]))
         spec = NetworkSpec.from_dict(cfg["network"])
         item_x, item_ml = enc.item_tensors()

@@ -16,6 +16,7 @@ import torch
 
 from metarec.errors import ConfigError
 from metarec.features import FeatureEncoder
+from metarec.models.base import check_number
 from metarec.models.network import embed, mlp, split_params
 from metarec.models.training import EarlyStopping, History, NeuralRecommender, progress
 from metarec.seeding import rng, seed_everything
@@ -25,12 +26,15 @@ from metarec.tasks import TaskSet, iterate_batches
 class GlobalModel(NeuralRecommender):
     """One network for everybody: rates (user attributes, item features) pairs, no adaptation."""
 
+    name = "global"
+    description = ("one rating network (user-attribute and item-feature embeddings, dense layers) trained on all "
+                   "training ratings; no per-user adaptation, so a new user's support ratings are not used")
+
     def __init__(self, embedding_dim: int = 32, hidden: Sequence[int] = (64, 64), global_lr: float = 1e-3,
                  batch_size: int = 256, epochs: int = 30, patience: int = 5, weight_decay: float = 0.0,
-                 seed: int = 0, threads: int = 2, max_support: int | None = None, verbose: bool = False,
-                 encoder: FeatureEncoder | None = None) -> None:
+                 seed: int = 0, threads: int = 2, max_support: int | None = None, verbose: bool = False) -> None:
         self.embedding_dim = embedding_dim
-        self.hidden = tuple(hidden)
+        self.hidden = hidden
         self.global_lr = global_lr
         self.batch_size = batch_size
         self.epochs = epochs
@@ -40,8 +44,13 @@ class GlobalModel(NeuralRecommender):
         self.threads = threads
         self.max_support = max_support
         self.verbose = verbose
-        self.encoder = encoder
-        self.history_ = History()
+
+    def _check_params(self) -> None:
+        for param in ("batch_size", "patience", "threads"):
+            check_number(self.name, param, getattr(self, param), 1, integer=True)
+        check_number(self.name, "epochs", self.epochs, 0, integer=True)
+        if self.max_support is not None:
+            check_number(self.name, "max_support", self.max_support, 0, integer=True)
 
     def _adaptation(self) -> tuple[list[str], float, int]:
         return [], 0.0, 0
@@ -60,10 +69,9 @@ class GlobalModel(NeuralRecommender):
         return (torch.from_numpy(table[pos]), torch.from_numpy(self.encoder_.item_rows(frame["item_id"].to_numpy())),
                 torch.from_numpy(frame["rating"].to_numpy(np.float32)))
 
-    def fit(self, train: TaskSet, val: TaskSet | None = None,
-            encoder: FeatureEncoder | None = None) -> "GlobalModel":
+    def _fit(self, train: TaskSet, val: TaskSet | None, encoder: FeatureEncoder | None) -> "GlobalModel":
         """Minibatch Adam on all training ratings (MSE); early stopping on validation MAE."""
-        enc = self._resolve_encoder(encoder)
+        enc = self._require_encoder(encoder)
         seed_everything(int(self.seed), int(self.threads))
         net = self._build_network(enc, self.embedding_dim, self.hidden, self.seed)
         user_x, items, y = self._rows(train)
@@ -102,31 +110,37 @@ class FineTune(GlobalModel):
     time (`steps` SGD steps of size `lr`; `adapt_layers` as in MeLU, None = all dense layers).
     Validation during training uses the unadapted network, exactly as GlobalModel."""
 
+    name = "finetune"
+    description = ("transfer-learning baseline: the global rating network trained on all training ratings without "
+                   "meta-learning, then fine-tuned for each user by a few SGD steps on its dense layers over that "
+                   "user's support ratings")
+    _finetuning = True   # False while training: validation uses the unadapted network
+
     def __init__(self, embedding_dim: int = 32, hidden: Sequence[int] = (64, 64), global_lr: float = 1e-3,
                  batch_size: int = 256, epochs: int = 30, patience: int = 5, weight_decay: float = 0.0,
                  steps: int = 5, lr: float = 0.05, adapt_layers: Sequence[int] | None = None, seed: int = 0,
-                 threads: int = 2, max_support: int | None = None, verbose: bool = False,
-                 encoder: FeatureEncoder | None = None) -> None:
+                 threads: int = 2, max_support: int | None = None, verbose: bool = False) -> None:
         super().__init__(embedding_dim=embedding_dim, hidden=hidden, global_lr=global_lr, batch_size=batch_size,
                          epochs=epochs, patience=patience, weight_decay=weight_decay, seed=seed, threads=threads,
-                         max_support=max_support, verbose=verbose, encoder=encoder)
-        if int(steps) < 0:
-            raise ConfigError(f"FineTune: steps must be >= 0, got {steps}")
+                         max_support=max_support, verbose=verbose)
         self.steps = steps
         self.lr = lr
-        self.adapt_layers = None if adapt_layers is None else tuple(adapt_layers)
-        self._finetuning = True
+        self.adapt_layers = adapt_layers
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        check_number(self.name, "steps", self.steps, 0, integer=True)
 
     def _adaptation(self) -> tuple[list[str], float, int]:
-        if not getattr(self, "_finetuning", True):
+        if not self._finetuning:
             return [], 0.0, 0
         return self._adapt_layer_names(self.adapt_layers), float(self.lr), int(self.steps)
 
-    def fit(self, train: TaskSet, val: TaskSet | None = None, encoder: FeatureEncoder | None = None) -> "FineTune":
+    def _fit(self, train: TaskSet, val: TaskSet | None, encoder: FeatureEncoder | None) -> "FineTune":
         """Train exactly like GlobalModel (validation without fine-tuning)."""
         self._finetuning = False
         try:
-            super().fit(train, val, encoder)
+            super()._fit(train, val, encoder)
         finally:
-            self._finetuning = True
+            del self._finetuning
         return self
