@@ -164,3 +164,35 @@ def test_table_lists_interval_column(tmp_path: Path) -> None:
     root = _project(tmp_path, [_gap()], [_gate()])
     table = format_table(evaluate_gates(root, yaml.safe_load((root / "params.yaml").read_text())))
     assert table.splitlines()[0].split() == ["gate", "observed", "op", "threshold", "interval", "result"]
+
+
+def test_report_shows_the_third_state_and_quotes_the_seeds_and_users_interval(tmp_path: Path) -> None:
+    from audit.report import build_context, render_report
+    from tests.fixtures_metrics import write_fixture_project
+
+    root = write_fixture_project(tmp_path)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    fair = json.loads((root / "metrics" / "fairness.json").read_text())
+    gap = next(r for r in fair["records"] if all(r.get(k) == v for k, v in params["gates"][1]["where"].items()))
+    params["gates"][1].update(field="difference", threshold=(gap["diff_ci_low"] + gap["diff_ci_high"]) / 2)
+    summary_path = root / "metrics" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    for r in summary["records"]:
+        if r["kind"] == "accuracy":
+            r.update(ci_users_low=r["mean"] - 0.0333, ci_users_high=r["mean"] + 0.0333)
+    summary_path.write_text(json.dumps(summary))
+    doc = record_gates(root, params)
+    assert [r["outcome"] for r in doc["records"]] == ["pass", "inconclusive", "pass", "pass"]
+    ctx = build_context(root, params)
+    html = render_report(ctx)
+    assert "INCONCLUSIVE" in html and "counts as fail" in html and "straddles the threshold" in html
+    assert "3 of 4 release gates pass; 1 inconclusive." in html
+    assert "inconclusive (the interval straddles the threshold, or the record is insufficient): gender_mae_gap_upper" \
+        in ctx["verdict"]["findings"][0]
+    melu = next(r for r in summary["records"] if r["kind"] == "accuracy" and r["model"] == "melu"
+                and r["scenario"] == "user_cold" and r["metric"] == "mae")
+    line = next(q for q in ctx["model_card"]["quantitative"] if q.startswith("user_cold"))
+    assert line == (f"user_cold: mae {melu['mean']:.4g} (95% interval over seeds and users "
+                    f"{melu['ci_users_low']:.4g} to {melu['ci_users_high']:.4g}; over the 3 training seeds alone, "
+                    f"{melu['ci_low']:.4g} to {melu['ci_high']:.4g})")
+    assert f"[{melu['ci_users_low']:.4g}, {melu['ci_users_high']:.4g}]" in html
