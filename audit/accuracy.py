@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from audit.hierarchical import SeedValues, seed_values, two_level_interval, user_weights
+from audit.hierarchical import SeedValues, seed_values, seed_values_from_sums, two_level_interval, user_weights
 from audit.stats import holm, t_interval
 
 LOWER_IS_BETTER = {"mae", "mse", "rmse", "arp", "gini"}
@@ -59,34 +59,46 @@ def group_level(per_user: pd.DataFrame, strata: pd.DataFrame, attributes: Sequen
 
 class UserSeedCube:
     """Per-user values as users x seeds matrices per (scenario, model, metric), with one shared
-    bootstrap draw of the scenario's evaluated users (audit.hierarchical)."""
+    bootstrap draw of the scenario's evaluated users (audit.hierarchical). Every matrix of a scenario
+    goes through the draw in one matrix product."""
 
     def __init__(self, per_user: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> None:
         self.n_boot = int(n_boot)
-        keys = ["scenario", "model", "metric", "user_id", "seed"]
-        wide = per_user.groupby(keys, sort=True)["value"].mean().unstack("seed")
-        self.seeds = list(wide.columns)
-        self.wide = wide
+        self.seeds = sorted(per_user["seed"].unique().tolist())
         self.users: dict[str, pd.Index] = {}
         self.weights: dict[str, np.ndarray] = {}
-        for i, scenario in enumerate(sorted(per_user["scenario"].unique())):
-            users = pd.Index(sorted(per_user.loc[per_user["scenario"] == scenario, "user_id"].unique()))
-            self.users[scenario] = users
-            self.weights[scenario] = user_weights(len(users), self.n_boot, [int(seed), i])
+        self._cells: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+        for i, (scenario, f) in enumerate(per_user.groupby("scenario", sort=True)):
+            wide = f.groupby(["user_id", "model", "metric", "seed"], sort=True)["value"].mean().unstack(
+                ["model", "metric", "seed"])
+            cells = wide.columns.droplevel("seed").unique()
+            wide = wide.reindex(columns=pd.MultiIndex.from_tuples(
+                [(m, k, s) for m, k in cells for s in self.seeds], names=wide.columns.names))
+            x = wide.to_numpy(np.float64)
+            ok = np.isfinite(x)
+            x0 = np.where(ok, x, 0.0)
+            w = user_weights(len(wide.index), self.n_boot, [int(seed), i])
+            sums, counts = w @ x0, w @ ok.astype(np.float64)
+            self.users[scenario], self.weights[scenario] = wide.index, w
+            n = len(self.seeds)
+            for j, (model, metric) in enumerate(cells):
+                c = slice(j * n, (j + 1) * n)
+                self._cells[(scenario, model, metric)] = (x[:, c], ok[:, c], sums[:, c], counts[:, c])
 
     def matrix(self, scenario: str, model: str, metric: str) -> np.ndarray | None:
         """users x seeds for one cell (NaN where a user has no value), or None when absent."""
-        try:
-            m = self.wide.loc[(scenario, model, metric)]
-        except KeyError:
-            return None
-        return m.reindex(index=self.users[scenario], columns=self.seeds).to_numpy(np.float64)
+        cell = self._cells.get((scenario, model, metric))
+        return None if cell is None else cell[0]
 
     def values(self, scenario: str, model: str, metric: str, mask: np.ndarray | None = None) -> SeedValues | None:
+        """Per-seed values and replicates of a metric (RMSE from MSE); `mask` restricts the cells used."""
         source, transform = DERIVED.get(metric, (metric, None))
-        x = self.matrix(scenario, model, source)
-        if x is None or scenario not in self.weights:
+        cell = self._cells.get((scenario, model, source))
+        if cell is None:
             return None
+        x, ok, sums, counts = cell
+        if mask is None or np.array_equal(mask & ok, ok):
+            return seed_values_from_sums(np.where(ok, x, 0.0), ok, sums, counts, transform)
         return seed_values(x, self.weights[scenario], transform, mask)
 
 
@@ -135,8 +147,8 @@ def comparison_records(cube: UserSeedCube, meta: str, models: Iterable[str], *, 
                 both = np.isfinite(a) & np.isfinite(b)
                 va, vb = cube.values(scenario, meta, metric, both), cube.values(scenario, other, metric, both)
                 res = two_level_interval(va - vb)
-                user_diff = np.nanmean(np.where(both, a - b, np.nan), axis=1) if both.any() else np.zeros(0)
-                user_diff = user_diff[np.isfinite(user_diff)]
+                n_both = both.sum(axis=1)
+                user_diff = np.where(both, a - b, 0.0).sum(axis=1)[n_both > 0] / n_both[n_both > 0]
                 sd = float(user_diff.std(ddof=1)) if user_diff.size >= 2 else np.nan
                 recs.append({"kind": "comparison", "scenario": scenario, "metric": metric, "model": meta,
                              "baseline": other, "mean_diff": res["estimate"], "ci_low": res["ci_low"],

@@ -68,10 +68,17 @@ def seed_values(matrix: np.ndarray, weights: np.ndarray, transform: Transform | 
     x = np.asarray(matrix, dtype=np.float64)
     ok = np.isfinite(x) if mask is None else (mask & np.isfinite(x))
     x0 = np.where(ok, x, 0.0)
+    return seed_values_from_sums(x0, ok, weights @ x0, weights @ ok.astype(np.float64), transform)
+
+
+def seed_values_from_sums(x0: np.ndarray, ok: np.ndarray, boot_sums: np.ndarray, boot_counts: np.ndarray,
+                          transform: Transform | None = None) -> SeedValues:
+    """`seed_values` from precomputed replicate sums (weights @ x0) and counts (weights @ ok), so a
+    caller can project many matrices through one draw of users in a single product."""
     g = transform or (lambda v: v)
     with np.errstate(invalid="ignore", divide="ignore"):
         per_seed = g(x0.sum(axis=0) / ok.sum(axis=0))
-        reps = g((weights @ x0) / (weights @ ok))
+        reps = g(boot_sums / boot_counts)
     return SeedValues(per_seed, reps, int(np.count_nonzero(ok.any(axis=1))))
 
 
