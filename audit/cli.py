@@ -3,7 +3,8 @@
 Commands and exit codes (0 success; 1 a check failed; 2 input missing or invalid):
   data      check the configured data source (delegates to metarec.data.load.check_command)
   gate      evaluate params.yaml gates against metrics/*.json; table + reports/gate.junit.xml +
-            reports/gate.md; 0 all pass, 1 a gate fails, 2 input missing/invalid.
+            reports/gate.md; 0 all pass, 1 a gate fails (or is inconclusive with
+            on_inconclusive: fail), 2 input missing/invalid.
             `--record-only` is the DVC stage's form: writes metrics/gate.json and exits 0 whatever
             the verdict (CI fails on the plain command's exit code, the pipeline never does).
   keygen    --out DIR: Ed25519 pair signing.key (0600) + signing.pub; 2 if either exists
@@ -70,9 +71,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     root = Path(args.root)
     if args.record_only:
         doc = gate.record_gates(root, params)
-        n_fail = sum(not r["passed"] for r in doc["records"])
-        print(f"wrote {root / 'metrics' / 'gate.json'}: {'PASSED' if doc['passed'] else 'FAILED'} "
-              f"({len(doc['records']) - n_fail} of {len(doc['records'])} gates pass)")
+        print(f"wrote {root / 'metrics' / 'gate.json'}: {'PASSED' if doc['passed'] else 'FAILED'} ({doc['verdict']})")
         return EXIT_OK
     results = gate.evaluate_gates(root, params)
     junit, md = gate.write_gate_reports(root, results)
@@ -80,7 +79,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
     print(f"wrote {junit} and {md}")
     failed = [r for r in results if not r.passed]
     for r in failed:
-        print(f"gate {r.name} failed: {r.message}", file=sys.stderr)
+        what = "failed" if r.outcome == "fail" else "is inconclusive (on_inconclusive: fail)"
+        print(f"gate {r.name} {what}: {r.message}", file=sys.stderr)
     return EXIT_FAIL if failed else EXIT_OK
 
 
@@ -132,12 +132,15 @@ def cmd_summary(args: argparse.Namespace) -> int:
     try:
         doc = json.loads((root / "metrics" / "gate.json").read_text(encoding="utf-8"))
         records = [r for r in doc.get("records", []) if r.get("kind") == "gate"]
-        n_fail = sum(not r.get("passed") for r in records)
+        outcomes = [r.get("outcome") or ("pass" if r.get("passed") else "fail") for r in records]
         verdict = "PASSED" if doc.get("passed") else "FAILED"
-        print(f"gates: {verdict} ({len(records) - n_fail} of {len(records)} pass)")
-        for r in records:
-            if not r.get("passed"):
-                print(f"  FAIL {r.get('name')}: {r.get('message')}")
+        n_inc = outcomes.count("inconclusive")
+        print(f"gates: {verdict} ({outcomes.count('pass')} of {len(records)} pass"
+              + (f", {n_inc} inconclusive" if n_inc else "") + ")")
+        for r, outcome in zip(records, outcomes):
+            if outcome != "pass":
+                counted = "" if outcome == "fail" else f" (counts as {'pass' if r.get('passed') else 'fail'})"
+                print(f"  {outcome.upper()}{counted} {r.get('name')}: {r.get('message')}")
     except (OSError, ValueError, AttributeError):
         print("gates: unknown (metrics/gate.json missing or unreadable; run `dvc repro`)")
     bundle = root / "reports" / "audit.bundle.json"
@@ -167,8 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gate", parents=[common], help="check the release gates (exit 0 pass, 1 fail, 2 input error)",
                        description="Evaluate the gates in params.yaml against metrics/*.json, print a table and write "
-                                   "reports/gate.junit.xml and reports/gate.md. Exit 0 when all pass, 1 when a gate "
-                                   "fails, 2 when an input is missing or invalid.")
+                                   "reports/gate.junit.xml and reports/gate.md. A gate with an interval passes, fails or is "
+                                   "inconclusive (the interval straddles the threshold). Exit 0 when all pass, 1 when a "
+                                   "gate fails or is inconclusive with on_inconclusive: fail, 2 when an input is missing "
+                                   "or invalid.")
     p.add_argument("--record-only", action="store_true",
                    help="write metrics/gate.json and exit 0 whatever the verdict (for the DVC gate stage)")
     p.set_defaults(func=cmd_gate)

@@ -33,8 +33,12 @@ def evaluate_run(pred: pd.DataFrame, rankings: pd.DataFrame, items: pd.DataFrame
     """(per-user metrics, seed-level list and pooled metrics) for one model and seed.
 
     `pools` maps each scenario to its item partition (the catalogue its candidates came from),
-    over which coverage and the exposure Gini are computed.
+    over which coverage and the exposure Gini are computed. Scenarios without predictions (no
+    evaluated users) produce no rows rather than an error.
     """
+    if pred.empty:  # every scenario empty: nothing to score (an empty scenario simply has no rows)
+        return (pd.DataFrame(columns=["user_id", "scenario", "metric", "value"]),
+                pd.DataFrame(columns=["scenario", "metric", "value"]))
     n_cand = rankings.groupby(["user_id", "scenario"])["n_candidates"].first().reset_index()
     k = int(ev["catalogue_k"])
     thr = float(ev["like_threshold"])

@@ -9,8 +9,20 @@ its own pass/fail decision with an exit code CI can act on. Two entry points sha
   failed, so the pipeline always completes and the report can show the verdict; CI fails on the
   command's exit code instead.
 
-Gate format (docs/DESIGN.md): `{name, file, where, field, op, threshold, description?}`; `where`
-selects exactly one record of metrics/<file>.json by key/value equality; `field` is read from it.
+Gate format (docs/DESIGN.md): `{name, file, where, field, op, threshold, description?, interval?,
+on_inconclusive?}`; `where` selects exactly one record of metrics/<file>.json by key/value equality;
+`field` is read from it.
+
+Three outcomes. A point estimate next to a threshold says little when its interval straddles the
+threshold, so a gate on a quantity with an interval compares the threshold with the whole interval:
+`pass` when every value in it satisfies the rule, `fail` when none does, `inconclusive` otherwise.
+`interval: [lo_field, hi_field]` names the record's bounds; without it the bounds are looked up from
+the field's name (`mean` -> `ci_users_low/ci_users_high`, then `ci_low/ci_high`; `mean_diff` ->
+`ci_low/ci_high`; `difference` -> `diff_ci_low/diff_ci_high`; any `F` -> `F_ci_low/F_ci_high` or
+`F_mc_low/F_mc_high`, e.g. a p-value's Monte-Carlo interval); `interval: null` compares the bare value
+(for booleans and for fields that are themselves bounds). A record marked `insufficient`, or a missing
+value or bound, is also inconclusive. `on_inconclusive: fail | pass` (default fail) decides whether an
+inconclusive gate counts against the verdict; the outcome itself is always reported as inconclusive.
 """
 
 from __future__ import annotations
@@ -29,8 +41,16 @@ from metarec.io import atomic_write_json, atomic_write_text
 OPS: dict[str, Callable[[Any, Any], bool]] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
 }
-# Interval fields shown next to an observed value (the record's own CI, whichever naming it uses).
-_CI_FIELDS = (("ci_low", "ci_high"), ("diff_ci_low", "diff_ci_high"))
+OUTCOMES = ("pass", "fail", "inconclusive")
+# Interval bounds looked up for a field when the gate names none (first pair present in the record wins):
+# accuracy means quote the interval over seeds and users (issue 12), comparisons and gaps their own CI.
+_NAMED_INTERVALS: dict[str, tuple[tuple[str, str], ...]] = {
+    "mean": (("ci_users_low", "ci_users_high"), ("ci_low", "ci_high")),
+    "mean_diff": (("ci_low", "ci_high"),),
+    "difference": (("diff_ci_low", "diff_ci_high"),),
+}
+_SUFFIX_INTERVALS = (("_ci_low", "_ci_high"), ("_mc_low", "_mc_high"))
+_NO_INTERVAL = object()
 
 
 class GateInputError(MetarecError):
@@ -48,12 +68,21 @@ class GateResult:
     op: str
     threshold: Any
     observed: Any = None
+    outcome: str = "fail"
     passed: bool = False
+    on_inconclusive: str = "fail"
     message: str = ""
     description: str = ""
-    ci_low: float | None = None
-    ci_high: float | None = None
+    interval: str = ""
+    interval_low: float | None = None
+    interval_high: float | None = None
     error: str | None = None
+
+    def decide(self, outcome: str, message: str) -> "GateResult":
+        """Set the outcome and whether it counts as passed (an inconclusive gate follows on_inconclusive)."""
+        self.outcome, self.message = outcome, message
+        self.passed = outcome == "pass" or (outcome == "inconclusive" and self.on_inconclusive == "pass")
+        return self
 
     def record(self) -> dict[str, Any]:
         """Flat dict for metrics/gate.json (DESIGN.md: records are flat, so `where` becomes text)."""
@@ -114,6 +143,17 @@ def validate_gates(params: dict[str, Any]) -> list[dict[str, Any]]:
             raise GateInputError(f"gate {name!r}: op {gate['op']!r} is not one of {', '.join(OPS)}")
         if not isinstance(gate["field"], str) or not isinstance(gate["file"], str):
             raise GateInputError(f"gate {name!r}: 'file' and 'field' must be strings")
+        if gate.get("on_inconclusive", "fail") not in ("fail", "pass"):
+            raise GateInputError(f"gate {name!r}: on_inconclusive must be 'fail' or 'pass', "
+                                 f"got {gate['on_inconclusive']!r}")
+        interval = gate.get("interval")
+        if interval is not None:
+            if not (isinstance(interval, list) and len(interval) == 2 and all(isinstance(x, str) for x in interval)):
+                raise GateInputError(f"gate {name!r}: 'interval' must be a list of two field names "
+                                     f"[low, high] or null, got {interval!r}")
+            if gate["op"] == "==":
+                raise GateInputError(f"gate {name!r}: op '==' cannot be checked against an interval; "
+                                     f"use <, <=, > or >=, or remove 'interval'")
     return gates
 
 
@@ -131,11 +171,37 @@ def _compare(op: str, observed: Any, threshold: Any, gate: str) -> bool:
     return OPS[op](float(observed), float(threshold))
 
 
+def interval_fields(gate: dict[str, Any], rec: dict[str, Any]) -> tuple[str, str] | None:
+    """The record fields holding the bounds the gate compares, or None for a point comparison.
+
+    Explicit `interval: [lo, hi]` must exist in the record; `interval: null` (or op '==') means none;
+    otherwise the first known pair for the field's name that the record carries (module docstring).
+    """
+    name, fld = gate["name"], gate["field"]
+    if "interval" in gate:
+        if gate["interval"] is None:
+            return None
+        lo, hi = gate["interval"]
+        missing = [f for f in (lo, hi) if f not in rec]
+        if missing:
+            raise GateInputError(f"gate {name!r}: the matching record has no interval field(s) {missing}")
+        return lo, hi
+    if gate["op"] == "==":
+        return None
+    pairs = _NAMED_INTERVALS.get(fld, ()) + tuple((fld + a, fld + b) for a, b in _SUFFIX_INTERVALS)
+    return next(((lo, hi) for lo, hi in pairs if lo in rec and hi in rec), None)
+
+
+def _missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
 def evaluate_gate(gate: dict[str, Any], cache: _MetricsCache) -> GateResult:
     """Evaluate one validated gate; raises GateInputError when its record or field is missing."""
     name = gate["name"]
     res = GateResult(name=name, file=gate["file"], where=dict(gate["where"]), field=gate["field"], op=gate["op"],
-                     threshold=gate["threshold"], description=str(gate.get("description") or ""))
+                     threshold=gate["threshold"], description=str(gate.get("description") or ""),
+                     on_inconclusive=str(gate.get("on_inconclusive", "fail")))
     data = cache.get(gate["file"], name)
     matches = [r for r in data["records"] if isinstance(r, dict)
                and all(k in r and r[k] == v for k, v in gate["where"].items())]
@@ -150,18 +216,34 @@ def evaluate_gate(gate: dict[str, Any], cache: _MetricsCache) -> GateResult:
         raise GateInputError(f"gate {name!r}: the matching record in metrics/{stem}.json has no field {gate['field']!r}")
     observed = rec[gate["field"]]
     res.observed = observed
-    for lo, hi in _CI_FIELDS:
-        if _is_number(rec.get(lo)) and _is_number(rec.get(hi)):
-            res.ci_low, res.ci_high = float(rec[lo]), float(rec[hi])
-            break
-    if observed is None or (isinstance(observed, float) and math.isnan(observed)):
-        res.passed = False
-        res.message = f"observed {gate['field']} is missing (null or NaN), so the gate cannot pass"
-        return res
-    res.passed = _compare(gate["op"], observed, gate["threshold"], name)
-    verb = "holds" if res.passed else "is violated"
-    res.message = f"{gate['field']} = {format_value(observed)} {gate['op']} {format_value(gate['threshold'])} {verb}"
-    return res
+    bounds = interval_fields(gate, rec)
+    if bounds is not None:
+        res.interval = f"{bounds[0]}, {bounds[1]}"
+        lo, hi = rec[bounds[0]], rec[bounds[1]]
+        res.interval_low = None if _missing(lo) else lo
+        res.interval_high = None if _missing(hi) else hi
+    if rec.get("insufficient") is True:
+        n = f" (n = {rec['n']})" if "n" in rec else ""
+        return res.decide("inconclusive", f"the selected record is marked insufficient{n}: its groups are below "
+                                          f"the minimum size, so the gate cannot pass on it")
+    if _missing(observed):
+        return res.decide("inconclusive", f"observed {gate['field']} is missing (null or NaN), so the gate cannot pass")
+    rule = f"{gate['op']} {format_value(gate['threshold'])}"
+    if bounds is None:
+        ok = _compare(gate["op"], observed, gate["threshold"], name)
+        return res.decide("pass" if ok else "fail",
+                          f"{gate['field']} = {format_value(observed)} {rule} {'holds' if ok else 'is violated'}")
+    if res.interval_low is None or res.interval_high is None:
+        return res.decide("inconclusive", f"the interval [{bounds[0]}, {bounds[1]}] of {gate['field']} is missing "
+                                          f"(null or NaN), so the gate cannot pass")
+    ends = [_compare(gate["op"], x, gate["threshold"], name) for x in (res.interval_low, res.interval_high)]
+    span = f"[{format_value(res.interval_low)}, {format_value(res.interval_high)}]"
+    if all(ends):
+        return res.decide("pass", f"{gate['field']} interval {span} lies wholly {rule}")
+    if not any(ends):
+        return res.decide("fail", f"{gate['field']} interval {span} lies wholly outside {rule}")
+    return res.decide("inconclusive", f"{gate['field']} interval {span} straddles the threshold "
+                                      f"{format_value(gate['threshold'])}: neither {rule} nor its opposite is established")
 
 
 def evaluate_gates(root: Path, params: dict[str, Any]) -> list[GateResult]:
@@ -189,7 +271,8 @@ def record_gates(root: Path, params: dict[str, Any]) -> dict[str, Any]:
             results.append(GateResult(name=g["name"], file=g["file"], where=dict(g["where"]), field=g["field"],
                                       op=g["op"], threshold=g["threshold"], passed=False, message=str(exc),
                                       description=str(g.get("description") or ""), error=str(exc)))
-    doc = {"passed": bool(results) and all(r.passed for r in results), "records": [r.record() for r in results]}
+    doc = {"passed": bool(results) and all(r.passed for r in results), "verdict": verdict_line(results),
+           "records": [r.record() for r in results]}
     atomic_write_json(root / "metrics" / "gate.json", doc)
     return doc
 
@@ -207,31 +290,68 @@ def format_value(x: Any) -> str:
     return str(x)
 
 
+def result_label(r: GateResult) -> str:
+    """PASS, FAIL, or INCONCLUSIVE with what it counts as (on_inconclusive decides the exit code)."""
+    if r.outcome != "inconclusive":
+        return r.outcome.upper()
+    return f"INCONCLUSIVE (counts as {'pass' if r.passed else 'fail'})"
+
+
+def format_interval(r: GateResult) -> str:
+    """The compared interval as text, or '' for a point comparison."""
+    if not r.interval:
+        return ""
+    return f"[{format_value(r.interval_low)}, {format_value(r.interval_high)}]"
+
+
+def verdict_line(results: list[GateResult]) -> str:
+    """'a of n gates pass; f fail; i inconclusive (k counted as failing)'."""
+    n_pass = sum(r.outcome == "pass" for r in results)
+    n_fail = sum(r.outcome == "fail" for r in results)
+    inconclusive = [r for r in results if r.outcome == "inconclusive"]
+    line = f"{n_pass} of {len(results)} gates pass"
+    if n_fail:
+        line += f"; {n_fail} fail"
+    if inconclusive:
+        line += (f"; {len(inconclusive)} inconclusive "
+                 f"({sum(not r.passed for r in inconclusive)} counted as failing)")
+    return line
+
+
 def format_table(results: list[GateResult]) -> str:
-    """Plain-text table for the terminal: name, observed, op, threshold, PASS/FAIL."""
-    rows = [("gate", "observed", "op", "threshold", "result")]
-    rows += [(r.name, format_value(r.observed), r.op, format_value(r.threshold), "PASS" if r.passed else "FAIL")
+    """Plain-text table for the terminal: name, observed, op, threshold, compared interval, outcome."""
+    rows = [("gate", "observed", "op", "threshold", "interval", "result")]
+    rows += [(r.name, format_value(r.observed), r.op, format_value(r.threshold), format_interval(r), result_label(r))
              for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    n_fail = sum(not r.passed for r in results)
     lines.append("")
-    lines.append(f"{len(results) - n_fail} of {len(results)} gates pass" + ("" if not n_fail else f"; {n_fail} fail"))
+    lines.append(verdict_line(results))
     return "\n".join(lines)
 
 
 def junit_xml(results: list[GateResult]) -> str:
-    """JUnit XML (one testcase per gate) so CI systems display gates as tests."""
+    """JUnit XML (one testcase per gate) so CI systems display gates as tests.
+
+    A failed gate is a <failure type="GateFailed">; an inconclusive one is a <failure
+    type="GateInconclusive"> when it counts as failing and <skipped> when `on_inconclusive: pass`,
+    so the third state stays visible in CI either way.
+    """
     failures = sum(not r.passed for r in results)
+    skipped = sum(r.passed and r.outcome == "inconclusive" for r in results)
     suite = ET.Element("testsuite", name="metarec-audit gates", tests=str(len(results)),
-                       failures=str(failures), errors="0", skipped="0")
+                       failures=str(failures), errors="0", skipped=str(skipped))
     for r in results:
         case = ET.SubElement(suite, "testcase", classname=f"gates.{r.file}", name=r.name)
-        if not r.passed:
-            fail = ET.SubElement(case, "failure", message=r.message, type="GateFailed")
-            fail.text = (f"{r.field} observed {format_value(r.observed)}, required {r.op} {format_value(r.threshold)} "
-                         f"(metrics/{r.file}.json where {format_where(r.where)})")
+        detail = (f"{r.field} observed {format_value(r.observed)}"
+                  + (f" with interval {format_interval(r)}" if r.interval else "")
+                  + f", required {r.op} {format_value(r.threshold)} (metrics/{r.file}.json where {format_where(r.where)})")
+        if r.outcome == "inconclusive" and r.passed:
+            ET.SubElement(case, "skipped", message=f"inconclusive (counts as pass): {r.message}").text = detail
+        elif not r.passed:
+            kind = "GateInconclusive" if r.outcome == "inconclusive" else "GateFailed"
+            ET.SubElement(case, "failure", message=r.message, type=kind).text = detail
         if r.description:
             ET.SubElement(case, "system-out").text = r.description
     root = ET.Element("testsuites", name="metarec-audit", tests=str(len(results)), failures=str(failures))
@@ -249,16 +369,17 @@ def _md_cell(text: str) -> str:
 def markdown(results: list[GateResult]) -> str:
     """Markdown table for a CI job summary ($GITHUB_STEP_SUMMARY)."""
     passed = all(r.passed for r in results) and bool(results)
-    lines = [f"## metarec-audit gates: {'PASSED' if passed else 'FAILED'}", "",
-             "| gate | observed | op | threshold | 95% interval | result |", "|---|---|---|---|---|---|"]
+    lines = [f"## metarec-audit gates: {'PASSED' if passed else 'FAILED'}", "", verdict_line(results) + ".", "",
+             "| gate | observed | op | threshold | interval compared | result |", "|---|---|---|---|---|---|"]
     for r in results:
-        ci = f"[{format_value(r.ci_low)}, {format_value(r.ci_high)}]" if r.ci_low is not None else ""
+        label = result_label(r)
         lines.append("| " + " | ".join(_md_cell(c) for c in (r.name, format_value(r.observed), r.op,
-                                                               format_value(r.threshold), ci)) +
-                     f" | {'PASS' if r.passed else '**FAIL**'} |")
-    failed = [r for r in results if not r.passed]
-    if failed:
-        lines += ["", "Failed gates:", ""] + [f"- `{_md_cell(r.name)}`: {_md_cell(r.message)}" for r in failed]
+                                                               format_value(r.threshold), format_interval(r))) +
+                     f" | {label if r.outcome == 'pass' else '**' + label + '**'} |")
+    open_ = [r for r in results if r.outcome != "pass"]
+    if open_:
+        lines += ["", "Gates that did not pass:", ""]
+        lines += [f"- `{_md_cell(r.name)}` ({r.outcome}): {_md_cell(r.message)}" for r in open_]
     return "\n".join(lines) + "\n"
 
 

@@ -14,9 +14,11 @@ The context dict (all keys required; lists may be empty, numbers may be None):
 - focus: {model, scenario, metric, lower_is_better: bool, models: [str], scenarios: [str]}
     the model the audit is about, the scenario/metric used for charts; chosen from params
     `report.{focal_model,scenario,metric}` or defaults (melu, user_cold, mae).
-- verdict: {available: bool, passed: bool|None, n_pass, n_fail, gates: [gate record], findings: [str]}
-    gate record: {name, description, field, op, threshold, observed, passed, message, error,
-    ci_low, ci_high, file, where} as in metrics/gate.json.
+- verdict: {available: bool, passed: bool|None, n_pass, n_fail, n_inconclusive, gates: [gate record],
+    findings: [str]}; n_fail counts gates that count as failing (failed, or inconclusive with
+    on_inconclusive: fail). gate record: {name, description, field, op, threshold, observed, outcome
+    (pass|fail|inconclusive), passed, on_inconclusive, message, error, interval, interval_low,
+    interval_high, file, where} as in metrics/gate.json.
 - model_card: {details: [[label, value]], intended_use, out_of_scope, factors, metrics,
     evaluation_data, training_data, quantitative, ethical, caveats}: each a list of sentences.
     What each model is ("Type", and one "Compared model: <name>" row per other model) is the
@@ -28,7 +30,8 @@ The context dict (all keys required; lists may be empty, numbers may be None):
     scenarios: [{scenario, n_users, n_items, n_ratings, n_tasks}], top_items: [{item_id, title, n_ratings}]}
     Missing values may be None; the lead's pipeline may pass this dict directly (`data=`).
 - accuracy: {scenarios: [{scenario, metrics: [str], rows: [{model, focal, cells: [{mean, ci_low,
-    ci_high, n_seeds, best}]}], comparisons: [comparison record + winner], summary: str}]}
+    ci_high, ci_users_low, ci_users_high, n_seeds, best}]}], comparisons: [comparison record + winner],
+    summary: str}]} (ci_*: over training seeds; ci_users_*: over seeds and users)
 - fairness: {gaps: [gap records, focal model], gaps_all: [gap records, all models],
     groups: [{attribute, rows: [group_metric records]}], gap_to_rest, ugf, parity,
     counterfactual, exposure, miscalibration: [records]}
@@ -211,7 +214,8 @@ def _accuracy(metrics: dict[str, Any], focus: dict[str, Any]) -> dict[str, Any]:
             for m in mnames:
                 r = next((x for x in recs if x.get("model") == model and x.get("metric") == m), {})
                 cells.append({"mean": _num(r.get("mean")), "ci_low": _num(r.get("ci_low")),
-                              "ci_high": _num(r.get("ci_high")), "n_seeds": r.get("n_seeds"),
+                              "ci_high": _num(r.get("ci_high")), "ci_users_low": _num(r.get("ci_users_low")),
+                              "ci_users_high": _num(r.get("ci_users_high")), "n_seeds": r.get("n_seeds"),
                               "best": best.get(m) == model})
             rows.append({"model": model, "focal": model == focus["model"], "cells": cells})
         comps = []
@@ -342,9 +346,12 @@ def _findings(ctx: dict[str, Any]) -> list[str]:
     out: list[str] = []
     v = ctx["verdict"]
     if v["available"]:
-        failed = [g["name"] for g in v["gates"] if not g["passed"]]
-        out.append(f"{v['n_pass']} of {v['n_pass'] + v['n_fail']} release gates pass"
-                   + (f"; failing: {', '.join(failed)}." if failed else "."))
+        failed = [g["name"] for g in v["gates"] if g["outcome"] == "fail"]
+        open_ = [g["name"] for g in v["gates"] if g["outcome"] == "inconclusive"]
+        out.append(f"{v['n_pass']} of {len(v['gates'])} release gates pass"
+                   + (f"; failing: {', '.join(failed)}" if failed else "")
+                   + (f"; inconclusive (the interval straddles the threshold, or the record is insufficient): "
+                      f"{', '.join(open_)}" if open_ else "") + ".")
     for s in ctx["accuracy"]["scenarios"]:
         if s["scenario"] != f["scenario"]:
             continue
@@ -434,7 +441,9 @@ def _model_card(params: dict[str, Any], ctx: dict[str, Any]) -> dict[str, list[A
             if row["model"] == model and row["cells"]:
                 c = row["cells"][0]
                 quant.append(f"{s['scenario']}: {s['metrics'][0]} {_fmt(c['mean'])} "
-                             f"(95% interval {_fmt(c['ci_low'])} to {_fmt(c['ci_high'])}, {c['n_seeds']} seeds)")
+                             f"(95% interval over seeds and users {_fmt(c['ci_users_low'])} to "
+                             f"{_fmt(c['ci_users_high'])}; over the {c['n_seeds']} training seeds alone, "
+                             f"{_fmt(c['ci_low'])} to {_fmt(c['ci_high'])})")
     sig_gaps = [g for g in ctx["fairness"]["gaps"] if (_num(g.get("p_value")) or 1) < 0.05]
     cf = ctx["fairness"]["counterfactual"]
     ethical = [f"Sensitive attributes audited: {', '.join(sens) or 'none declared'}. Group sizes are in the Data "
@@ -468,7 +477,8 @@ def _model_card(params: dict[str, Any], ctx: dict[str, Any]) -> dict[str, list[A
                     + (f" (items released from {tasks['new_item_year']} on are new; "
                        f"{tasks.get('new_user_fraction')} of users are held out as new)." if tasks.get("new_item_year") else ".")],
         "metrics": [f"Accuracy: {', '.join(_ordered([m for s in ctx['accuracy']['scenarios'] for m in s['metrics']], []))}; "
-                    f"mean and 95% interval over seeds; paired comparisons with Holm-adjusted p-values.",
+                    f"mean with 95% intervals over training seeds and over seeds and users (users resampled); "
+                    f"paired comparisons over seeds and users with Holm-adjusted p-values.",
                     "Fairness: group gaps with intervals and permutation p-values, user-group fairness (UGF), "
                     "parity of liked (rating >= 4) predictions, exposure (Gini, long-tail share), miscalibration.",
                     "Robustness: metric change under "
@@ -499,16 +509,19 @@ def build_context(root: str | Path, params: dict[str, Any], data: dict[str, Any]
         data = normalise_data(data)
     focus = _focus(params, metrics)
     gate_doc = metrics.get("gate")
-    gates = _records(gate_doc, "gate")
+    gates = [{**g, "outcome": g.get("outcome") or ("pass" if g.get("passed") else "fail")}
+             for g in _records(gate_doc, "gate")]
     ctx: dict[str, Any] = {
         "title": f"Audit of {focus['model']} on {data.get('source') or (params.get('data') or {}).get('source', 'data')}",
         "version": __version__,
         "focus": focus,
         "verdict": {"available": gate_doc is not None, "passed": bool(gate_doc["passed"]) if gate_doc else None,
-                    "n_pass": sum(bool(g.get("passed")) for g in gates),
+                    "n_pass": sum(g["outcome"] == "pass" for g in gates),
                     "n_fail": sum(not g.get("passed") for g in gates),
+                    "n_inconclusive": sum(g["outcome"] == "inconclusive" for g in gates),
                     "gates": [{k: g.get(k) for k in ("name", "description", "field", "op", "threshold", "observed",
-                                                     "passed", "message", "error", "ci_low", "ci_high", "file", "where")}
+                                                     "outcome", "passed", "on_inconclusive", "message", "error",
+                                                     "interval", "interval_low", "interval_high", "file", "where")}
                               for g in gates],
                     "findings": []},
         "data": data,
@@ -534,7 +547,7 @@ def _charts(ctx: dict[str, Any]) -> dict[str, Any]:
                 for c in s["comparisons"] if c.get("metric") == f["metric"] and _num(c.get("mean_diff")) is not None]
         direction = "below 0 is better" if f["lower_is_better"] else "above 0 is better"
         out["accuracy"][s["scenario"]] = charts.forest_plot(
-            rows, title=f"{s['scenario']}: {f['metric']} difference to baseline (95% interval)",
+            rows, title=f"{s['scenario']}: {f['metric']} difference to baseline (95% interval over seeds and users)",
             x_label=f"model − baseline in {f['metric']} ({direction}); squares: significant after Holm")
     gaps = [charts.ForestRow(label=f"{g.get('scenario')} · {g.get('attribute')} · {g.get('metric')}",
                              estimate=_num(g.get("difference")), low=_num(g.get("diff_ci_low")),
@@ -553,7 +566,7 @@ def _charts(ctx: dict[str, Any]) -> dict[str, Any]:
                                     title=f"{p['name']}: {f['model']} by {g['attribute']}",
                                     x_label="perturbation level", y_label=f["metric"]) for g in p["by_group"]]
         out["robustness"][p["name"]] = {"overall": overall, "groups": groups}
-    out["verdict_bar"] = charts.verdict_bar(ctx["verdict"]["n_pass"], ctx["verdict"]["n_fail"])
+    out["verdict_bar"] = charts.verdict_bar(ctx["verdict"]["n_pass"], len(ctx["verdict"]["gates"]) - ctx["verdict"]["n_pass"])
     return out
 
 

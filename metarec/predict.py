@@ -60,15 +60,32 @@ def catalogue_tasks(split: TaskSet, new_items: set[int]) -> list[Task]:
     return out
 
 
-def top_k(tasks: Sequence[Task], preds: Sequence[np.ndarray], k: int) -> pd.DataFrame:
-    """Top-k per task by score, ties broken by item id; records how many candidates there were."""
+def top_k(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions of the k highest scores, best first; tied scores in a random order drawn from `rng`.
+
+    Why random: breaking ties by item id is not neutral (on ML-100K low ids are rated higher, so a
+    constant predictor's lists looked better than chance). A seeded generator keeps the lists
+    reproducible. The one ranking helper for catalogue lists and the counterfactual test.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    return np.lexsort((rng.random(scores.size), -scores))[:k]
+
+
+def task_rng(seed: int, user_id: int) -> np.random.Generator:
+    """The tie-breaking generator of one user's list: a function of (seed, user) only, so the lists
+    do not depend on how tasks are chunked or ordered, and every model sees the same tie order."""
+    return np.random.default_rng([int(seed), int(user_id)])
+
+
+def top_k_lists(tasks: Sequence[Task], preds: Sequence[np.ndarray], k: int, seed: int = 0) -> pd.DataFrame:
+    """Top-k per task by score (ties at random, seeded per user); records how many candidates there were."""
     cols: dict[str, list[np.ndarray]] = {c: [] for c in ("user_id", "scenario", "rank", "item_id", "score", "n_candidates")}
     for t, p in zip(tasks, preds):
         n = len(t.candidates)
         if k >= n:
             raise ValueError(f"user {t.user_id} ({t.scenario}): k={k} is not below the {n} candidates; "
                              "every ranking metric would be trivially perfect")
-        order = np.lexsort((t.candidates, -p))[:k]
+        order = top_k(p, k, task_rng(seed, t.user_id))
         cols["user_id"].append(np.full(k, t.user_id, dtype=np.int64))
         cols["scenario"].append(np.full(k, t.scenario, dtype=object))
         cols["rank"].append(np.arange(1, k + 1, dtype=np.int64))
@@ -78,6 +95,8 @@ def top_k(tasks: Sequence[Task], preds: Sequence[np.ndarray], k: int) -> pd.Data
     return pd.DataFrame({c: np.concatenate(v) if v else np.zeros(0) for c, v in cols.items()})
 
 
-def catalogue_rankings(model: Recommender, split: TaskSet, new_items: set[int], k: int = 10) -> pd.DataFrame:
+def catalogue_rankings(model: Recommender, split: TaskSet, new_items: set[int], k: int = 10,
+                       seed: int = 0) -> pd.DataFrame:
+    """Top-k catalogue lists of every task; `seed` fixes the random order of tied scores."""
     tasks = catalogue_tasks(split, new_items)
-    return top_k(tasks, predict_in_chunks(model, tasks, chunk=64), k)
+    return top_k_lists(tasks, predict_in_chunks(model, tasks, chunk=64), k, seed)

@@ -1,11 +1,13 @@
 """DVC stage `evaluate`: per-user metrics for every model and seed, accuracy with intervals over
-seeds, and paired, Holm-corrected comparisons of the meta-learner with every other model."""
+seeds and over seeds and users, and paired, Holm-corrected comparisons of the meta-learner with every
+other model. A scenario without evaluated users has no rows and is skipped."""
 
 from __future__ import annotations
 
 import pandas as pd
 
-from audit.accuracy import accuracy_records, best_baseline_records, comparison_records, group_level, seed_level, winner_records
+from audit.accuracy import (UserSeedCube, accuracy_records, best_baseline_records, comparison_records, group_level,
+                            seed_level, winner_records)
 from audit.evaluation import evaluate_run, item_table, read_run, strata_for
 from metarec.io import atomic_write_json, atomic_write_parquet, atomic_write_text
 from metarec.splits import SplitConfig, partition
@@ -39,9 +41,9 @@ def main() -> None:
     long = pd.concat([seeds.assign(attribute="all", group="all"), groups], ignore_index=True)
     long["perturbation"] = "none"
     meta = params["meta_learner"]
-    acc = accuracy_records(seeds)
-    comp = comparison_records(per_user, meta, params["models"], alpha=float(ev["alpha"]),
-                              n_perm=int(ev["permutations"]), seed=int(ev["seed"]))
+    cube = UserSeedCube(per_user, n_boot=int(ev["bootstrap"]), seed=int(ev["seed"]))
+    acc = accuracy_records(seeds, cube)
+    comp = comparison_records(cube, meta, params["models"], alpha=float(ev["alpha"]))
     records = acc + comp + best_baseline_records(acc, comp, meta) + winner_records(acc)
     atomic_write_parquet("results/per_user.parquet", per_user)
     atomic_write_parquet("results/accuracy_long.parquet", long)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -60,18 +61,62 @@ def test_query_ndcg_matches_sklearn_with_exponential_gain(k):
         assert w.loc[u, f"ndcg@{k}"] == pytest.approx(ref)
 
 
-def test_query_ndcg_ties_broken_by_item_id_and_single_item_nan():
+def _dcg_of_order(gains, k):
+    return sum(g / math.log2(i + 2) for i, g in enumerate(gains[:k]))
+
+
+def _random_order_ndcg(y_true, y_pred, k):
+    """Independent reference: average nDCG over every order of the items that respects the scores
+    (all permutations of the tied items), by brute-force enumeration."""
+    gains = [2.0 ** r - 1.0 for r in y_true]
+    idcg = _dcg_of_order(sorted(gains, reverse=True), k)
+    vals = [_dcg_of_order([gains[i] for i in perm], k) / idcg
+            for perm in itertools.permutations(range(len(gains)))
+            if all(y_pred[a] >= y_pred[b] for a, b in zip(perm, perm[1:]))]
+    return sum(vals) / len(vals)
+
+
+def test_query_ndcg_ties_are_averaged_over_random_order_and_single_item_nan():
     pred = pd.DataFrame({
         "user_id": [1, 1, 1, 2], "item_id": [30, 10, 20, 5], "scenario": "s",
         "y_true": [5.0, 1.0, 3.0, 4.0], "y_pred": [2.0, 4.0, 4.0, 3.0],
     })
     w = _wide(M.per_user_query_ndcg(pred, ks=[1, 3]))
-    # user 1 order: item 10 (tie with 20, lower id first), 20, 30 -> gains 1, 7, 31
-    dcg3 = 1 / math.log2(2) + 7 / math.log2(3) + 31 / math.log2(4)
+    # user 1: items 10 and 20 tie at the top (gains 1 and 7), then 30 (gain 31). nDCG@1 is the mean
+    # of the two possible first gains; by item id it would have been 1/31.
     idcg3 = 31 / math.log2(2) + 7 / math.log2(3) + 1 / math.log2(4)
-    assert w.loc[1, "ndcg@1"] == pytest.approx(1 / 31)
-    assert w.loc[1, "ndcg@3"] == pytest.approx(dcg3 / idcg3)
+    assert w.loc[1, "ndcg@1"] == pytest.approx(4 / 31)
+    assert w.loc[1, "ndcg@3"] == pytest.approx((4 / math.log2(2) + 4 / math.log2(3) + 31 / math.log2(4)) / idcg3)
     assert np.isnan(w.loc[2, "ndcg@1"])  # one query item cannot be mis-ranked
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 5), st.integers(0, 2)), min_size=2, max_size=6), st.integers(1, 6))
+def test_query_ndcg_equals_brute_force_expectation_over_tie_orders(pairs, k):
+    y_true = [float(t) for t, _ in pairs]
+    y_pred = [float(p) for _, p in pairs]
+    if max(y_true) == 0:
+        return
+    pred = pd.DataFrame({"user_id": 0, "item_id": np.arange(len(pairs))[::-1], "scenario": "s",
+                         "y_true": y_true, "y_pred": y_pred})
+    assert M.per_user_query_ndcg(pred, ks=[k]).value.iloc[0] == pytest.approx(_random_order_ndcg(y_true, y_pred, k))
+
+
+def test_constant_predictor_ndcg_is_its_random_order_expectation_not_the_item_id_order():
+    # Ratings fall with item id, as on ML-100K (low ids are rated higher): id order would flatter.
+    y_true = [5.0, 5.0, 4.0, 3.0, 2.0, 1.0]
+    pred = pd.DataFrame({"user_id": 0, "item_id": np.arange(6), "scenario": "s", "y_true": y_true,
+                         "y_pred": 3.5})
+    for k in (1, 3, 5):
+        got = M.per_user_query_ndcg(pred, ks=[k]).value.iloc[0]
+        assert got == pytest.approx(_random_order_ndcg(y_true, [3.5] * 6, k))
+        assert got < 1.0 - 1e-6  # the id order (best items first) would have scored 1.0
+    # Monte-Carlo check of the expectation with explicit random tie-breaking
+    rng = np.random.default_rng(0)
+    gains = np.power(2.0, y_true) - 1.0
+    idcg = _dcg_of_order(sorted(gains, reverse=True), 3)
+    sims = [_dcg_of_order(list(gains[rng.permutation(6)]), 3) / idcg for _ in range(20000)]
+    assert M.per_user_query_ndcg(pred, ks=[3]).value.iloc[0] == pytest.approx(np.mean(sims), abs=4 * np.std(sims) / 140)
 
 
 @settings(max_examples=40, deadline=None)
