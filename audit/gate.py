@@ -53,6 +53,10 @@ _SUFFIX_INTERVALS = (("_ci_low", "_ci_high"), ("_mc_low", "_mc_high"))
 _NO_INTERVAL = object()
 
 
+# Gates read the audit's own signed metrics files only (metrics/<name>.json), never a path.
+GATE_FILES = ("summary", "fairness", "robustness", "reproducibility", "regression", "feedback")
+
+
 class GateInputError(MetarecError):
     """A gate cannot be evaluated: its metrics file, record or field is missing, or it is malformed."""
 
@@ -107,6 +111,8 @@ class _MetricsCache:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise GateInputError(f"gate {gate!r}: metrics/{stem}.json is not readable JSON ({exc})") from None
+            except RecursionError:
+                raise GateInputError(f"gate {gate!r}: metrics/{stem}.json is nested too deeply to be audit output") from None
             if not isinstance(data, dict) or not isinstance(data.get("records"), list):
                 raise GateInputError(f"gate {gate!r}: metrics/{stem}.json has no top-level 'records' list")
             self.files[stem] = data
@@ -124,6 +130,8 @@ def validate_gates(params: dict[str, Any]) -> list[dict[str, Any]]:
         raise GateInputError("params.yaml has no 'gates' list")
     if not isinstance(gates, list):
         raise GateInputError("params.yaml 'gates' must be a list of named thresholds")
+    if not gates:
+        raise GateInputError("params.yaml 'gates' is empty: a release gate needs at least one named threshold")
     seen: set[str] = set()
     for i, gate in enumerate(gates):
         if not isinstance(gate, dict):
@@ -143,6 +151,10 @@ def validate_gates(params: dict[str, Any]) -> list[dict[str, Any]]:
             raise GateInputError(f"gate {name!r}: op {gate['op']!r} is not one of {', '.join(OPS)}")
         if not isinstance(gate["field"], str) or not isinstance(gate["file"], str):
             raise GateInputError(f"gate {name!r}: 'file' and 'field' must be strings")
+        stem = gate["file"][:-5] if gate["file"].endswith(".json") else gate["file"]
+        if stem not in GATE_FILES:
+            raise GateInputError(f"gate {name!r}: file {gate['file']!r} is not one of the audit's metrics files "
+                                 f"({', '.join(GATE_FILES)})")
         if gate.get("on_inconclusive", "fail") not in ("fail", "pass"):
             raise GateInputError(f"gate {name!r}: on_inconclusive must be 'fail' or 'pass', "
                                  f"got {gate['on_inconclusive']!r}")

@@ -72,7 +72,7 @@ def test_record_gates_never_raises_on_failure_and_record_only_exits_0(tmp_path: 
 
 
 @pytest.mark.parametrize("edit, expected", [
-    (lambda p: p["gates"][0].update(file="nosuchfile"), ["melu_not_worse_than_mean_user_cold", "metrics/nosuchfile.json"]),
+    (lambda p: p["gates"][0].update(file="nosuchfile"), ["melu_not_worse_than_mean_user_cold", "'nosuchfile'"]),
     (lambda p: p["gates"][1]["where"].update(model="nosuchmodel"), ["gender_mae_gap_upper", "no record", "nosuchmodel"]),
     (lambda p: p["gates"][1].update(field="nosuchfield"), ["gender_mae_gap_upper", "nosuchfield"]),
     (lambda p: p["gates"][1]["where"].pop("attribute"), ["gender_mae_gap_upper", "records", "match"]),
@@ -87,6 +87,30 @@ def test_input_errors_exit_2_naming_the_gate(tmp_path: Path, capsys, edit, expec
     assert "Traceback" not in err and err.count("\n") == 1
     for word in expected:
         assert word in err
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p["gates"][0].update(file="../../outside"),
+     "gate 'melu_not_worse_than_mean_user_cold': file '../../outside' is not one of the audit's metrics files "
+     "(summary, fairness, robustness, reproducibility, regression, feedback)"),
+    (lambda p: p.update(gates=[]),
+     "params.yaml 'gates' is empty: a release gate needs at least one named threshold"),
+])
+def test_gate_boundaries_exit_2_with_the_exact_reason(tmp_path: Path, capsys, edit, message) -> None:
+    """Gates read only the audit's own metrics files, and an empty gate list is not a pass."""
+    write_fixture_project(tmp_path)
+    (tmp_path.parent / "outside.json").write_text('{"records": [{"kind": "x", "v": 1}]}')
+    _edit_params(tmp_path, edit)
+    rc, out, err = _run(capsys, "--root", str(tmp_path), "gate")
+    assert rc == 2 and err.strip() == f"metarec-audit gate: {message}"
+    assert "0 of 0" not in out
+
+
+def test_deeply_nested_metrics_file_is_an_input_error(tmp_path: Path, capsys) -> None:
+    write_fixture_project(tmp_path)
+    (tmp_path / "metrics" / "summary.json").write_text("[" * 100_000 + "]" * 100_000)
+    rc, _, err = _run(capsys, "--root", str(tmp_path), "gate")
+    assert rc == 2 and "metrics/summary.json is nested too deeply to be audit output" in err
 
 
 def test_input_error_is_recorded_not_raised_by_dvc_writer(tmp_path: Path) -> None:
