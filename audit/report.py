@@ -384,13 +384,13 @@ def _findings(ctx: dict[str, Any]) -> list[str]:
     return out
 
 
-def model_description(name: str) -> str:
+def model_description(name: str, params: dict[str, Any] | None = None) -> str:
     """What a model is, as its class states it (`description`); the report never words it itself."""
     from metarec.errors import ConfigError
-    from metarec.models.registry import model_class
+    from metarec.models.registry import describe
 
     try:
-        return model_class(name).description
+        return describe(name, ((params or {}).get("model_params") or {}).get(name))
     except ConfigError as exc:
         raise ReportError(f"cannot describe model {name!r} in the model card: {exc}") from None
 
@@ -416,11 +416,11 @@ def _model_card(params: dict[str, Any], ctx: dict[str, Any]) -> dict[str, list[A
     hp = params.get(model) if isinstance(params.get(model), dict) else (params.get("model_params") or {}).get(model)
     others = [m for m in f["models"] if m != model]
     details: list[list[str]] = [["Model", str(model)],
-                                ["Type", model_description(str(model))],
+                                ["Type", model_description(str(model), params)],
                                 ["Software", f"metarec-audit {ctx['version']}"],
                                 ["Seeds", ", ".join(str(s) for s in ctx["reproducibility"]["seeds"]) or "n/a"],
                                 ["Compared against", ", ".join(others) or "none"]]
-    details += [[f"Compared model: {m}", model_description(str(m))] for m in others]
+    details += [[f"Compared model: {m}", model_description(str(m), params)] for m in others]
     if isinstance(hp, dict) and hp:
         details.append(["Hyperparameters", ", ".join(f"{k}={json.dumps(v)}" for k, v in hp.items())])
     tasks = params.get("tasks") or {}

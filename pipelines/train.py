@@ -18,7 +18,7 @@ from pipelines.common import load_encoder, load_params, load_prepared, load_spli
 
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", required=True, choices=registry.NAMES)
+    p.add_argument("--model", required=True, help="a name from params.yaml models")
     p.add_argument("--seed", required=True, type=int)
     return p.parse_args()
 
@@ -27,12 +27,15 @@ def _args() -> argparse.Namespace:
 def main() -> None:
     args = _args()
     params = load_params()
+    model_params = (params.get("model_params") or {}).get(args.model) or {}
     seed_everything(args.seed, torch_too=args.model not in registry.CLASSIC)
     data = load_prepared()
     encoder = load_encoder()
     train, val = load_split("train", data), load_split("val", data)
     t0 = time.perf_counter()
-    model = registry.build(args.model, params.get("model_params", {}).get(args.model) or {}, args.seed)
+    model = registry.build(args.model, model_params, args.seed)
+    if getattr(model, "external", False):   # its predictions are checked against the rating scale
+        model.rating_scale = (data.spec.rating_min, data.spec.rating_max)
     model.fit(train, val, encoder)
     fit_s = time.perf_counter() - t0
     out_dir = f"models/{args.model}/seed{args.seed}"
@@ -43,7 +46,7 @@ def main() -> None:
     for scenario in SCENARIOS:
         split = load_split(scenario, data)
         preds.append(query_predictions(model, split))
-        ranks.append(catalogue_rankings(model, split, new_items, k))
+        ranks.append(catalogue_rankings(model, split, new_items, k, seed=int(params["evaluation"]["seed"])))
     atomic_write_parquet(f"predictions/{args.model}/seed{args.seed}.parquet", pd.concat(preds, ignore_index=True))
     atomic_write_parquet(f"rankings/{args.model}/seed{args.seed}.parquet", pd.concat(ranks, ignore_index=True))
     history = registry.history(model)

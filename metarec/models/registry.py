@@ -32,6 +32,52 @@ BUILTIN: dict[str, str] = {
 NAMES = tuple(BUILTIN)
 # Models that run without torch (scikit-surprise and pandas): seeded without torch, refitted in forks.
 CLASSIC = tuple(name for name, target in BUILTIN.items() if target.startswith("metarec.models.classic:"))
+ENTRY_POINT_GROUP = "metarec_audit.models"
+# A model_params entry with one of these keys defines a model from outside the package (driven by
+# metarec.models.external) instead of holding a registered model's hyperparameters. Why there and
+# not as mappings inside `models`: DVC's matrix names each train stage and its outputs after the
+# entries of `models`, and `model_params.<name>` is the params key each train cell depends on.
+EXTERNAL_KEYS = ("class", "endpoint")
+
+
+def entry_points() -> dict[str, str]:
+    """name -> "module:Class" registered by installed packages under `metarec_audit.models`."""
+    from importlib.metadata import entry_points as eps
+
+    return {ep.name: ep.value for ep in eps(group=ENTRY_POINT_GROUP)}
+
+
+def external_definition(name: str, params: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The definition of a model from outside the package, or None for a built-in model.
+
+    `params` is the model's params.yaml `model_params.<name>`: either a definition ({class, params}
+    or {endpoint, ...}) or, for a built-in or entry-point model, its hyperparameters.
+    """
+    params = dict(params or {})
+    if any(k in params for k in EXTERNAL_KEYS):
+        if name in BUILTIN:
+            raise ConfigError(f"params.yaml model_params.{name}: {name!r} is a built-in model; a custom model "
+                              f"defined with class or endpoint needs a name of its own")
+        return params
+    if name not in BUILTIN:
+        target = entry_points().get(name)
+        if target is not None:
+            return {"class": target, "params": params}
+    return None
+
+
+def known(name: str, params: Mapping[str, Any] | None) -> bool:
+    return name in BUILTIN or external_definition(name, params) is not None
+
+
+def describe(name: str, params: Mapping[str, Any] | None = None) -> str:
+    """The one-sentence description a model states about itself."""
+    definition = external_definition(name, params)
+    if definition is not None:
+        from metarec.models.external import ExternalModel
+
+        return ExternalModel(name, definition, 0).description
+    return model_class(name).description
 
 
 @lru_cache(maxsize=None)
@@ -39,7 +85,8 @@ def model_class(name: str) -> type[Estimator]:
     """The class registered under `name`; ConfigError for a name that is not registered."""
     target = BUILTIN.get(name)
     if target is None:
-        raise ConfigError(f"unknown model {name!r}; expected one of {', '.join(NAMES)}")
+        raise ConfigError(f"unknown model {name!r}; expected one of {', '.join(NAMES)}, a name registered "
+                          f"under the {ENTRY_POINT_GROUP} entry points, or model_params.{name} with class or endpoint")
     module, _, attr = target.partition(":")
     cls = getattr(importlib.import_module(module), attr)
     if not (isinstance(cls, type) and issubclass(cls, Estimator)) or cls.name != name:
@@ -50,6 +97,11 @@ def model_class(name: str) -> type[Estimator]:
 def build(name: str, params: Mapping[str, Any] | None, seed: int) -> Estimator:
     """A fresh, unfitted model with the hyperparameters of params.yaml `model_params.<name>` and a
     seed from `seeds` (which is why `seed` itself is refused there). Values are checked by `fit`."""
+    definition = external_definition(name, params)
+    if definition is not None:
+        from metarec.models.external import ExternalModel
+
+        return ExternalModel(name, definition, seed)
     cls = model_class(name)
     params = dict(params or {})
     allowed = set(cls.param_names()) - {"seed"}
@@ -62,6 +114,10 @@ def build(name: str, params: Mapping[str, Any] | None, seed: int) -> Estimator:
 
 def load(name: str, directory: str | Path, train: TaskSet | None = None) -> Estimator:
     """The fitted model saved in `directory` by the model registered as `name`."""
+    if (Path(directory) / "external.json").is_file():
+        from metarec.models.external import ExternalModel
+
+        return ExternalModel.load(directory, train=train)
     return model_class(name).load(directory, train=train)
 
 
