@@ -20,7 +20,7 @@ from audit.hierarchical import SeedValues, seed_values, seed_values_from_sums, t
 from audit.stats import holm, t_interval
 
 LOWER_IS_BETTER = {"mae", "mse", "rmse", "arp", "gini"}
-COMPARED = ("mae", "rmse", "ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "precision@10", "recall@10")
+COMPARED = ("mae", "rmse", "ndcg@1", "ndcg@3", "ndcg@5", "list_ndcg@10", "precision@10", "recall@10")
 # A seed-level metric computed from another per-user metric: RMSE is the root of the mean squared error.
 DERIVED = {"rmse": ("mse", np.sqrt)}
 SEEDS_LABEL = "95% Student-t interval over training seeds (task split fixed: the same users every seed)"

@@ -204,7 +204,7 @@ def per_user_catalogue(
     pred: pd.DataFrame, rankings: pd.DataFrame, n_candidates, threshold: float = 4.0,
     k: int = 10,
 ) -> pd.DataFrame:
-    """Per-user Precision@k, Recall@k and nDCG@k of the top-k catalogue list.
+    """Per-user Precision@k, Recall@k and nDCG@k (named list_ndcg@k) of the top-k catalogue list.
 
     Relevant items = the user's liked query items (y_true >= threshold); binary gain; IDCG from
     min(#relevant, k) hits at the top. Users without a relevant item get NaN for all three (no
@@ -233,7 +233,7 @@ def per_user_catalogue(
     out[f"precision@{k}"] = np.where(has, wide["n_hit"] / k, np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
         out[f"recall@{k}"] = np.where(has, wide["n_hit"] / wide["n_rel"], np.nan)
-        out[f"ndcg@{k}"] = np.where(has, wide["dcg"] / idcg, np.nan)
+        out[f"list_ndcg@{k}"] = np.where(has, wide["dcg"] / idcg, np.nan)
     return _to_long(out)
 
 
@@ -411,7 +411,7 @@ def per_user_metrics(
     """All per-user metrics in long form [user_id, scenario, metric, value].
 
     Query-set metrics (mae, mse, rmse, n_query, ndcg@1/3/5) from ``pred``; catalogue metrics
-    (precision@k, recall@k, ndcg@k) when ``rankings`` is given (needs ``n_candidates``; raises
+    (precision@k, recall@k, list_ndcg@k) when ``rankings`` is given (needs ``n_candidates``; raises
     ValueError when k >= candidates for any user); list metrics (arp, aplt, novelty, diversity)
     when ``items`` (item_id, genres, popularity column) is also given.
     """

@@ -54,15 +54,15 @@ def main() -> None:
     mae = seeds[seeds.metric == "mae"].groupby(["model", "scenario"])["value"].mean().reset_index()
     atomic_write_text("plots/accuracy.csv", mae.assign(model=mae.model + " / " + mae.scenario)
                       .rename(columns={"value": "mae"})[["model", "mae"]].to_csv(index=False))
-    table = pd.DataFrame([r for r in acc if r["metric"] in ("mae", "ndcg@3", "ndcg@10")])
+    table = pd.DataFrame([r for r in acc if r["metric"] in ("mae", "ndcg@3", "list_ndcg@10")])
     print(table.pivot_table(index=["scenario", "model"], columns="metric", values="mean").round(4).to_string())
 
 
 def _headline(acc: list[dict]) -> dict:
-    """model -> scenario -> {mae, ndcg@10}: the scalars `dvc metrics show` and `dvc metrics diff` display."""
+    """model -> scenario -> {mae, list_ndcg@10}: the scalars `dvc metrics show` and `dvc metrics diff` display."""
     out: dict = {}
     for r in acc:
-        if r["metric"] in ("mae", "ndcg@10"):
+        if r["metric"] in ("mae", "list_ndcg@10"):
             out.setdefault(r["model"], {}).setdefault(r["scenario"], {})[r["metric"]] = r["mean"]
     return out
 

@@ -78,7 +78,7 @@ def main() -> None:
         pu = per_user[(per_user.model == model) & (per_user.scenario == scenario)]
         return fairness_records(
             model, scenario, pu[["user_id", "metric", "value"]], strata,
-            metrics=["mae", "rmse", "ndcg@3", "ndcg@10", "recall@10"], pred=pred, rankings=ranks,
+            metrics=["mae", "rmse", "ndcg@3", "list_ndcg@10", "recall@10"], pred=pred, rankings=ranks,
             support=support, items=items, interaction_counts=counts, threshold=thr,
             k=int(ev["catalogue_k"]), n_boot=int(ev["bootstrap"]), n_perm=int(ev["permutations"]),
             seed=int(ev["seed"]))

@@ -37,7 +37,7 @@ def determinism(params: dict) -> dict:
 def variance(per_user: pd.DataFrame) -> list[dict]:
     recs = []
     for (model, scenario, metric), g in per_user.groupby(["model", "scenario", "metric"], sort=True):
-        if metric not in ("mae", "rmse", "ndcg@3", "ndcg@10"):
+        if metric not in ("mae", "rmse", "ndcg@3", "list_ndcg@10"):
             continue
         share = seed_variance_share(g.pivot_table(index="user_id", columns="seed", values="value"))
         recs.append({"kind": "seed_variance", "model": model, "scenario": scenario, "metric": metric, **share})

@@ -103,7 +103,7 @@ def _per_user(rng: np.random.Generator, scenarios=("user_cold", "warm")) -> pd.D
                     mse = abs(float(base[u] + shift + rng.normal(0, 0.01)))
                     rows += [(model, seed, scen, u, "mse", mse), (model, seed, scen, u, "rmse", np.sqrt(mse)),
                              (model, seed, scen, u, "mae", np.sqrt(mse) * 0.8),
-                             (model, seed, scen, u, "ndcg@10", np.nan if u % 7 == 0 else rng.random())]
+                             (model, seed, scen, u, "list_ndcg@10", np.nan if u % 7 == 0 else rng.random())]
     return pd.DataFrame(rows, columns=["model", "seed", "scenario", "user_id", "metric", "value"])
 
 
@@ -118,7 +118,7 @@ def test_accuracy_records_carry_both_labelled_intervals_around_the_seed_mean() -
     assert r["ci_users_low"] < r["ci_low"] <= r["mean"] <= r["ci_high"] < r["ci_users_high"]
     assert r["interval"].startswith("95% Student-t interval over training seeds")
     assert r["interval_users"].startswith("95% interval over seeds and users") and r["n_users"] == 40
-    nd = recs[("melu", "user_cold", "ndcg@10")]
+    nd = recs[("melu", "user_cold", "list_ndcg@10")]
     assert nd["n_users"] == 40 - 6 and nd["ci_users_low"] < nd["mean"] < nd["ci_users_high"]  # NaN users left out
     # the same seed gives the same numbers; comparisons share one draw of users per scenario
     again = accuracy_records(seed_level(pu), UserSeedCube(pu, n_boot=300, seed=0))

@@ -158,10 +158,10 @@ def test_catalogue_precision_recall_ndcg_hand_worked():
     assert w.loc[1, "precision@10"] == pytest.approx(0.2)
     assert w.loc[1, "recall@10"] == pytest.approx(2 / 3)
     idcg1 = 1 + 1 / math.log2(3) + 1 / math.log2(4)
-    assert w.loc[1, "ndcg@10"] == pytest.approx((1 + 1 / math.log2(4)) / idcg1)
+    assert w.loc[1, "list_ndcg@10"] == pytest.approx((1 + 1 / math.log2(4)) / idcg1)
     assert w.loc[2, "precision@10"] == pytest.approx(0.1)
     assert w.loc[2, "recall@10"] == pytest.approx(1.0)
-    assert w.loc[2, "ndcg@10"] == pytest.approx(1 / math.log2(11))
+    assert w.loc[2, "list_ndcg@10"] == pytest.approx(1 / math.log2(11))
     assert w.loc[3].isna().all()  # no relevant item: undefined, not 0
 
 
@@ -232,6 +232,6 @@ def test_per_user_metrics_collects_every_family():
     out = M.per_user_metrics(pred, rankings, nc, 4.0, items=items)
     assert list(out.columns) == ["user_id", "scenario", "metric", "value"]
     want = {"mae", "mse", "rmse", "ndcg@1", "ndcg@3", "ndcg@5", "precision@10", "recall@10",
-            "ndcg@10", "arp", "aplt", "novelty", "diversity"}
+            "list_ndcg@10", "arp", "aplt", "novelty", "diversity"}
     assert want <= set(out.metric)
     assert not out.duplicated(["user_id", "scenario", "metric"]).any()

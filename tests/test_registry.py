@@ -54,3 +54,26 @@ def test_glossary_has_one_row_per_entry_with_a_stable_anchor() -> None:
     assert [r["name"] for r in rows] == ["mae", "ndcg@k"]
     assert rows[1]["anchor"] == "metric-ndcg-k" == registry.anchor("ndcg@10")
     assert all(r["definition"].endswith(".") for r in rows)
+
+
+def test_every_metric_an_evaluation_writes_is_registered() -> None:
+    """One model's evaluation on a small synthetic run: per-user, list and scenario metrics."""
+    from audit.evaluation import evaluate_run
+
+    rng = np.random.default_rng(0)
+    items = pd.DataFrame({"item_id": np.arange(1, 41), "popularity": rng.integers(0, 50, 40),
+                          "genres": rng.choice(["A", "A|B", "C"], 40)})
+    pred_rows, rank_rows = [], []
+    for u in range(1, 9):
+        q = rng.choice(np.arange(1, 41), 6, replace=False)
+        pred_rows += [{"user_id": u, "item_id": int(i), "scenario": "warm", "y_true": float(rng.integers(1, 6)),
+                       "y_pred": float(rng.uniform(1, 5))} for i in q]
+        top = rng.choice(np.arange(1, 41), 10, replace=False)
+        rank_rows += [{"user_id": u, "scenario": "warm", "rank": r + 1, "item_id": int(i), "score": 5.0 - r / 10,
+                       "n_candidates": 30} for r, i in enumerate(top)]
+    per_user, listwise = evaluate_run(pd.DataFrame(pred_rows), pd.DataFrame(rank_rows), items,
+                                      {"catalogue_k": 10, "like_threshold": 4, "ndcg_k": [1, 3, 5]},
+                                      {"warm": list(range(1, 41))})
+    names = set(per_user["metric"]) | set(listwise["metric"])
+    assert {"mae", "ndcg@5", "list_ndcg@10", "gini", "coverage", "auc"} <= names
+    assert registry.unregistered(names) == []
