@@ -343,7 +343,7 @@ def perturb(tasks: Sequence["Task"], perturbation: str, level: object, rng: np.r
             return list(tasks)
         attribute = suffix or params.get("attribute")
         if not attribute:
-            raise ValueError("attribute_noise needs an attribute: 'attribute_noise:gender' or attribute=...")
+            raise ValueError("attribute_noise needs an attribute: 'attribute_noise:<name>' or attribute=...")
         return perturb_attribute_noise(tasks, float(level), rng, attribute=attribute, values=params.get("values"))
     if name == "demographic_shift":
         return list(tasks)

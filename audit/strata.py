@@ -4,7 +4,7 @@ A stratum is one of:
 - a declared user attribute (data.schema / the source's spec): numeric ones by their declared
   bucket `edges` and `labels`, the others by value;
 - a column the source declares as derived for the audit (`DataSpec.derived`, e.g. a region the
-  MovieLens loader derives from zip codes);
+  MovieLens loader derives from its postal codes);
 - `activity`, the one stratum that makes sense for any data: the tertile of each user's rating count;
 - an intersection of those, named "a x b" with values "A | B".
 
@@ -132,7 +132,7 @@ def merge_small_groups(
 ) -> tuple[pd.Series, list[str]]:
     """Fold groups with fewer than ``min_size`` members into ``other``; return the folded names.
 
-    If a real group is already called ``other`` (ML-100K occupation), the small groups join it;
+    If a real group is already called ``other`` (as in some category lists), the small groups join it;
     the returned list says which groups were folded in, so the report can flag it.
     """
     vc = col.value_counts()
