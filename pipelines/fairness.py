@@ -9,6 +9,7 @@ from audit.counterfactual import (counterfactual_changes, counterfactual_records
                                   substitutes)
 from audit.evaluation import item_table, strata_for
 from audit.fairness import fairness_records
+from metarec.errors import ConfigError
 from metarec.io import atomic_write_json, atomic_write_text
 from metarec.models import registry
 from metarec.predict import catalogue_tasks
@@ -21,11 +22,16 @@ def _counterfactual(params: dict, data, strata, threshold: float) -> list[dict]:
     """Counterfactual records for every sensitive attribute, from the models of every training seed.
 
     Substitutes come from the declared schema (a representative of each other bucket or each other
-    category); each user's changes are averaged over the seeds before groups are summarised.
-    Scenarios without users are skipped and said so.
+    category); each user's changes are averaged over the seeds before groups are summarised. Seeds:
+    `fairness.counterfactual_seeds` when set (each seed costs one full set of predict calls), else
+    every training seed. Scenarios without users are skipped and said so.
     """
     fp = params["fairness"]
-    seeds = [int(s) for s in params["seeds"]]
+    seeds = [int(s) for s in (fp.get("counterfactual_seeds") or params["seeds"])]
+    unknown = [s for s in seeds if s not in [int(x) for x in params["seeds"]]]
+    if unknown:
+        raise ConfigError(f"params.yaml: fairness.counterfactual_seeds names seed {unknown[0]}, which is not "
+                          f"trained; expected some of {params['seeds']}")
     new = partition(data, SplitConfig.from_params(params["tasks"])).new_items
     sensitive = [a for a in data.spec.sensitive if a in data.users]
     values = {a: substitutes(data.spec, data.users, a) for a in sensitive}
