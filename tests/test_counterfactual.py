@@ -247,3 +247,13 @@ def test_ties_are_broken_at_random_but_identically_for_both_lists() -> None:
     lists = {tuple(top_k(items, np.zeros(20), 5, np.random.default_rng([s, 0]).permutation(20))) for s in range(20)}
     assert len(lists) > 1  # not always the lowest ids
     np.testing.assert_array_equal(top_k(items, np.zeros(20), 3, np.arange(20)[::-1]), [119, 118, 117])
+
+
+def test_counterfactual_seeds_must_be_trained_seeds() -> None:
+    from metarec.errors import ConfigError
+    from pipelines.fairness import _counterfactual
+
+    params = {"seeds": [0, 1], "fairness": {"counterfactual_seeds": [0, 7]}}
+    with pytest.raises(ConfigError, match=r"^params\.yaml: fairness\.counterfactual_seeds names seed 7, which is "
+                                          r"not trained; expected some of \[0, 1\]$"):
+        _counterfactual(params, None, None, 4.0)
