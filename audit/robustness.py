@@ -23,6 +23,10 @@ exactly):
   population: the per-user metric values re-weighted to another group mix (weight of a user in
   group g = target[g] / observed[g]).
 
+`plan_attribute_perturbations` resolves params `robustness.attribute_noise` and
+`robustness.demographic_shift` against the declared schema (defaults: the first sensitive
+attribute; an equal mix of its groups), so a name the data lacks stops the run at prepare.
+
 `robustness_curve` runs one perturbation over several levels and emits `curve` records;
 `most_damaging` picks the worst one (`most_damaging` records). Both formats are in docs/DESIGN.md
 (robustness.json).
@@ -31,13 +35,18 @@ exactly):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from numbers import Number
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from audit.strata import available_strata, derive_strata
+from metarec.errors import ConfigError
+
 if TYPE_CHECKING:  # the audit only needs the Task dataclass and the predict protocol
+    from metarec.data.schema import RatingData
     from metarec.models.base import Recommender
     from metarec.tasks import Task
 
@@ -99,6 +108,78 @@ def _is_noop(perturbation: str, level: object) -> bool:
     if perturbation in ("rating_noise", "attribute_noise") and _is_number(level) and float(level) == 0.0:
         return True
     return False
+
+
+# ---------------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class AttributePerturbations:
+    """Which attribute each attribute-level perturbation uses, resolved against the schema."""
+
+    noise_attribute: str
+    noise_levels: tuple[float, ...]
+    shift_attribute: str
+    shift_mix: dict[str, float]
+
+
+def _section(cfg: Mapping, key: str) -> Mapping:
+    value = cfg.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"params.yaml: robustness.{key} is {value!r}; expected a mapping with attribute and "
+                          f"{'levels' if key == 'attribute_noise' else 'mix'}")
+    return value
+
+
+def _attribute(section: Mapping, where: str, known: Sequence[str], default: Sequence[str]) -> str:
+    name = section.get("attribute")
+    if name is None:
+        if not default:
+            raise ConfigError(f"params.yaml: {where} is not set and data.schema declares no sensitive attribute; "
+                              f"expected one of {', '.join(known)}")
+        return default[0]
+    if name not in known:
+        raise ConfigError(f"params.yaml: {where} names {name!r}, which is not an attribute of this dataset; "
+                          f"expected one of {', '.join(known)}")
+    return str(name)
+
+
+def plan_attribute_perturbations(cfg: Mapping | None, data: "RatingData", *, min_size: int = 1) -> AttributePerturbations:
+    """Resolve the attribute-noise and demographic-shift params against the data's schema.
+
+    Why: the attributes are the data's, not MovieLens's; a name or group the data lacks is a
+    configuration error to report before training, not a crash after it. Attribute noise needs a
+    declared user attribute (a model input); the shift may use any stratum (derived ones and
+    activity too). Its mix names groups as the strata label them (small groups merged into "other"
+    at `min_size`); an unset mix is an equal share of every group.
+    """
+    cfg = cfg or {}
+    spec = data.spec
+    noise = _section(cfg, "attribute_noise")
+    shift = _section(cfg, "demographic_shift")
+    declared = [a.name for a in spec.user_attributes]
+    noise_attr = _attribute(noise, "robustness.attribute_noise.attribute", declared, spec.sensitive)
+    shift_attr = _attribute(shift, "robustness.demographic_shift.attribute", available_strata(spec), spec.sensitive)
+    levels = noise.get("levels", [])
+    if not isinstance(levels, (list, tuple)) or not all(_is_number(v) and 0 <= v <= 1 for v in levels):
+        raise ConfigError(f"params.yaml: robustness.attribute_noise.levels is {levels!r}; expected a list of "
+                          f"fractions between 0 and 1")
+    counts = data.ratings.groupby("user_id").size()
+    labels = derive_strata(data.users, [shift_attr], spec=spec, counts=counts, min_size=min_size).frame[shift_attr]
+    groups = _sorted_values(labels.tolist())
+    mix = shift.get("mix")
+    if mix is None:
+        mix = {g: 1.0 / len(groups) for g in groups}
+    elif not isinstance(mix, Mapping) or not all(_is_number(v) and v >= 0 for v in mix.values()) \
+            or sum(mix.values()) <= 0:
+        raise ConfigError(f"params.yaml: robustness.demographic_shift.mix is {mix!r}; expected group: share "
+                          f"pairs with non-negative shares and a positive sum")
+    unknown = [g for g in mix if str(g) not in groups]
+    if unknown:
+        raise ConfigError(f"params.yaml: robustness.demographic_shift.mix names group {unknown[0]!r} of "
+                          f"{shift_attr!r}, which no user is in; expected groups among {', '.join(groups)}")
+    return AttributePerturbations(noise_attr, tuple(float(v) for v in levels), shift_attr,
+                                  {str(g): float(v) for g, v in mix.items()})
 
 
 # ---------------------------------------------------------------------------------- perturbations
@@ -262,7 +343,7 @@ def perturb(tasks: Sequence["Task"], perturbation: str, level: object, rng: np.r
             return list(tasks)
         attribute = suffix or params.get("attribute")
         if not attribute:
-            raise ValueError("attribute_noise needs an attribute: 'attribute_noise:gender' or attribute=...")
+            raise ValueError("attribute_noise needs an attribute: 'attribute_noise:<name>' or attribute=...")
         return perturb_attribute_noise(tasks, float(level), rng, attribute=attribute, values=params.get("values"))
     if name == "demographic_shift":
         return list(tasks)

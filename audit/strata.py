@@ -1,5 +1,16 @@
-"""User strata for group fairness: gender, age bucket, occupation, activity tertile, zip region and
-named intersections ("gender x age").
+"""User strata for group fairness, all from the dataset's declared schema (metarec.data.schema).
+
+A stratum is one of:
+- a declared user attribute (data.schema / the source's spec): numeric ones by their declared
+  bucket `edges` and `labels`, the others by value;
+- a column the source declares as derived for the audit (`DataSpec.derived`, e.g. a region the
+  MovieLens loader derives from its postal codes);
+- `activity`, the one stratum that makes sense for any data: the tertile of each user's rating count;
+- an intersection of those, named "a x b" with values "A | B".
+
+Default `strata.attributes` (when params leave it empty): the sensitive attributes, activity, then
+the derived ones; default intersections: the first two sensitive attributes. Every name is checked
+against the schema by `plan_strata` before any work (one ConfigError sentence naming the field).
 
 Small groups are merged into "other" (and listed in ``Strata.merged``), never dropped: a dropped
 group would silently vanish from the audit. Every table carries group counts.
@@ -8,55 +19,96 @@ group would silently vanish from the audit. Every table carries group counts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 
+from metarec.data.schema import AttrSpec, DataSpec
+from metarec.errors import ConfigError
+
 __all__ = [
-    "AGE_LABELS",
+    "ACTIVITY",
     "INTERSECTION_SEP",
     "Strata",
-    "age_bucket",
-    "zip_region",
+    "StrataPlan",
     "activity_tertile",
-    "merge_small_groups",
+    "available_strata",
     "derive_strata",
+    "merge_small_groups",
+    "plan_strata",
 ]
 
-# MovieLens-1M age codes are lower bounds: 1 (<18), 18, 25, 35, 45, 50, 56. Applying them as
-# thresholds to real ages (ML-100K) gives the same buckets.
-_AGE_EDGES = [18, 25, 35, 45, 50, 56]
-AGE_LABELS = ["<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"]
+ACTIVITY = "activity"
 INTERSECTION_SEP = " x "
 _VALUE_SEP = " | "
 UNKNOWN = "unknown"
 
 
-def age_bucket(age) -> pd.Series:
-    """Map ages (years) to the MovieLens-1M buckets; missing or non-numeric -> "unknown"."""
-    a = pd.to_numeric(pd.Series(age), errors="coerce")
-    idx = np.searchsorted(_AGE_EDGES, a.fillna(-1).to_numpy(), side="right")
-    lab = np.asarray(AGE_LABELS, dtype=object)[idx]
-    return pd.Series(np.where(a.isna(), UNKNOWN, lab), index=a.index, dtype=object)
+def available_strata(spec: DataSpec) -> list[str]:
+    """Every name `strata.attributes` may use: declared user attributes, derived columns, activity."""
+    names = [a.name for a in (*spec.user_attributes, *spec.derived)]
+    return names + ([ACTIVITY] if ACTIVITY not in names else [])
 
 
-def zip_region(zips) -> pd.Series:
-    """First digit of a US zip code (the postal region); non-numeric -> "other", missing -> "unknown".
+@dataclass(frozen=True)
+class StrataPlan:
+    """The strata an audit reports, resolved against the schema (see `plan_strata`)."""
 
-    ML-100K holds a few Canadian postal codes (letters first), which map to "other".
+    attributes: tuple[str, ...]
+    intersections: tuple[tuple[str, ...], ...]
+    min_group_size: int
+
+    @property
+    def names(self) -> list[str]:
+        """Stratum column names: the attributes, then each intersection as "a x b"."""
+        return list(self.attributes) + [INTERSECTION_SEP.join(p) for p in self.intersections]
+
+
+def _name_list(value: object, where: str) -> list[str]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"params.yaml: {where} is {value!r}; expected a list of attribute names")
+    return list(value)
+
+
+def plan_strata(cfg: Mapping | None, spec: DataSpec) -> StrataPlan:
+    """Resolve params `strata` against the declared schema, defaults included.
+
+    Why here and early: a name the data does not have used to surface only after every model was
+    trained; the prepare stage calls this, so a bad name stops the run before any work.
     """
-    s = pd.Series(zips)
+    cfg = cfg or {}
+    known = available_strata(spec)
 
-    def one(z) -> str:
-        if z is None or (isinstance(z, float) and np.isnan(z)):
-            return UNKNOWN
-        z = str(z).strip()
-        if not z:
-            return UNKNOWN
-        return z[0] if z[0].isdigit() else "other"
+    def check(name: str, where: str) -> str:
+        if name not in known:
+            raise ConfigError(f"params.yaml: {where} names {name!r}, which is not a stratum of this dataset; "
+                              f"expected one of {', '.join(known)}")
+        return name
 
-    return s.map(one).astype(object)
+    raw = cfg.get("attributes")
+    if raw is None:
+        attributes = [*spec.sensitive, ACTIVITY, *(a.name for a in spec.derived)]
+    else:
+        attributes = [check(a, "strata.attributes") for a in _name_list(raw, "strata.attributes")]
+    raw = cfg.get("intersections")
+    if raw is None:
+        pairs = [list(spec.sensitive[:2])] if len(spec.sensitive) >= 2 else []
+    elif not isinstance(raw, (list, tuple)):
+        raise ConfigError(f"params.yaml: strata.intersections is {raw!r}; expected a list of attribute lists "
+                          f"such as [[{known[0]}, {known[-1]}]]")
+    else:
+        pairs = []
+        for entry in raw:
+            parts = _name_list(entry, "strata.intersections entry")
+            if len(set(parts)) < 2:
+                raise ConfigError(f"params.yaml: strata.intersections entry {parts} has fewer than two distinct "
+                                  f"attributes; expected two or more")
+            pairs.append([check(a, f"strata.intersections entry {parts}") for a in parts])
+    size = cfg.get("min_group_size", 10)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"params.yaml: strata.min_group_size is {size!r}; expected a positive integer")
+    return StrataPlan(tuple(attributes), tuple(tuple(p) for p in pairs), size)
 
 
 def activity_tertile(user_ids: Iterable, counts: pd.Series) -> pd.Series:
@@ -80,7 +132,7 @@ def merge_small_groups(
 ) -> tuple[pd.Series, list[str]]:
     """Fold groups with fewer than ``min_size`` members into ``other``; return the folded names.
 
-    If a real group is already called ``other`` (ML-100K occupation), the small groups join it;
+    If a real group is already called ``other`` (as in some category lists), the small groups join it;
     the returned list says which groups were folded in, so the report can flag it.
     """
     vc = col.value_counts()
@@ -122,45 +174,47 @@ class Strata:
         return pd.DataFrame(rows, columns=["attribute", "group", "n", "merged"])
 
 
-_BASE = {
-    "gender": lambda u, c: u["gender"].fillna(UNKNOWN).astype(str),
-    "age": lambda u, c: age_bucket(u["age"]),
-    "occupation": lambda u, c: u["occupation"].fillna(UNKNOWN).astype(str),
-    "zip_region": lambda u, c: zip_region(u["zip"]),
-    "activity": lambda u, c: activity_tertile(u["user_id"], c),
-}
+def _stratum_spec(spec: DataSpec | None, name: str) -> AttrSpec | None:
+    if spec is None:
+        return None
+    for a in (*spec.user_attributes, *spec.derived):
+        if a.name == name:
+            return a
+    return None
 
 
 def derive_strata(
     users: pd.DataFrame,
-    attributes: Iterable[str] = ("gender", "age", "occupation", "activity", "zip_region"),
+    attributes: Iterable[str],
     *,
+    spec: DataSpec | None = None,
     counts: pd.Series | None = None,
     min_size: int = 20,
     other_label: str = "other",
 ) -> Strata:
-    """Derive strata columns for the given attribute names.
+    """Strata columns for the given names (attributes and "a x b" intersections).
 
-    Base names: gender, age (bucketed), occupation, activity (tertile; needs ``counts`` = number
-    of training + support ratings per user_id), zip_region (also accepted: "zip"). An
-    intersection is named "a x b" and gets values "A | B" built from the unmerged base values.
-    Any other name is taken as a categorical users column as is. Groups under ``min_size`` are
-    merged into ``other_label`` and listed in ``merged``.
+    Each name is a users column labelled as `spec` declares it (numeric: its bucket labels; else
+    its value; missing -> "unknown"), or `activity` (needs ``counts`` = ratings per user_id). Without
+    a spec every column is taken by value. An intersection gets values "A | B" built from the
+    unmerged values. Groups under ``min_size`` are merged into ``other_label`` and listed in ``merged``.
     """
     attributes = list(attributes)
     u = users.reset_index(drop=True)
     cache: dict[str, pd.Series] = {}
 
     def base(name: str) -> pd.Series:
-        name = "zip_region" if name == "zip" else name
         if name in cache:
             return cache[name]
-        if name == "activity" and counts is None:
-            raise ValueError("the activity stratum needs per-user rating counts (counts=...).")
-        if name in _BASE and (name == "activity" or {"zip_region": "zip"}.get(name, name) in u):
-            col = _BASE[name](u, counts)
-        elif name in u.columns:
-            col = u[name].fillna(UNKNOWN).astype(str)
+        declared = _stratum_spec(spec, name)
+        if name in u.columns:
+            raw = u[name]
+            col = declared.bucketize(raw) if declared is not None and declared.kind == "numeric" else raw
+            col = col.astype(object).where(col.notna(), UNKNOWN).astype(str)
+        elif name == ACTIVITY:
+            if counts is None:
+                raise ValueError("the activity stratum needs per-user rating counts (counts=...).")
+            col = activity_tertile(u["user_id"], counts)
         else:
             raise ValueError(f"unknown stratum {name!r}: users have columns {list(u.columns)}.")
         cache[name] = col.reset_index(drop=True).astype(object)
@@ -170,15 +224,10 @@ def derive_strata(
     merged: dict[str, list[str]] = {}
     for a in attributes:
         parts = [p.strip() for p in a.split(INTERSECTION_SEP)]
-        if len(parts) > 1:
-            cols = [base(p) for p in parts]
-            col = cols[0].astype(str)
-            for c in cols[1:]:
-                col = col + _VALUE_SEP + c.astype(str)
-            name = INTERSECTION_SEP.join(parts)
-        else:
-            col = base(a)
-            name = "zip_region" if a == "zip" else a
+        col = base(parts[0]).astype(str)
+        for p in parts[1:]:
+            col = col + _VALUE_SEP + base(p).astype(str)
+        name = INTERSECTION_SEP.join(parts)
         col, small = merge_small_groups(col, min_size, other_label)
         frame[name] = col.to_numpy()
         if small:

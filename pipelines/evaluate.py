@@ -25,7 +25,7 @@ def main() -> None:
     ids = data.items["item_id"].astype(int)
     pools = {s: ids[ids.isin(new) == (s in ("item_cold", "user_item_cold"))].tolist()
              for s in ("warm", "user_cold", "item_cold", "user_item_cold")}
-    strata = strata_for(data.users, data.ratings, params["strata"])
+    strata = strata_for(data, params["strata"])
     runs = [(model, seed) for model in params["models"] for seed in params["seeds"]]
 
     def run(i: int) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from audit.counterfactual import counterfactual_test, gains_from_relevant
+from audit.counterfactual import (counterfactual_changes, counterfactual_records, gains_from_relevant, own_groups,
+                                  substitutes)
 from audit.evaluation import item_table, strata_for
 from audit.fairness import fairness_records
+from metarec.errors import ConfigError
 from metarec.io import atomic_write_json, atomic_write_text
 from metarec.models import registry
 from metarec.predict import catalogue_tasks
@@ -16,31 +18,49 @@ from metarec.splits import SplitConfig, partition
 from metarec.tasks import SCENARIOS
 from pipelines.common import TASKS, load_params, load_prepared, load_split, map_forked, stage
 
-# One representative age per MovieLens-1M bucket: counterfactual ages move a user across buckets.
-AGE_VALUES = (15, 21, 30, 40, 47, 53, 60)
-
-
 def _counterfactual(params: dict, data, strata, threshold: float) -> list[dict]:
+    """Counterfactual records for every sensitive attribute, from the models of every training seed.
+
+    Substitutes come from the declared schema (a representative of each other bucket or each other
+    category); each user's changes are averaged over the seeds before groups are summarised. Seeds:
+    `fairness.counterfactual_seeds` when set (each seed costs one full set of predict calls), else
+    every training seed. Scenarios without users are skipped and said so.
+    """
     fp = params["fairness"]
-    seed = int(params["seeds"][0])
+    seeds = [int(s) for s in (fp.get("counterfactual_seeds") or params["seeds"])]
+    unknown = [s for s in seeds if s not in [int(x) for x in params["seeds"]]]
+    if unknown:
+        raise ConfigError(f"params.yaml: fairness.counterfactual_seeds names seed {unknown[0]}, which is not "
+                          f"trained; expected some of {params['seeds']}")
     new = partition(data, SplitConfig.from_params(params["tasks"])).new_items
     sensitive = [a for a in data.spec.sensitive if a in data.users]
-    values = {"age": AGE_VALUES} if "age" in sensitive else {}
+    values = {a: substitutes(data.spec, data.users, a) for a in sensitive}
+    own = own_groups(data.spec, data.users, sensitive)
+    groups = strata.frame[["user_id", *[a for a in sensitive if a in strata.frame]]]
     train = load_split("train", data)
-    seed_everything(seed)
-    recs = []
+    k = int(params["evaluation"]["catalogue_k"])
+    inputs = []
     for scenario in fp.get("counterfactual_scenarios", []):
         split = load_split(scenario, data)
+        if not len(split):
+            print(f"counterfactual: scenario {scenario} skipped (data/tasks/{scenario}.parquet holds no tasks)")
+            continue
         truth = {t.user_id: set(t.candidates[y >= threshold].tolist()) for t, y in split.tasks_with_truth()}
         tasks = catalogue_tasks(split, new)
-        gains = gains_from_relevant(tasks, truth)
-        groups = strata.frame[["user_id", *[a for a in sensitive if a in strata.frame]]]
-        for name in fp.get("counterfactual_models", []):
-            if name not in params["models"]:
-                continue
+        inputs.append((tasks, gains_from_relevant(tasks, truth)))
+    recs = []
+    for name in fp.get("counterfactual_models", []):
+        if name not in params["models"] or not inputs:
+            continue
+        frames = []
+        for seed in seeds:
+            seed_everything(seed)
             model = registry.load(name, f"models/{name}/seed{seed}", train=train)
-            recs += counterfactual_test(model, tasks, sensitive, gains=gains, values=values, groups=groups,
-                                        k=int(params["evaluation"]["catalogue_k"]), model_name=name)
+            for tasks, gains in inputs:
+                frames.append(counterfactual_changes(model, tasks, sensitive, gains=gains, values=values, own=own,
+                                                     k=k, seed=seed).assign(seed=seed))
+        recs += counterfactual_records(pd.concat(frames, ignore_index=True), sensitive, model_name=name,
+                                       groups=groups, seeds=seeds)
     return recs
 
 
@@ -59,7 +79,7 @@ def main() -> None:
     ev = params["evaluation"]
     thr = float(ev["like_threshold"])
     data = load_prepared()
-    strata = strata_for(data.users, data.ratings, params["strata"])
+    strata = strata_for(data, params["strata"])
     per_user = pd.read_parquet("results/per_user.parquet")
     train = pd.read_parquet(TASKS / "train.parquet")
     items = item_table(data.items, train)

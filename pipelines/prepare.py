@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from audit.robustness import plan_attribute_perturbations
+from audit.strata import plan_strata
 from metarec.data.load import load_dataset
 from metarec.io import atomic_write_json, atomic_write_parquet
 from pipelines.common import PREPARED, load_params, stage
@@ -11,6 +13,9 @@ from pipelines.common import PREPARED, load_params, stage
 def main() -> None:
     params = load_params()
     data = load_dataset(params["data"], workdir=".")
+    # strata and perturbed attributes must exist in this data's schema: fail here, not after training
+    strata = plan_strata(params.get("strata"), data.spec)
+    plan_attribute_perturbations(params.get("robustness"), data, min_size=strata.min_group_size)
     provenance = dict(data.provenance)
     truth = provenance.pop("ground_truth", None)
     # Validation has already run inside load_dataset: nothing is written unless all of it passed.

@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 
 from audit.evaluation import strata_for
+from audit.strata import INTERSECTION_SEP, derive_strata
 from audit.metrics import per_user_accuracy, per_user_query_ndcg
-from audit.robustness import most_damaging_by, robustness_curve
+from audit.robustness import AttributePerturbations, most_damaging_by, plan_attribute_perturbations, robustness_curve
 from audit.shilling import choose_targets, run_attack
 from metarec.io import atomic_write_json, atomic_write_parquet, atomic_write_text
 from metarec.models import registry
@@ -19,16 +20,36 @@ from metarec.tasks import TaskSet
 from pipelines.common import load_encoder, load_params, load_prepared, load_split, map_forked, stage
 
 
+LONG_COLUMNS = ["model", "seed", "scenario", "perturbation", "attribute", "group", "metric", "value"]
+
+
 def _evaluate(pred: pd.DataFrame) -> pd.DataFrame:
     pu = pd.concat([per_user_accuracy(pred), per_user_query_ndcg(pred, (3,))], ignore_index=True)
     return pu[pu.metric.isin(["mae", "rmse", "ndcg@3"])][["user_id", "metric", "value"]]
 
 
-def _curves(params: dict, data, strata) -> list[dict]:
+def _scenarios(params: dict, data) -> tuple[list[str], list[dict]]:
+    """(scenarios with users, records of the skipped ones with the reason).
+
+    A scenario's split may be empty (e.g. no item released after `tasks.new_item_year`); it is
+    skipped, and said so, rather than crashing the stage.
+    """
+    keep, skipped = [], []
+    for scenario in params["robustness"]["scenarios"]:
+        if len(load_split(scenario, data)):
+            keep.append(scenario)
+        else:
+            reason = f"data/tasks/{scenario}.parquet holds no tasks: no user of this scenario met the split's conditions"
+            skipped.append({"kind": "skipped", "scenario": scenario, "reason": reason})
+            print(f"robustness: scenario {scenario} skipped ({reason})")
+    return keep, skipped
+
+
+def _curves(params: dict, data, groups: pd.DataFrame, plan: AttributePerturbations,
+            scenarios: list[str]) -> list[dict]:
     rp = params["robustness"]
     seed = int(rp["seed"])
     scale = {"rating_min": data.spec.rating_min, "rating_max": data.spec.rating_max}
-    groups = strata.frame[["user_id", *[a for a in ("gender", "age", "activity") if a in strata.frame]]]
     train = load_split("train", data)
     seed_everything(seed)
     recs = []
@@ -36,28 +57,26 @@ def _curves(params: dict, data, strata) -> list[dict]:
         if name not in params["models"]:
             continue
         model = registry.load(name, f"models/{name}/seed{seed}", train=train)
-        for scenario in rp["scenarios"]:
+        for scenario in scenarios:
             pairs = load_split(scenario, data).tasks_with_truth()
             tasks, truth = [t for t, _ in pairs], [y for _, y in pairs]
             kw = dict(evaluate=_evaluate, groups=groups, seed=seed, model_name=name)
             recs += robustness_curve(model, tasks, truth, "support_size", [None, *rp["support_size"]], **kw)
             recs += robustness_curve(model, tasks, truth, "rating_noise", [0, *rp["rating_noise"]], **kw, **scale)
-            an = rp["attribute_noise"]
-            recs += robustness_curve(model, tasks, truth, f"attribute_noise:{an['attribute']}", [0, *an["levels"]], **kw)
-            ds = rp["demographic_shift"]
-            recs += robustness_curve(model, tasks, truth, "demographic_shift", [None, dict(ds["mix"])],
-                                     attribute=ds["attribute"], **kw)
+            recs += robustness_curve(model, tasks, truth, f"attribute_noise:{plan.noise_attribute}",
+                                     [0, *plan.noise_levels], **kw)
+            recs += robustness_curve(model, tasks, truth, "demographic_shift", [None, dict(plan.shift_mix)],
+                                     attribute=plan.shift_attribute, **kw)
     return recs
 
 
-def _shilling(params: dict, data) -> list[dict]:
+def _shilling(params: dict, data, scenario: str) -> list[dict]:
     sp = params["robustness"]["shilling"]
     seed = int(params["robustness"]["seed"])
     k = int(params["evaluation"]["catalogue_k"])
     train = load_split("train", data)
     encoder = load_encoder()
     new = partition(data, SplitConfig.from_params(params["tasks"])).new_items
-    scenario = params["robustness"]["scenarios"][0]
     evaluation = load_split(scenario, data)
     val = load_split("val", data)
     users = evaluation.user_ids.tolist()
@@ -107,21 +126,29 @@ def _with_fakes(train: TaskSet, extra: pd.DataFrame) -> TaskSet:
 def main() -> None:
     params = load_params()
     data = load_prepared()
-    strata = strata_for(data.users, data.ratings, params["strata"])
-    shilling = _shilling(params, data)            # forks: before the parent runs any torch operation
-    curves = _curves(params, data, strata)
+    strata = strata_for(data, params["strata"])
+    plan = plan_attribute_perturbations(params["robustness"], data, min_size=strata.min_size)
+    # per-group curves for every single-attribute stratum, plus the shifted one if it is not among them
+    names = list(dict.fromkeys([a for a in strata.attributes if INTERSECTION_SEP not in a] + [plan.shift_attribute]))
+    groups = derive_strata(data.users, names, spec=data.spec, counts=data.ratings.groupby("user_id").size(),
+                           min_size=strata.min_size).frame
+    scenarios, skipped = _scenarios(params, data)
+    # forks: before the parent runs any torch operation
+    shilling = _shilling(params, data, scenarios[0]) if scenarios else []
+    curves = _curves(params, data, groups, plan, scenarios)
     worst = most_damaging_by(curves)
-    records = curves + shilling + worst
+    records = curves + shilling + worst + skipped
     seed = int(params["robustness"]["seed"])
     long = pd.DataFrame([{"model": r["model"], "seed": seed, "scenario": r["scenario"],
                           "perturbation": f"{r['perturbation']}@{r['level']}", "attribute": r["attribute"],
                           "group": str(r["group"]), "metric": r["metric"], "value": r["value"]}
-                         for r in curves])
+                         for r in curves], columns=LONG_COLUMNS)
     atomic_write_parquet("results/robustness_long.parquet", long)
     headline = {r["model"]: {"most_damaging": f"{r['perturbation']}@{r['level']}", "metric": r["metric"],
                              "delta": r["delta"]} for r in worst}
     atomic_write_json("metrics/robustness.json", {"seed": seed, "headline": headline, "records": records})
-    overall = pd.DataFrame([r for r in curves if r["attribute"] == "all" and r["metric"] == "mae"])
+    overall = pd.DataFrame([r for r in curves if r["attribute"] == "all" and r["metric"] == "mae"],
+                           columns=["perturbation", "model", "level", "value", "attribute", "metric"])
     atomic_write_text("plots/robustness.csv", overall[["perturbation", "model", "level", "value"]].astype(str)
                       .to_csv(index=False))
     for r in worst:

@@ -9,13 +9,18 @@ import pandas as pd
 import pytest
 
 from audit.counterfactual import (
+    counterfactual_changes,
+    counterfactual_records,
     counterfactual_test,
     gains_from_ratings,
     gains_from_relevant,
     jaccard,
     ndcg_at_k,
+    own_groups,
+    substitutes,
     top_k,
 )
+from metarec.data.schema import AttrSpec, DataSpec
 from metarec.tasks import Task
 
 ATTRS = ("gender", "age", "occupation")
@@ -143,3 +148,112 @@ def test_helpers() -> None:
              candidates=np.array([4, 5, 6]))
     np.testing.assert_array_equal(gains_from_relevant([t], {7: {5, 99}})[0], [0.0, 1.0, 0.0])
     np.testing.assert_allclose(gains_from_ratings([np.array([1.0, 3.0])])[0], [1.0, 7.0])
+
+
+# ------------------------------------------------------------------- substitutes from the schema
+SPEC = DataSpec(user_attributes=(AttrSpec("plan", "categorical"), AttrSpec("age", "numeric", edges=(30, 45))),
+                item_features=(), sensitive=("plan", "age"))
+USERS = pd.DataFrame({"user_id": [1, 2, 3, 4, 5, 6], "plan": ["free", "pro", "pro", "team", None, "free"],
+                      "age": [22, 29, 31, 40, 50, 27]})
+
+
+class Recorder(Blind):
+    """Attribute-blind, but remembers the (user_id, attributes) of every predict call."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[int, dict]]] = []
+
+    def predict(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+        self.calls.append([(t.user_id, dict(t.user_attrs)) for t in tasks])
+        return super().predict(tasks)
+
+
+def schema_tasks() -> list[Task]:
+    return [Task(user_id=int(u.user_id), user_attrs={"plan": u.plan, "age": u.age},
+                 support_items=np.array([1], np.int64), support_ratings=np.array([4.0], np.float32),
+                 candidates=np.arange(10, 25, dtype=np.int64), scenario="s") for u in USERS.itertuples()]
+
+
+def test_substitutes_are_the_declared_categories_and_one_value_inside_each_bucket() -> None:
+    assert substitutes(SPEC, USERS, "plan") == {"free": "free", "pro": "pro", "team": "team"}
+    # <30 holds 22, 27, 29 (lower median 27); 30-45 holds 31, 40 (31); >=45 holds 50
+    assert substitutes(SPEC, USERS, "age") == {"<30": 27, "30-45": 31, ">=45": 50}
+    spec = DataSpec(user_attributes=(AttrSpec("age", "numeric", edges=(30, 45, 60)),), item_features=(), sensitive=("age",))
+    assert substitutes(spec, USERS, "age") == {"<30": 27, "30-45": 31, "45-60": 50}  # no user >= 60: left out
+    own = own_groups(SPEC, USERS, ["plan", "age"])
+    assert own["age"].tolist() == ["<30", "<30", "30-45", "30-45", ">=45", "<30"]
+    assert own["plan"].isna().tolist() == [False] * 4 + [True, False]
+    assert own["plan"].dropna().tolist() == ["free", "pro", "pro", "team", "free"]
+
+
+def test_each_user_gets_exactly_the_other_groups_substitutes() -> None:
+    model = Recorder()
+    tasks = schema_tasks()
+    values = {a: substitutes(SPEC, USERS, a) for a in ("plan", "age")}
+    own = own_groups(SPEC, USERS, ["plan", "age"])
+    ch = counterfactual_changes(model, tasks, ["plan", "age"], values=values, own=own)
+    # factual ages once (6 users), then per substitute the users outside its bucket: 27 -> 2 users
+    # (31, 40... are outside <30: users 3, 4, 5), 31 -> users 1, 2, 5, 6, 50 -> users 1, 2, 3, 4, 6
+    substituted = [{(u, attrs["plan"] if i < 4 else attrs["age"]) for u, attrs in call}
+                   for i, call in enumerate(model.calls) if i > 0]
+    # plan (user 5 has none: skipped): free to the users not on free, pro to those not on pro, ...
+    assert substituted[:3] == [{(2, "free"), (3, "free"), (4, "free")}, {(1, "pro"), (4, "pro"), (6, "pro")},
+                               {(1, "team"), (2, "team"), (3, "team"), (6, "team")}]
+    # age: one value inside each bucket, to every user outside that bucket (by bucket, not raw value)
+    assert substituted[3:] == [{(3, 27), (4, 27), (5, 27)}, {(1, 31), (2, 31), (5, 31), (6, 31)},
+                               {(1, 50), (2, 50), (3, 50), (4, 50), (6, 50)}]
+    assert len(model.calls) == 7
+    assert ch[ch.attribute == "plan"]["user_id"].tolist() == [1, 2, 3, 4, 6]
+    assert set(ch["substitutes"]) == {"free,pro,team", "<30,30-45,>=45"}
+    assert (ch["mean_abs_delta"] == 0).all() and (ch["top10_jaccard"] == 1).all()
+
+
+def test_a_bucketed_model_moves_under_every_age_substitute() -> None:
+    """The model sees only the bucket: every substitute crosses a bucket, so every change is non-zero."""
+
+    class ByBucket(Blind):
+        def predict(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+            bucket = SPEC.user_attr("age").bucketize(pd.Series([t.user_attrs["age"] for t in tasks]))
+            return [p + {"<30": 0.0, "30-45": 1.0, ">=45": 2.0}[b] for p, b in zip(super().predict(tasks), bucket)]
+
+    values = {"age": substitutes(SPEC, USERS, "age")}
+    own = own_groups(SPEC, USERS, ["age"])
+    ch = counterfactual_changes(ByBucket(), schema_tasks(), ["age"], values=values, own=own)
+    # user 1 (<30): substitutes 31 (+1) and 50 (+2) -> 1.5; user 5 (>=45): 27 (-2), 31 (-1) -> 1.5;
+    # user 3 (30-45): 27 (-1), 50 (+1) -> 1.0
+    assert ch.set_index("user_id")["mean_abs_delta"].to_dict() == {1: 1.5, 2: 1.5, 3: 1.0, 4: 1.0, 5: 1.5, 6: 1.5}
+
+
+def test_records_average_users_over_seeds_and_say_which() -> None:
+    tasks, truth = make_tasks()
+    frames = [counterfactual_changes(PlusOneForF(), tasks, ["gender"], seed=s).assign(seed=s) for s in (0, 1, 2)]
+    recs = counterfactual_records(pd.concat(frames), ["gender"], model_name="m", seeds=[0, 1, 2])
+    r = by(recs, scenario="warm", group="all")[0]
+    assert r["seeds"] == [0, 1, 2] and r["n"] == 12 and r["mean_abs_delta"] == 1.0
+    assert r["substitutes"] == "F,M"
+
+
+def test_ties_are_broken_at_random_but_identically_for_both_lists() -> None:
+    """A constant model: every list is a tie. Seeded keys differ by seed, yet nothing 'changes'."""
+
+    class Constant:
+        def predict(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+            return [np.full(len(t.candidates), 3.0) for t in tasks]
+
+    tasks, truth = make_tasks()
+    recs = counterfactual_test(Constant(), tasks, ATTRS, gains=gains_from_ratings(truth), k=5, seed=3)
+    assert all(r["top10_jaccard"] == 1.0 and r["delta_ndcg"] == 0.0 for r in recs)
+    items = np.arange(100, 120)
+    lists = {tuple(top_k(items, np.zeros(20), 5, np.random.default_rng([s, 0]).permutation(20))) for s in range(20)}
+    assert len(lists) > 1  # not always the lowest ids
+    np.testing.assert_array_equal(top_k(items, np.zeros(20), 3, np.arange(20)[::-1]), [119, 118, 117])
+
+
+def test_counterfactual_seeds_must_be_trained_seeds() -> None:
+    from metarec.errors import ConfigError
+    from pipelines.fairness import _counterfactual
+
+    params = {"seeds": [0, 1], "fairness": {"counterfactual_seeds": [0, 7]}}
+    with pytest.raises(ConfigError, match=r"^params\.yaml: fairness\.counterfactual_seeds names seed 7, which is "
+                                          r"not trained; expected some of \[0, 1\]$"):
+        _counterfactual(params, None, None, 4.0)

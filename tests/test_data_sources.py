@@ -11,6 +11,7 @@ import socket
 import threading
 import zipfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 
 from metarec.data import movielens
 from metarec.data.load import check_command, load_dataset
-from metarec.data.schema import MOVIELENS_SPEC
+from metarec.data.schema import MOVIELENS_SPEC, AttrSpec
 from metarec.errors import ConfigError, DataError
 
 FILES = ("u.data", "u.user", "u.item")
@@ -100,10 +101,11 @@ def independent_ratings_digest(folder: Path) -> str:
 
 def test_shared_files_parse_to_the_documented_tables(ml, ml100k_dir: Path) -> None:
     assert (len(ml.ratings), len(ml.users), len(ml.items)) == (100_000, 943, 1_682)
-    assert ml.spec == MOVIELENS_SPEC and ml.source == "movielens-100k"
+    assert ml.spec == replace(MOVIELENS_SPEC, derived=(AttrSpec("zip_region", "categorical"),))
+    assert ml.source == "movielens-100k"
     assert dict(ml.ratings.dtypes.astype(str)) == {"user_id": "int64", "item_id": "int64", "rating": "float64",
                                                    "timestamp": "int64"}
-    assert list(ml.users.columns) == ["user_id", "age", "gender", "occupation", "zip"]
+    assert list(ml.users.columns) == ["user_id", "age", "gender", "occupation", "zip", "zip_region"]
     assert ml.users["age"].dtype == np.int64
     assert list(ml.items.columns) == ["item_id", "title", "release_date", "release_year", "genres"]
     assert str(ml.items["release_date"].dtype).startswith("datetime64")

@@ -18,45 +18,6 @@ from audit import fairness as F
 from audit import strata as S
 from audit.metrics import gini
 
-# ------------------------------------------------------------------------------------- strata
-
-
-def test_age_buckets_ml1m_boundaries():
-    ages = [5, 17, 18, 24, 25, 34, 35, 44, 45, 49, 50, 55, 56, 80, None]
-    want = ["<18", "<18", "18-24", "18-24", "25-34", "25-34", "35-44", "35-44", "45-49",
-            "45-49", "50-55", "50-55", "56+", "56+", "unknown"]
-    assert S.age_bucket(ages).tolist() == want
-
-
-def test_zip_region_and_activity_tertiles():
-    assert S.zip_region(["02139", "94305", "T8H1N", "", None]).tolist() == [
-        "0", "9", "other", "unknown", "unknown"]
-    counts = pd.Series({u: c for u, c in zip(range(9), [1, 1, 1, 1, 1, 1, 50, 60, 70])})
-    t = S.activity_tertile(range(10), counts)  # user 9 has no ratings -> 0
-    assert t.value_counts().to_dict() == {"low": 4, "mid": 3, "high": 3}
-    assert t.iloc[8] == "high" and t.iloc[9] == "low"
-
-
-def test_derive_strata_merges_small_groups_and_names_intersections():
-    users = pd.DataFrame({
-        "user_id": range(12),
-        "gender": ["F"] * 6 + ["M"] * 6,
-        "age": [30] * 5 + [20] + [30] * 5 + [60],
-        "occupation": ["writer"] * 5 + ["other"] * 5 + ["doctor", "lawyer"],
-        "zip": ["1"] * 12,
-    })
-    s = S.derive_strata(users, ["gender", "occupation", "gender x age"], min_size=3)
-    assert s.frame["gender x age"].tolist()[:5] == ["F | 25-34"] * 5
-    assert s.merged["occupation"] == ["doctor", "lawyer"]
-    assert s.merged["gender x age"] == ["F | 18-24", "M | 56+"]
-    assert (s.frame["occupation"] == "other").sum() == 7  # joins the real "other" occupation
-    c = s.counts()
-    assert c["n"].groupby(c["attribute"]).sum().eq(12).all()  # nobody dropped
-    assert c.set_index(["attribute", "group"]).loc[("occupation", "other"), "merged"]
-    with pytest.raises(ValueError, match="counts"):
-        S.derive_strata(users, ["activity"])
-
-
 # ------------------------------------------------------------------------- group comparison
 
 

@@ -319,3 +319,25 @@ def test_most_damaging_on_a_real_curve() -> None:
     recs = robustness_curve(GenderAware(), tasks, truth, "rating_noise", [0.0, 0.2, 1.0], evaluate=mae_eval, seed=1)
     m = most_damaging(recs)
     assert m is not None and m["perturbation"] == "rating_noise" and m["level"] in (0.2, 1.0)
+
+
+def test_stage_skips_a_scenario_without_users_and_says_why(tmp_path, monkeypatch, capsys) -> None:
+    """An empty split (e.g. no item released after new_item_year) is skipped with its reason, not a crash."""
+    from metarec.data.schema import MOVIELENS_SPEC, RatingData
+    from metarec.tasks import TASK_COLUMNS
+    from pipelines import robustness as stage
+
+    (tmp_path / "data" / "tasks").mkdir(parents=True)
+    frame = pd.DataFrame({"task_id": [0, 0], "scenario": "user_cold", "user_id": [1, 1], "item_id": [5, 6],
+                          "rating": [4.0, 3.0], "timestamp": [1, 2], "role": ["support", "query"]})
+    frame[list(TASK_COLUMNS)].to_parquet(tmp_path / "data" / "tasks" / "user_cold.parquet")
+    frame[list(TASK_COLUMNS)].iloc[:0].to_parquet(tmp_path / "data" / "tasks" / "item_cold.parquet")
+    monkeypatch.chdir(tmp_path)
+    data = RatingData(ratings=frame[["user_id", "item_id", "rating", "timestamp"]],
+                      users=pd.DataFrame({"user_id": [1], "gender": ["F"], "age": [30], "occupation": ["x"]}),
+                      items=pd.DataFrame({"item_id": [5, 6], "genres": ["A", "B"]}), spec=MOVIELENS_SPEC)
+    keep, skipped = stage._scenarios({"robustness": {"scenarios": ["item_cold", "user_cold"]}}, data)
+    assert keep == ["user_cold"]
+    reason = "data/tasks/item_cold.parquet holds no tasks: no user of this scenario met the split's conditions"
+    assert skipped == [{"kind": "skipped", "scenario": "item_cold", "reason": reason}]
+    assert f"robustness: scenario item_cold skipped ({reason})" in capsys.readouterr().out

@@ -29,12 +29,13 @@ import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from metarec.data.schema import MOVIELENS_SPEC, RatingData
+from metarec.data.schema import MOVIELENS_SPEC, AttrSpec, RatingData
 from metarec.data.validate import canonical_checksum, coerce_float, coerce_int, decode_text, split_lines, validate
 from metarec.errors import DataError
 
@@ -64,6 +65,9 @@ ALLOWED = {"gender": ("M", "F"), "occupation": OCCUPATIONS}
 _MONTHS = {m: i + 1 for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep",
                                            "Oct", "Nov", "Dec"))}
 _TITLE_YEAR = re.compile(r"\((\d{4})\)")
+# What this source declares beyond the raw columns: the zip region (first digit of a US zip code), a
+# stratum for the audit only; models keep seeing the raw zip.
+SOURCE_SPEC = replace(MOVIELENS_SPEC, derived=(AttrSpec("zip_region", "categorical"),))
 
 Log = Callable[[str], None]
 
@@ -121,6 +125,20 @@ def _parse_date(text: str, file: str, row: int) -> str | None:
         return f"{int(parts[2]):04d}-{_MONTHS[parts[1]]:02d}-{int(parts[0]):02d}"
     raise DataError(f"{file}: column 'release date', data row {row} has {text!r}; expected dd-Mon-yyyy "
                     f"(e.g. 01-Jan-1995) or empty")
+
+
+def zip_region(zips: pd.Series) -> pd.Series:
+    """First digit of a US zip code (the postal region); non-numeric -> "other", missing -> "unknown".
+
+    ML-100K holds a few Canadian postal codes (letters first), which map to "other".
+    """
+    def one(z: object) -> str:
+        text = "" if z is None or (isinstance(z, float) and np.isnan(z)) else str(z).strip()
+        if not text:
+            return "unknown"
+        return text[0] if text[0].isdigit() else "other"
+
+    return pd.Series([one(z) for z in zips], index=zips.index, dtype=object)
 
 
 def _clean_users(users: pd.DataFrame) -> pd.DataFrame:
@@ -343,6 +361,8 @@ def _finish(ratings: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame, pro
     data = RatingData(ratings=ratings, users=users, items=items, spec=MOVIELENS_SPEC,
                       source="movielens-100k", provenance=prov)
     data = validate(data, duplicates=cfg.get("duplicates", "error"), names=names, allowed=ALLOWED, log=log)
+    data.users["zip_region"] = zip_region(data.users["zip"])
+    data.spec = SOURCE_SPEC
     canonical = canonical_checksum(data.ratings)
     if verify and canonical != CANONICAL_SHA256:
         raise DataError(f"{ratings_file}: canonical ratings SHA-256 mismatch, expected {CANONICAL_SHA256}, "

@@ -66,11 +66,15 @@ class AttrSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
+    """The declared schema. `derived`: user columns a source derives from its raw attributes for the
+    audit's strata only (e.g. MovieLens's zip region); they are never model inputs."""
+
     user_attributes: tuple[AttrSpec, ...]
     item_features: tuple[AttrSpec, ...]
     sensitive: tuple[str, ...]
     rating_min: float = 1.0
     rating_max: float = 5.0
+    derived: tuple[AttrSpec, ...] = ()
 
     def user_attr(self, name: str) -> AttrSpec:
         for a in self.user_attributes:
@@ -85,7 +89,8 @@ class DataSpec:
     def from_dict(cls, d: dict) -> "DataSpec":
         conv = lambda items: tuple(AttrSpec(**{**a, "edges": tuple(a.get("edges", ())), "labels": tuple(a.get("labels", ()))}) for a in items)
         return cls(user_attributes=conv(d["user_attributes"]), item_features=conv(d["item_features"]),
-                   sensitive=tuple(d["sensitive"]), rating_min=float(d["rating_min"]), rating_max=float(d["rating_max"]))
+                   sensitive=tuple(d["sensitive"]), rating_min=float(d["rating_min"]), rating_max=float(d["rating_max"]),
+                   derived=conv(d.get("derived", ())))
 
 
 MOVIELENS_SPEC = DataSpec(
