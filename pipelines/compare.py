@@ -14,7 +14,7 @@ from pipelines.common import load_params, load_prepared, stage
 def main() -> None:
     params = load_params()
     data = load_prepared()
-    strata = strata_for(data.users, data.ratings, params["strata"]).frame
+    strata = strata_for(data, params["strata"]).frame
     sensitive = [a for a in data.spec.sensitive if a in strata.columns]
     doc = compare(Path("."), params, strata[["user_id", *sensitive]])
     atomic_write_json("metrics/regression.json", doc)
