@@ -20,6 +20,7 @@ SCHEMA = {
 INTERACTIONS = "user_id,item_id,rating,timestamp\n1,10,5,100\n1,11,3,101\n2,10,1,102\n3,11,4,103\n"
 USERS = "user_id,gender,age\n1,F,22\n2,M,41\n3,M,35\n"
 ITEMS = "item_id,genres\n10,Drama|Comedy\n11,Action\n"
+ID = "an id (an integer within the signed 64-bit range, or text that is not a number)"
 
 
 def quiet(_msg: str) -> None:
@@ -74,7 +75,7 @@ def test_out_of_scale_rating(tmp_path: Path) -> None:
 
 def test_empty_id(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=re.escape(f"{tmp_path}/ratings.csv: column 'item_id', data row 2 is empty; "
-                                                  f"expected an integer id")):
+                                                  f"expected {ID}")):
         load_csv(tmp_path, interactions="user_id,item_id,rating\n1,10,5\n1,,3\n")
 
 
@@ -85,14 +86,60 @@ def test_nan_id_in_parquet(tmp_path: Path) -> None:
     cfg = {"source": "parquet", "interactions": "r.parquet", "users": "u.parquet", "items": "i.parquet",
            "schema": SCHEMA}
     with pytest.raises(DataError, match=re.escape(f"{tmp_path}/r.parquet: column 'user_id', data row 2 is empty; "
-                                                  f"expected an integer id")):
+                                                  f"expected {ID}")):
         load_dataset(cfg, workdir=tmp_path, log=quiet)
 
 
-def test_non_integer_id(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/users.csv: column 'user_id', data row 3 has 'u3'; "
-                                                  f"expected an integer id")):
-        load_csv(tmp_path, users="user_id,gender,age\n1,F,22\n2,M,41\nu3,M,35\n")
+def test_string_ids_are_kept_as_text(tmp_path: Path) -> None:
+    data = load_csv(tmp_path, interactions="user_id,item_id,rating\nu0,sku-b,5\nu0,sku-a,3\n42,sku-b,1\nu3,sku-a,4\n",
+                    users="user_id,gender,age\nu0,F,22\n42,M,41\nu3,M,35\n", items="item_id,genres\nsku-a,Drama\nsku-b,Action\n")
+    umap, imap = data.ids["user_id"], data.ids["item_id"]
+    assert (umap.kind, imap.kind) == ("string", "string")
+    assert umap.originals == ("42", "u0", "u3") and imap.originals == ("sku-a", "sku-b")
+    assert data.ratings["user_id"].dtype == "int64" and data.users["user_id"].tolist() == [1, 0, 2]
+    back = umap.original(data.ratings["user_id"]).tolist()
+    assert back == ["u0", "u0", "42", "u3"]
+    assert imap.original(data.ratings["item_id"]).tolist() == ["sku-b", "sku-a", "sku-b", "sku-a"]
+
+
+def test_wide_integer_id_survives_exactly(tmp_path: Path) -> None:
+    big = 12345678901234567  # float64 would store ...568
+    data = load_csv(tmp_path, interactions=f"user_id,item_id,rating\n{big},10,5\n{big},11,3\n2,10,1\n3,11,4\n",
+                    users=f"user_id,gender,age\n{big},F,22\n2,M,41\n3,M,35\n")
+    assert data.ids["user_id"].kind == "integer"
+    assert int(data.ratings["user_id"].iloc[0]) == big and big in data.users["user_id"].tolist()
+    assert data.ids["user_id"].original([big]).tolist() == [big]
+
+
+def test_csv_id_beyond_int64_is_refused_with_its_row(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/users.csv: column 'user_id', data row 3 has "
+                                                  f"'1e20'; expected {ID}")):
+        load_csv(tmp_path, users="user_id,gender,age\n1,F,22\n2,M,41\n1e20,M,35\n")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/users.csv: column 'user_id', data row 3 has "
+                                                  f"'100000000000000000000', outside the signed 64-bit range; "
+                                                  f"expected {ID}")):
+        load_csv(tmp_path, users="user_id,gender,age\n1,F,22\n2,M,41\n100000000000000000000,M,35\n")
+
+
+def test_parquet_uint64_id_beyond_int64_is_refused(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"user_id": pa.array([1, 2, 2 ** 63 + 5], pa.uint64()), "item_id": [10, 11, 10],
+                             "rating": [5.0, 3.0, 4.0]}), tmp_path / "r.parquet")
+    pd.DataFrame({"user_id": [1, 2, 3], "gender": ["F", "M", "M"], "age": [22, 41, 35]}).to_parquet(tmp_path / "u.parquet")
+    pd.DataFrame({"item_id": [10, 11], "genres": ["Drama", "Action"]}).to_parquet(tmp_path / "i.parquet")
+    cfg = {"source": "parquet", "interactions": "r.parquet", "users": "u.parquet", "items": "i.parquet",
+           "schema": SCHEMA}
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/r.parquet: column 'user_id', data row 3 has "
+                                                  f"{2 ** 63 + 5}, outside the signed 64-bit range; expected {ID}")):
+        load_dataset(cfg, workdir=tmp_path, log=quiet)
+
+
+def test_float_id_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}/users.csv: column 'user_id', data row 3 has "
+                                                  f"'3.0'; expected {ID}")):
+        load_csv(tmp_path, users="user_id,gender,age\n1,F,22\n2,M,41\n3.0,M,35\n")
 
 
 def test_duplicate_pair_is_an_error_by_default(tmp_path: Path) -> None:
