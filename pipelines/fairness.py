@@ -14,7 +14,7 @@ from metarec.predict import catalogue_tasks
 from metarec.seeding import seed_everything
 from metarec.splits import SplitConfig, partition
 from metarec.tasks import SCENARIOS
-from pipelines.common import TASKS, load_params, load_prepared, load_split, map_forked, stage
+from pipelines.common import TASKS, load_params, load_prepared, load_split, map_forked, scenarios_present, stage
 
 # One representative age per MovieLens-1M bucket: counterfactual ages move a user across buckets.
 AGE_VALUES = (15, 21, 30, 40, 47, 53, 60)
@@ -29,7 +29,7 @@ def _counterfactual(params: dict, data, strata, threshold: float) -> list[dict]:
     train = load_split("train", data)
     seed_everything(seed)
     recs = []
-    for scenario in fp.get("counterfactual_scenarios", []):
+    for scenario in [s for s in fp.get("counterfactual_scenarios", []) if s in scenarios_present()]:
         split = load_split(scenario, data)
         truth = {t.user_id: set(t.candidates[y >= threshold].tolist()) for t, y in split.tasks_with_truth()}
         tasks = catalogue_tasks(split, new)
@@ -68,7 +68,7 @@ def main() -> None:
     counts = data.ratings.groupby("user_id").size()
     seed0 = int(params["seeds"][0])
     jobs = [(model, scenario) for model in params["fairness"]["models"] if model in params["models"]
-            for scenario in SCENARIOS]
+            for scenario in scenarios_present()]
     frames = {model: (pd.read_parquet(f"predictions/{model}/seed{seed0}.parquet"),
                       pd.read_parquet(f"rankings/{model}/seed{seed0}.parquet")) for model, _ in jobs}
 

@@ -202,8 +202,9 @@ def test_csv_not_utf8_names_the_byte_offset(tmp_path: Path) -> None:
 
 def test_sensitive_not_declared_is_a_config_error(tmp_path: Path) -> None:
     schema = {**SCHEMA, "sensitive": ["gender", "race"]}
-    with pytest.raises(ConfigError, match=re.escape("data.schema.sensitive names 'race', which is not in "
-                                                    "data.schema.user_attributes (age, gender)")):
+    with pytest.raises(ConfigError, match=re.escape("params.yaml: data.schema names 'race' in sensitive, which is not "
+                                                    "in user_attributes (age, gender); expected declared user "
+                                                    "attributes")):
         load_csv(tmp_path, schema=schema)
 
 
