@@ -147,7 +147,7 @@ class Params(OpenSection):
         audited = [model_name(e) for e in self.models]
         known = set(builtin_models()) | set(audited)
         if self.meta_learner not in audited:
-            raise ValueError(f"has meta_learner {self.meta_learner!r}, which is not in models "
+            raise ValueError(f"meta_learner is {self.meta_learner!r}, which is not in models "
                              f"({', '.join(audited)}); expected one of the audited models")
         lists = {"fairness.models": self.fairness.models,
                  "fairness.counterfactual_models": self.fairness.counterfactual_models,
@@ -156,14 +156,14 @@ class Params(OpenSection):
         for where, names in lists.items():
             for name in names:
                 if name not in known:
-                    raise ValueError(f"names unknown model {name!r} in {where}; expected one of "
+                    raise ValueError(f"{where} names unknown model {name!r}; expected one of "
                                      f"{', '.join(sorted(known))}")
         if self.determinism.model not in audited:
-            raise ValueError(f"has determinism.model {self.determinism.model!r}, which is not in models "
+            raise ValueError(f"determinism.model is {self.determinism.model!r}, which is not in models "
                              f"({', '.join(audited)}); expected a model the pipeline trains")
         for where, seed in (("determinism", self.determinism.seed), ("robustness", self.robustness.seed)):
             if seed not in self.seeds:
-                raise ValueError(f"has {where}.seed {seed}, which is not in seeds {self.seeds}; expected a "
+                raise ValueError(f"{where}.seed is {seed}, which is not in seeds {self.seeds}; expected a "
                                  f"seed the pipeline trains")
         return self
 

@@ -60,8 +60,10 @@ def _shown(value: Any) -> str:
 def sentence(exc: ValidationError, source: str = "params.yaml", prefix: tuple[Any, ...] = ()) -> str:
     """The first error of a ValidationError as one sentence: file, field path, value, what was expected."""
     err = exc.errors(include_url=False)[0]
-    path = field_path(prefix + tuple(err["loc"])) or "the file"
+    path = field_path(prefix + tuple(err["loc"]))
     kind, msg = err["type"], err["msg"]
+    if kind == "value_error" and not path:  # a cross-section rule: its message names its fields
+        return f"{source}: {msg.removeprefix('Value error, ')}"
     if kind == "missing":
         return f"{source}: {path} is missing; expected it to be set"
     if kind == "extra_forbidden":
@@ -73,9 +75,12 @@ def sentence(exc: ValidationError, source: str = "params.yaml", prefix: tuple[An
         return f"{source}: {path} is {shown}; expected {_EXPECTED[kind]}"
     if kind == "literal_error":
         return f"{source}: {path} is {shown}; expected {msg.removeprefix('Input should be ')}"
-    expected = msg.removeprefix("Input should be ").removeprefix("Input should have ")
-    if kind.startswith(("too_short", "too_long", "string_too")):
-        expected = msg.replace("List should have", "a list with").replace("String should have", "a string with")
+    expected = msg.removeprefix("Input should be ")
+    if kind == "too_short":
+        n = err.get("ctx", {}).get("min_length", 1)
+        expected = f"a list of at least {n} item{'s' if n != 1 else ''}"
+    elif kind == "string_too_short":
+        expected = "a non-empty string"
     elif msg.startswith("Input should be "):
         expected = "a value " + expected
     return f"{source}: {path} is {shown}; expected {expected}"

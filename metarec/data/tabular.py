@@ -77,6 +77,29 @@ def read_table(path: Path, fmt: str) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+def multilabel_text(column: pd.Series, attr: AttrSpec, file: str) -> pd.Series:
+    """A multi-label column to the in-memory form, labels joined by the attribute's separator.
+
+    Text cells are taken as already joined. List cells (a parquet `list<string>` column) are joined
+    here, and a label that itself contains the separator is refused: it would split into two
+    labels that nobody declared.
+    """
+    out = []
+    for pos, v in enumerate(column.astype(object).tolist()):
+        if isinstance(v, (list, tuple, np.ndarray)):
+            labels = [str(x).strip() for x in v if x is not None and str(x).strip()]
+            bad = [x for x in labels if attr.separator in x]
+            if bad:
+                raise DataError(f"{file}: column {attr.name!r}, data row {pos + 1} has label {bad[0]!r}, which "
+                                f"contains the separator {attr.separator!r}; expected labels without it")
+            out.append(attr.separator.join(labels))
+        elif v is None or (isinstance(v, float) and np.isnan(v)):
+            out.append("")
+        else:
+            out.append(str(v).strip())
+    return pd.Series(out, index=column.index, name=column.name, dtype=object)
+
+
 def load_tabular(cfg: dict, fmt: str, *, workdir: str | Path = ".",
                  log: Callable[[str], None] = print) -> RatingData:
     """Read, convert and validate the three bring-your-own tables."""
@@ -108,8 +131,7 @@ def load_tabular(cfg: dict, fmt: str, *, workdir: str | Path = ".",
     items = items[item_cols + extras].copy()
     for attr in spec.item_features:
         if attr.kind == "multilabel":
-            items[attr.name] = items[attr.name].astype(object).map(
-                lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip())
+            items[attr.name] = multilabel_text(items[attr.name], attr, str(paths["items"]))
         elif attr.kind == "numeric":
             items[attr.name] = coerce_float(items[attr.name], str(paths["items"]), attr.name, "a number",
                                             allow_missing=True)

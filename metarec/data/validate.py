@@ -220,6 +220,11 @@ def validate(data: RatingData, *, duplicates: str = "error", names: Mapping[str,
             if np.all(np.isfinite(users[attr.name])) and np.all(users[attr.name] == np.round(users[attr.name])):
                 users[attr.name] = users[attr.name].astype(np.int64)
         else:
+            listed = col.map(lambda v: isinstance(v, (list, tuple, np.ndarray))).to_numpy(dtype=bool)
+            if listed.any():
+                pos = int(np.argmax(listed))
+                raise DataError(f"{n['users']}: column {attr.name!r}, user {user(pos)} (data row "
+                                f"{int(users.index[pos]) + 1}) holds a list; expected one {attr.kind} value")
             blank = _blank(col)
             if blank.any() and attr.name in spec.sensitive:
                 pos = int(np.argmax(blank))
