@@ -100,6 +100,14 @@ class DeterminismConfig(OpenSection):
     seed: int
 
 
+class SigningConfig(OpenSection):
+    key_path: str = "keys/signing.key"
+
+
+class ComputeConfig(OpenSection):
+    address: str | None = None
+
+
 class Params(OpenSection):
     """The whole params.yaml. Sections other stages add pass through (their owners check them)."""
 
@@ -115,6 +123,9 @@ class Params(OpenSection):
     fairness: FairnessConfig
     robustness: RobustnessConfig
     determinism: DeterminismConfig
+    signing: SigningConfig = SigningConfig()
+    compute: ComputeConfig | None = None
+    baseline: str | dict[str, Any] | None = None
     gates: list[Any]
 
     @field_validator("seeds")

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import http.server
 import io
+import re
 import shutil
 import socket
 import threading
@@ -320,3 +321,66 @@ def test_bring_your_own_tables(fmt: str, tmp_path: Path) -> None:
     assert data.spec.item_features[0].separator == ";"
     assert set(data.provenance["files"]) == {"interactions", "users", "items"}
     assert len(data.provenance["canonical_sha256"]) == 64
+
+
+def _bomb(size: int, declare: int | None = None) -> bytes:
+    """A zip whose ml-100k/u.data inflates to `size` zero bytes; `declare` forges the recorded size."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("ml-100k/u.data", "w", force_zip64=False) as fh:
+            block = bytes(1 << 20)
+            for _ in range(size >> 20):
+                fh.write(block)
+        zf.writestr("ml-100k/u.user", b"1|24|M|technician|85711\n")
+        zf.writestr("ml-100k/u.item", b"")
+    payload = bytearray(buf.getvalue())
+    if declare is not None:
+        local, central = payload.index(b"PK\x03\x04"), payload.index(b"PK\x01\x02")
+        payload[local + 22: local + 26] = declare.to_bytes(4, "little")
+        payload[central + 24: central + 28] = declare.to_bytes(4, "little")
+    return bytes(payload)
+
+
+def _peak_while(fn) -> tuple[BaseException, int]:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 (returned to the test)
+        caught = exc
+    else:
+        caught = AssertionError("no error raised")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return caught, peak
+
+
+def test_zip_entry_declaring_too_many_bytes_is_refused_before_inflating(no_env, tmp_path: Path) -> None:
+    archive = tmp_path / "ml-100k.zip"
+    archive.write_bytes(_bomb(48 << 20))
+    assert archive.stat().st_size < 200_000
+    exc, peak = _peak_while(lambda: load_dataset({"source": "movielens-100k", "path": str(archive)}, log=quiet))
+    assert isinstance(exc, DataError) and str(exc) == (
+        f"{archive}: archive entry 'ml-100k/u.data' declares {48 << 20} bytes uncompressed; expected at most "
+        f"{32 << 20} per entry (the largest MovieLens-100K file is about 2 MB), refusing the archive")
+    assert peak < 4 << 20
+
+
+def test_zip_entry_inflating_past_its_declared_size_stops_at_it(no_env, tmp_path: Path) -> None:
+    archive = tmp_path / "ml-100k.zip"
+    archive.write_bytes(_bomb(48 << 20, declare=1000))
+    exc, peak = _peak_while(lambda: load_dataset({"source": "movielens-100k", "path": str(archive)}, log=quiet))
+    assert isinstance(exc, DataError) and str(exc) == (
+        f"{archive}: archive entry 'ml-100k/u.data' is corrupt (Bad CRC-32 for file 'ml-100k/u.data'); expected "
+        f"the GroupLens ml-100k.zip")
+    assert peak < 4 << 20
+
+
+def test_downloaded_bomb_is_refused_before_extraction(no_env, tmp_path: Path) -> None:
+    with Server(_bomb(48 << 20)) as server:
+        with pytest.raises(DataError, match=re.escape(f"{server.url}: archive entry 'ml-100k/u.data' declares "
+                                                      f"{48 << 20} bytes uncompressed")):
+            load_dataset({"source": "movielens-100k", "url": server.url, "pypi_fallback": False},
+                         workdir=tmp_path, log=quiet)
+    assert not list(tmp_path.rglob("u.data"))

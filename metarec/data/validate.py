@@ -120,7 +120,7 @@ def coerce_rating(series: pd.Series, file: str, scale: str) -> pd.Series:
     if pd.api.types.is_bool_dtype(series.dtype) or is_bool.any():
         pos = int(np.argmax(is_bool)) if is_bool.any() else 0
         raise DataError(f"{file}: column 'rating', data row {int(series.index[pos]) + 1} has "
-                        f"{series.iloc[pos]!r} (a boolean); expected {scale}")
+                        f"{bool(series.iloc[pos])} (a boolean); expected {scale}")
     return coerce_float(series, file, "rating", scale)
 
 
