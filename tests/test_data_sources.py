@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 
 from metarec.data import movielens
-from metarec.data.load import check_command, load_dataset
+from audit.config import check_command
+from metarec.data.load import load_dataset
 from metarec.data.schema import MOVIELENS_SPEC
 from metarec.errors import ConfigError, DataError
 
@@ -265,9 +266,19 @@ def test_unknown_source_is_a_config_error() -> None:
         load_dataset({"source": "movielens"})
 
 
+def _params_file(tmp_path: Path, data: dict) -> Path:
+    """The repository's params.yaml with another data block."""
+    import yaml
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["data"] = data
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
 def test_check_command_prints_a_summary(ml100k_dir: Path, tmp_path: Path, capsys) -> None:
-    params = tmp_path / "params.yaml"
-    params.write_text(f"data:\n  source: movielens-100k\n  path: {ml100k_dir}\n")
+    params = _params_file(tmp_path, {"source": "movielens-100k", "path": str(ml100k_dir)})
     assert check_command(str(params)) == 0
     out = capsys.readouterr().out
     assert "ratings: 100000  users: 943 (of 943)  items: 1682 (of 1682)" in out
@@ -276,10 +287,10 @@ def test_check_command_prints_a_summary(ml100k_dir: Path, tmp_path: Path, capsys
 
 
 def test_check_command_reports_errors_with_exit_2(tmp_path: Path, capsys) -> None:
-    params = tmp_path / "params.yaml"
-    params.write_text("data:\n  source: nope\n")
+    params = _params_file(tmp_path, {"source": "nope"})
     assert check_command(str(params)) == 2
-    assert "data.source is 'nope'" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("params.yaml: data.source is 'nope'; expected 'movielens-100k', 'csv', "
+                                       "'parquet' or 'synthetic'\n")
     assert check_command(str(tmp_path / "missing.yaml")) == 2
 
 
