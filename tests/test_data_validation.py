@@ -37,6 +37,21 @@ def load_csv(tmp_path: Path, interactions: str | bytes = INTERACTIONS, users: st
     return load_dataset({**base, **cfg}, workdir=tmp_path, log=quiet)
 
 
+def load_parquet(tmp_path: Path, ratings, users: pd.DataFrame | None = None, items: pd.DataFrame | None = None):
+    """The three tables as parquet files (ratings may be a pyarrow Table, for types pandas cannot hold)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    users = users if users is not None else pd.DataFrame({"user_id": [1, 2, 3], "gender": ["F", "M", "M"],
+                                                          "age": [22, 41, 35]})
+    items = items if items is not None else pd.DataFrame({"item_id": [10, 11], "genres": ["Drama", "Action"]})
+    for name, frame in (("r", ratings), ("u", users), ("i", items)):
+        pq.write_table(frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame), tmp_path / f"{name}.parquet")
+    cfg = {"source": "parquet", "interactions": "r.parquet", "users": "u.parquet", "items": "i.parquet",
+           "schema": SCHEMA}
+    return load_dataset(cfg, workdir=tmp_path, log=quiet)
+
+
 def test_clean_tables_load(tmp_path: Path) -> None:
     data = load_csv(tmp_path)
     assert len(data.ratings) == 4 and data.users["age"].tolist() == [22, 41, 35]
@@ -80,14 +95,9 @@ def test_empty_id(tmp_path: Path) -> None:
 
 
 def test_nan_id_in_parquet(tmp_path: Path) -> None:
-    pd.DataFrame({"user_id": [1.0, None], "item_id": [10, 11], "rating": [5, 3]}).to_parquet(tmp_path / "r.parquet")
-    pd.DataFrame({"user_id": [1, 2, 3], "gender": ["F", "M", "M"], "age": [22, 41, 35]}).to_parquet(tmp_path / "u.parquet")
-    pd.DataFrame({"item_id": [10, 11], "genres": ["Drama", "Action"]}).to_parquet(tmp_path / "i.parquet")
-    cfg = {"source": "parquet", "interactions": "r.parquet", "users": "u.parquet", "items": "i.parquet",
-           "schema": SCHEMA}
     with pytest.raises(DataError, match=re.escape(f"{tmp_path}/r.parquet: column 'user_id', data row 2 is empty; "
                                                   f"expected {ID}")):
-        load_dataset(cfg, workdir=tmp_path, log=quiet)
+        load_parquet(tmp_path, pd.DataFrame({"user_id": [1.0, None], "item_id": [10, 11], "rating": [5, 3]}))
 
 
 def test_string_ids_are_kept_as_text(tmp_path: Path) -> None:
@@ -123,17 +133,12 @@ def test_csv_id_beyond_int64_is_refused_with_its_row(tmp_path: Path) -> None:
 
 def test_parquet_uint64_id_beyond_int64_is_refused(tmp_path: Path) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"user_id": pa.array([1, 2, 2 ** 63 + 5], pa.uint64()), "item_id": [10, 11, 10],
-                             "rating": [5.0, 3.0, 4.0]}), tmp_path / "r.parquet")
-    pd.DataFrame({"user_id": [1, 2, 3], "gender": ["F", "M", "M"], "age": [22, 41, 35]}).to_parquet(tmp_path / "u.parquet")
-    pd.DataFrame({"item_id": [10, 11], "genres": ["Drama", "Action"]}).to_parquet(tmp_path / "i.parquet")
-    cfg = {"source": "parquet", "interactions": "r.parquet", "users": "u.parquet", "items": "i.parquet",
-           "schema": SCHEMA}
+    ratings = pa.table({"user_id": pa.array([1, 2, 2 ** 63 + 5], pa.uint64()), "item_id": [10, 11, 10],
+                        "rating": [5.0, 3.0, 4.0]})
     with pytest.raises(DataError, match=re.escape(f"{tmp_path}/r.parquet: column 'user_id', data row 3 has "
                                                   f"{2 ** 63 + 5}, outside the signed 64-bit range; expected {ID}")):
-        load_dataset(cfg, workdir=tmp_path, log=quiet)
+        load_parquet(tmp_path, ratings)
 
 
 def test_float_id_is_refused(tmp_path: Path) -> None:
@@ -286,18 +291,6 @@ def test_ml_genre_flag_not_binary(ml100k_dir: Path, tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- parquet dtypes, empty tables
-
-
-def load_parquet(tmp_path: Path, ratings: pd.DataFrame, users: pd.DataFrame | None = None,
-                 items: pd.DataFrame | None = None):
-    users = users if users is not None else pd.DataFrame({"user_id": [1, 2, 3], "gender": ["F", "M", "M"],
-                                                          "age": [22, 41, 35]})
-    items = items if items is not None else pd.DataFrame({"item_id": [10, 11], "genres": ["Drama", "Action"]})
-    for name, frame in (("r", ratings), ("u", users), ("i", items)):
-        frame.to_parquet(tmp_path / f"{name}.parquet")
-    cfg = {"source": "parquet", "interactions": "r.parquet", "users": "u.parquet", "items": "i.parquet",
-           "schema": SCHEMA}
-    return load_dataset(cfg, workdir=tmp_path, log=quiet)
 
 
 def test_header_only_ratings_are_refused(tmp_path: Path) -> None:
