@@ -155,17 +155,29 @@ class SchemaConfig(Section):
         return self
 
 
-class EffectConfig(OpenSection):
-    type: str
+class EffectConfig(Section):
+    """One planted effect of the synthetic source (metarec.data.synthetic checks the group exists)."""
+
+    type: Literal["bias", "noise"]
     attribute: str
+    group: str | int
+    size: float
 
 
 class SyntheticConfig(Section):
+    """`data.synthetic`: metarec.data.synthetic.DEFAULTS, each key optional."""
+
     seed: int = 0
     n_users: Annotated[int, Field(ge=2)] = 943
     n_items: Annotated[int, Field(ge=2)] = 1682
     n_ratings: Annotated[int, Field(ge=1)] = 100000
-    effects: list[EffectConfig] = []
+    min_per_user: Annotated[int, Field(ge=1)] = 20
+    n_factors: Annotated[int, Field(ge=1)] = 8
+    zipf_exponent: Annotated[float, Field(ge=0)] = 0.9
+    activity_sigma: Annotated[float, Field(ge=0)] = 1.0
+    noise_std: Annotated[float, Field(ge=0)] = 0.5
+    global_mean: float = 3.3
+    effects: list[EffectConfig] | None = []
 
 
 class DataConfig(Section):

@@ -107,6 +107,9 @@ CASES = [
      "params.yaml: features.drop_sensitive is 'yes'; expected true or false"),
     ("noise level", lambda p: p["robustness"].update(rating_noise=[0.1, 2]),
      "params.yaml: robustness.rating_noise[1] is 2; expected a value less than or equal to 1"),
+    ("synthetic effect", lambda p: p["data"].update(source="synthetic", synthetic={"effects": [
+        {"type": "shift", "attribute": "gender", "group": "F", "size": 1}]}),
+     "params.yaml: data.synthetic.effects[0].type is 'shift'; expected 'bias' or 'noise'"),
     ("data typo", lambda p: p["data"].update(pth="x"),
      "params.yaml: data.pth is not a known setting; expected only the documented keys (check the spelling)"),
 ]
@@ -129,6 +132,13 @@ def test_sections_other_stages_add_pass_through() -> None:
     params = edited(lambda p: (p.update(feedback={"rounds": 3}), p["evaluation"].update(new_knob=1)))
     cfg = validate_params(params, REPO)
     assert cfg.model_extra == {"feedback": {"rounds": 3}} and cfg.evaluation.model_extra == {"new_knob": 1}
+
+
+def test_synthetic_schema_declares_every_generator_default() -> None:
+    from metarec.config import SyntheticConfig
+    from metarec.data.synthetic import DEFAULTS
+
+    assert SyntheticConfig().model_dump() == DEFAULTS
 
 
 def test_metrics_files_come_from_dvc_yaml(tmp_path: Path) -> None:
