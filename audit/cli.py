@@ -1,7 +1,8 @@
 """`metarec-audit`: the command line of CONTRACTS.md.
 
 Commands and exit codes (0 success; 1 a check failed; 2 input missing or invalid):
-  data      check the configured data source (delegates to metarec.data.load.check_command)
+  data      the prepare stage's checks without writing: params schema, data, data against params
+            (audit.config.check_command); 0 valid, 2 invalid
   gate      evaluate params.yaml gates against metrics/*.json; table + reports/gate.junit.xml +
             reports/gate.md; 0 all pass, 1 a gate fails (or is inconclusive with
             on_inconclusive: fail), 2 input missing/invalid.
@@ -59,7 +60,7 @@ def _load_params(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_data(args: argparse.Namespace) -> int:
     # Imported here so that `gate`, `verify` etc. never pay for (or break on) the data stack.
-    from metarec.data.load import check_command
+    from audit.config import check_command
 
     return int(check_command(args.params if Path(args.params).is_absolute() else str(Path(args.root) / args.params)))
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from metarec.data.schema import RatingData
-from metarec.errors import ConfigError, LeakageError
+from metarec.errors import DataError, LeakageError
 from metarec.seeding import rng
 from metarec.tasks import SCENARIOS, TASK_COLUMNS
 
@@ -36,21 +36,10 @@ class SplitConfig:
 
     @classmethod
     def from_params(cls, params: dict) -> "SplitConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(params) - known
-        if unknown:
-            raise ConfigError(f"params.yaml tasks: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
-        cfg = cls(**params)
-        if not 0 <= cfg.new_user_fraction < 1 or not 0 <= cfg.val_fraction < 1:
-            raise ConfigError("params.yaml tasks: new_user_fraction and val_fraction must lie in [0, 1)")
-        if cfg.query_size < 1:
-            raise ConfigError("params.yaml tasks.query_size must be at least 1")
-        if cfg.min_ratings < cfg.query_size + 1:
-            raise ConfigError(f"params.yaml tasks.min_ratings ({cfg.min_ratings}) must exceed query_size "
-                              f"({cfg.query_size}) so every task keeps a support rating")
-        if cfg.query_selection not in ("random", "latest"):
-            raise ConfigError(f"params.yaml tasks.query_selection must be 'random' or 'latest', got {cfg.query_selection!r}")
-        return cfg
+        """From params.yaml's `tasks`, checked against its declared schema (metarec.config.TasksConfig)."""
+        from metarec.config import TasksConfig, validated
+
+        return cls(**validated(TasksConfig, params or {}, prefix=("tasks",)).model_dump())
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +67,101 @@ def partition(data: RatingData, cfg: SplitConfig) -> Partition:
     n_val = int(round(cfg.val_fraction * len(rest)))
     return Partition(new_items=new_items, new_users=set(order[:n_new].tolist()),
                      val_users=set(rest[:n_val].tolist()), train_users=set(rest[n_val:].tolist()))
+
+
+# Which users and which item partition each split draws on (existing users = the training users).
+_WHO = {"train": ("train", False), "val": ("val", False), "warm": ("train", False),
+        "user_cold": ("new", False), "item_cold": ("train", True), "user_item_cold": ("new", True)}
+_WHO_TEXT = {"train": "training users", "val": "validation users", "new": "new users"}
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How many users one split can have: before (`candidates`) and after the rating-count bounds.
+
+    `empty` says why a split has no users or items by construction (no new item, no new user), or
+    is None. A split that has candidates but no eligible user is the min_ratings problem that the
+    prepare stage refuses (`check_coverage`), not an empty scenario.
+    """
+
+    split: str
+    candidates: int
+    eligible: int
+    empty: str | None
+
+    @property
+    def lost(self) -> int:
+        return self.candidates - self.eligible
+
+
+def _no_new_items_reason(data: RatingData, cfg: SplitConfig) -> str:
+    year = pd.to_numeric(data.items.get("release_year", pd.Series(np.nan, index=data.items.index)), errors="coerce")
+    if year.isna().all():
+        return "the items have no release_year, so no item is new and there are no item-cold scenarios"
+    return f"no item has release_year >= {cfg.new_item_year}"
+
+
+def coverage(data: RatingData, cfg: SplitConfig) -> dict[str, Coverage]:
+    """Per split (train, val and the four scenarios): candidate and eligible users, or why empty."""
+    part = partition(data, cfg)
+    counts = data.ratings.assign(new=data.ratings["item_id"].isin(part.new_items)).groupby(["new", "user_id"]).size()
+    users = {"train": part.train_users, "val": part.val_users, "new": part.new_users}
+    n_items = len(data.items)
+    out = {}
+    for split, (who, new) in _WHO.items():
+        per_user = counts.loc[new] if new in counts.index.get_level_values(0) else pd.Series(dtype=int)
+        per_user = per_user[per_user.index.isin(users[who])]
+        eligible = int(((per_user >= cfg.min_ratings)
+                        & (per_user <= (cfg.max_ratings if cfg.max_ratings is not None else np.inf))).sum())
+        empty = None
+        if new and not part.new_items:
+            empty = _no_new_items_reason(data, cfg)
+        elif not new and len(part.new_items) == n_items:
+            empty = f"every item has release_year >= {cfg.new_item_year}, so no item is existing"
+        elif not users[who]:
+            key = "val_fraction" if who == "val" else "new_user_fraction"
+            empty = f"no user is a {_WHO_TEXT[who][:-1]} (tasks.{key} is {getattr(cfg, key):g})"
+        elif not len(per_user):
+            empty = f"no {_WHO_TEXT[who][:-1]} rated an item that is {'new' if new else 'existing'}"
+        out[split] = Coverage(split, int(len(per_user)), eligible, empty)
+    return out
+
+
+def check_coverage(cov: dict[str, Coverage], cfg: SplitConfig) -> None:
+    """Refuse a configuration under which a split that has candidates keeps no user.
+
+    Why at prepare: otherwise the failure surfaces at `train` ("no ratings to fit on") or in a later
+    stage, far from its cause, which is tasks.min_ratings (or max_ratings) against this data.
+    """
+    bounds = (f"at least {cfg.min_ratings}" if cfg.max_ratings is None
+              else f"between {cfg.min_ratings} and {cfg.max_ratings}")
+    key = "tasks.min_ratings" if cfg.max_ratings is None else "tasks.min_ratings/max_ratings"
+    if cov["train"].empty:
+        raise DataError(f"params.yaml: the training split has no users because {cov['train'].empty}; expected "
+                        f"existing users rating existing items (check tasks.new_item_year and the items' release_year)")
+    for split, c in cov.items():
+        if c.empty is None and c.eligible == 0:
+            who, new = _WHO[split]
+            raise DataError(f"params.yaml: {key} leaves split {split!r} without users: none of its {c.candidates} "
+                            f"{_WHO_TEXT[who]} has {bounds} ratings of {'new' if new else 'existing'} items, so "
+                            f"all {c.lost} are lost; expected at least one user who meets {key}")
+
+
+def coverage_lines(cov: dict[str, Coverage], cfg: SplitConfig) -> list[str]:
+    """One line per split: users kept and lost to the rating-count bounds; empty splits that share a
+    reason are named together in one line, so "no item is new" is said once, not per scenario."""
+    lines = []
+    reasons: dict[str, list[str]] = {}
+    for split, c in cov.items():
+        if c.empty:
+            reasons.setdefault(c.empty, []).append(split)
+    lines += [f"{', '.join(splits)}: empty, {reason}" for reason, splits in reasons.items()]
+    for split, c in cov.items():
+        if not c.empty:
+            bounds = "" if cfg.max_ratings is None else f" and max_ratings {cfg.max_ratings}"
+            lines.append(f"{split}: {c.eligible} of {c.candidates} users meet tasks.min_ratings {cfg.min_ratings}"
+                         f"{bounds} ({c.lost} lost)")
+    return lines
 
 
 def _split_query(g: pd.DataFrame, q: int, how: str, gen: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:

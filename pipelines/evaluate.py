@@ -11,7 +11,7 @@ from audit.accuracy import (UserSeedCube, accuracy_records, best_baseline_record
 from audit.evaluation import evaluate_run, item_table, read_run, strata_for
 from metarec.io import atomic_write_json, atomic_write_parquet, atomic_write_text
 from metarec.splits import SplitConfig, partition
-from pipelines.common import TASKS, load_params, load_prepared, map_forked, stage
+from pipelines.common import TASKS, load_params, load_prepared, map_forked, stage, with_original_ids
 
 
 @stage
@@ -45,7 +45,7 @@ def main() -> None:
     acc = accuracy_records(seeds, cube)
     comp = comparison_records(cube, meta, params["models"], alpha=float(ev["alpha"]))
     records = acc + comp + best_baseline_records(acc, comp, meta) + winner_records(acc)
-    atomic_write_parquet("results/per_user.parquet", per_user)
+    atomic_write_parquet("results/per_user.parquet", with_original_ids(per_user, data))
     atomic_write_parquet("results/accuracy_long.parquet", long)
     atomic_write_json("metrics/summary.json", {
         "meta_learner": meta, "models": params["models"], "seeds": params["seeds"],

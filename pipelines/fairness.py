@@ -16,7 +16,7 @@ from metarec.predict import catalogue_tasks
 from metarec.seeding import seed_everything
 from metarec.splits import SplitConfig, partition
 from metarec.tasks import SCENARIOS
-from pipelines.common import TASKS, load_params, load_prepared, load_split, map_forked, stage
+from pipelines.common import TASKS, load_params, load_prepared, load_split, map_forked, scenarios_present, stage
 
 def _counterfactual(params: dict, data, strata, threshold: float) -> list[dict]:
     """Counterfactual records for every sensitive attribute, from the models of every training seed.
@@ -40,7 +40,7 @@ def _counterfactual(params: dict, data, strata, threshold: float) -> list[dict]:
     train = load_split("train", data)
     k = int(params["evaluation"]["catalogue_k"])
     inputs = []
-    for scenario in fp.get("counterfactual_scenarios", []):
+    for scenario in [s for s in fp.get("counterfactual_scenarios", []) if s in scenarios_present()]:
         split = load_split(scenario, data)
         if not len(split):
             print(f"counterfactual: scenario {scenario} skipped (data/tasks/{scenario}.parquet holds no tasks)")
@@ -88,7 +88,7 @@ def main() -> None:
     counts = data.ratings.groupby("user_id").size()
     seed0 = int(params["seeds"][0])
     jobs = [(model, scenario) for model in params["fairness"]["models"] if model in params["models"]
-            for scenario in SCENARIOS]
+            for scenario in scenarios_present()]
     frames = {model: (pd.read_parquet(f"predictions/{model}/seed{seed0}.parquet"),
                       pd.read_parquet(f"rankings/{model}/seed{seed0}.parquet")) for model, _ in jobs}
 

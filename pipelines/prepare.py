@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-from audit.robustness import plan_attribute_perturbations
-from audit.strata import plan_strata
-from metarec.data.load import load_dataset
+from audit.config import load_checked
 from metarec.io import atomic_write_json, atomic_write_parquet
-from pipelines.common import PREPARED, load_params, stage
+from pipelines.common import ID_TABLES, PREPARED, load_params, stage
 
 
 @stage
 def main() -> None:
     params = load_params()
-    data = load_dataset(params["data"], workdir=".")
-    # strata and perturbed attributes must exist in this data's schema: fail here, not after training
-    strata = plan_strata(params.get("strata"), data.spec)
-    plan_attribute_perturbations(params.get("robustness"), data, min_size=strata.min_group_size)
+    # The one validation pass (params schema, data, data against params, strata and perturbed
+    # attributes against the schema): nothing is written unless all of it passed.
+    _, data = load_checked(params, workdir=".")
     provenance = dict(data.provenance)
     truth = provenance.pop("ground_truth", None)
-    # Validation has already run inside load_dataset: nothing is written unless all of it passed.
     atomic_write_parquet(PREPARED / "ratings.parquet", data.ratings)
     atomic_write_parquet(PREPARED / "users.parquet", data.users)
     atomic_write_parquet(PREPARED / "items.parquet", data.items)
+    for key, name in ID_TABLES.items():
+        atomic_write_parquet(PREPARED / name, data.id_map(key).to_frame())
     meta = {"source": data.source, "provenance": provenance, "spec": data.spec.to_dict(),
+            "id_kinds": {key: data.id_map(key).kind for key in ID_TABLES},
             "counts": {"ratings": len(data.ratings), "users": len(data.users), "items": len(data.items)}}
     atomic_write_json(PREPARED / "meta.json", meta)
     # Always written (empty for real data) so the stage's outputs are the same set for every source.

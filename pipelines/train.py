@@ -12,8 +12,8 @@ from metarec.models import registry
 from metarec.predict import catalogue_rankings, query_predictions
 from metarec.seeding import seed_everything
 from metarec.splits import SplitConfig, partition
-from metarec.tasks import SCENARIOS
-from pipelines.common import load_encoder, load_params, load_prepared, load_split, stage
+from pipelines.common import (load_encoder, load_params, load_prepared, load_split, scenarios_present, stage,
+                              with_original_ids)
 
 
 def _args() -> argparse.Namespace:
@@ -43,12 +43,14 @@ def main() -> None:
     new_items = partition(data, SplitConfig.from_params(params["tasks"])).new_items
     k = int(params["evaluation"]["catalogue_k"])
     preds, ranks = [], []
-    for scenario in SCENARIOS:
+    for scenario in scenarios_present():
         split = load_split(scenario, data)
         preds.append(query_predictions(model, split))
         ranks.append(catalogue_rankings(model, split, new_items, k, seed=int(params["evaluation"]["seed"])))
-    atomic_write_parquet(f"predictions/{args.model}/seed{args.seed}.parquet", pd.concat(preds, ignore_index=True))
-    atomic_write_parquet(f"rankings/{args.model}/seed{args.seed}.parquet", pd.concat(ranks, ignore_index=True))
+    atomic_write_parquet(f"predictions/{args.model}/seed{args.seed}.parquet",
+                         with_original_ids(pd.concat(preds, ignore_index=True), data))
+    atomic_write_parquet(f"rankings/{args.model}/seed{args.seed}.parquet",
+                         with_original_ids(pd.concat(ranks, ignore_index=True), data))
     history = registry.history(model)
     atomic_write_json(f"plots/history/{args.model}-seed{args.seed}.json", history)
     print(f"{args.model} seed {args.seed}: fit {fit_s:.1f}s, predict {time.perf_counter() - t0 - fit_s:.1f}s")

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import http.server
 import io
+import re
 import shutil
 import socket
 import threading
@@ -19,7 +20,8 @@ import pandas as pd
 import pytest
 
 from metarec.data import movielens
-from metarec.data.load import check_command, load_dataset
+from audit.config import check_command
+from metarec.data.load import load_dataset
 from metarec.data.schema import MOVIELENS_SPEC, AttrSpec
 from metarec.errors import ConfigError, DataError
 
@@ -266,9 +268,19 @@ def test_unknown_source_is_a_config_error() -> None:
         load_dataset({"source": "movielens"})
 
 
+def _params_file(tmp_path: Path, data: dict) -> Path:
+    """The repository's params.yaml with another data block."""
+    import yaml
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["data"] = data
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
 def test_check_command_prints_a_summary(ml100k_dir: Path, tmp_path: Path, capsys) -> None:
-    params = tmp_path / "params.yaml"
-    params.write_text(f"data:\n  source: movielens-100k\n  path: {ml100k_dir}\n")
+    params = _params_file(tmp_path, {"source": "movielens-100k", "path": str(ml100k_dir)})
     assert check_command(str(params)) == 0
     out = capsys.readouterr().out
     assert "ratings: 100000  users: 943 (of 943)  items: 1682 (of 1682)" in out
@@ -277,10 +289,10 @@ def test_check_command_prints_a_summary(ml100k_dir: Path, tmp_path: Path, capsys
 
 
 def test_check_command_reports_errors_with_exit_2(tmp_path: Path, capsys) -> None:
-    params = tmp_path / "params.yaml"
-    params.write_text("data:\n  source: nope\n")
+    params = _params_file(tmp_path, {"source": "nope"})
     assert check_command(str(params)) == 2
-    assert "data.source is 'nope'" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("params.yaml: data.source is 'nope'; expected 'movielens-100k', 'csv', "
+                                       "'parquet' or 'synthetic'\n")
     assert check_command(str(tmp_path / "missing.yaml")) == 2
 
 
@@ -322,3 +334,59 @@ def test_bring_your_own_tables(fmt: str, tmp_path: Path) -> None:
     assert data.spec.item_features[0].separator == ";"
     assert set(data.provenance["files"]) == {"interactions", "users", "items"}
     assert len(data.provenance["canonical_sha256"]) == 64
+
+
+def _bomb(size: int, declare: int | None = None) -> bytes:
+    """A zip whose ml-100k/u.data inflates to `size` zero bytes; `declare` forges the recorded size."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("ml-100k/u.data", "w", force_zip64=False) as fh:
+            block = bytes(1 << 20)
+            for _ in range(size >> 20):
+                fh.write(block)
+        zf.writestr("ml-100k/u.user", b"1|24|M|technician|85711\n")
+        zf.writestr("ml-100k/u.item", b"")
+    payload = bytearray(buf.getvalue())
+    if declare is not None:
+        local, central = payload.index(b"PK\x03\x04"), payload.index(b"PK\x01\x02")
+        payload[local + 22: local + 26] = declare.to_bytes(4, "little")
+        payload[central + 24: central + 28] = declare.to_bytes(4, "little")
+    return bytes(payload)
+
+
+def _peak_while(fn) -> tuple[BaseException, int]:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 (returned to the test)
+        caught = exc
+    else:
+        caught = AssertionError("no error raised")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return caught, peak
+
+
+@pytest.mark.parametrize("declare,problem", [
+    (None, f"declares {48 << 20} bytes uncompressed; expected at most {32 << 20} per entry (the largest "
+           f"MovieLens-100K file is about 2 MB), refusing the archive"),
+    (1000, "is corrupt (Bad CRC-32 for file 'ml-100k/u.data'); expected the GroupLens ml-100k.zip"),
+], ids=["declared-too-large", "inflates-past-declared"])
+def test_zip_bomb_is_refused_without_inflating_it(no_env, tmp_path: Path, declare: int | None, problem: str) -> None:
+    archive = tmp_path / "ml-100k.zip"
+    archive.write_bytes(_bomb(48 << 20, declare=declare))
+    assert archive.stat().st_size < 200_000
+    exc, peak = _peak_while(lambda: load_dataset({"source": "movielens-100k", "path": str(archive)}, log=quiet))
+    assert isinstance(exc, DataError) and str(exc) == f"{archive}: archive entry 'ml-100k/u.data' {problem}"
+    assert peak < 4 << 20  # the 48 MiB entry was never held in memory
+
+
+def test_downloaded_bomb_is_refused_before_extraction(no_env, tmp_path: Path) -> None:
+    with Server(_bomb(48 << 20)) as server:
+        with pytest.raises(DataError, match=re.escape(f"{server.url}: archive entry 'ml-100k/u.data' declares "
+                                                      f"{48 << 20} bytes uncompressed")):
+            load_dataset({"source": "movielens-100k", "url": server.url, "pypi_fallback": False},
+                         workdir=tmp_path, log=quiet)
+    assert not list(tmp_path.rglob("u.data"))

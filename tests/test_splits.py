@@ -153,3 +153,46 @@ def test_batches_pad_and_mask() -> None:
     assert b.support_items.shape[1] == max(sizes)
     assert (b.support_y[~b.support_mask] == 0).all()
     np.testing.assert_array_equal(b.query_y[0].numpy(), pairs[0][1])
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), min_ratings=st.integers(11, 30), new_frac=st.sampled_from([0.0, 0.3]),
+       year=st.sampled_from([1997, 3000]))
+def test_coverage_counts_the_users_build_splits_keeps(seed: int, min_ratings: int, new_frac: float, year: int) -> None:
+    from metarec.splits import coverage
+
+    data = random_data(seed)
+    cfg = SplitConfig(min_ratings=min_ratings, new_user_fraction=new_frac, new_item_year=year, seed=seed)
+    cov = coverage(data, cfg)
+    splits = build_splits(data, cfg)
+    for name, c in cov.items():
+        assert splits[name].user_id.nunique() == (0 if c.empty else c.eligible), name
+        if c.empty:
+            assert len(splits[name]) == 0
+    if year == 3000:
+        assert cov["item_cold"].empty == cov["user_item_cold"].empty == "no item has release_year >= 3000"
+    if new_frac == 0.0:
+        assert cov["user_cold"].empty == "no user is a new user (tasks.new_user_fraction is 0)"
+
+
+def test_data_without_release_year_has_no_item_cold_scenarios_said_once() -> None:
+    from metarec.splits import coverage, coverage_lines
+
+    data = random_data(3)
+    data.items["release_year"] = np.nan
+    cfg = SplitConfig()
+    cov = coverage(data, cfg)
+    reason = "the items have no release_year, so no item is new and there are no item-cold scenarios"
+    assert {s: c.empty for s, c in cov.items() if c.empty} == {"item_cold": reason, "user_item_cold": reason}
+    lines = coverage_lines(cov, cfg)
+    assert [x for x in lines if reason in x] == [f"item_cold, user_item_cold: empty, {reason}"]
+
+
+def test_scenarios_present_skips_the_empty_ones(tmp_path) -> None:
+    import json
+
+    from pipelines.common import empty_scenarios, scenarios_present
+
+    (tmp_path / "summary.json").write_text(json.dumps({"empty": {"item_cold": "no item has release_year >= 1997"}}))
+    assert scenarios_present(tmp_path) == ("warm", "user_cold", "user_item_cold")
+    assert empty_scenarios(tmp_path) == {"item_cold": "no item has release_year >= 1997"}

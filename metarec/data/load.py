@@ -1,4 +1,5 @@
-"""One entry point for every data source, and the `metarec-audit data` check.
+"""One entry point for every data source, and the summary `metarec-audit data` prints
+(audit/config.py runs that command: it validates the whole params.yaml first).
 
 Whatever the source, the result has passed metarec.data.validate before the caller can write
 anything, so the `prepare` stage never persists data that a later stage would reject.
@@ -6,13 +7,12 @@ anything, so the `prepare` stage never persists data that a later stage would re
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from metarec.data.schema import RatingData
 from metarec.data.validate import canonical_checksum, group_labels, validate
-from metarec.errors import ConfigError, MetarecError
+from metarec.errors import ConfigError
 
 SOURCES = ("movielens-100k", "csv", "parquet", "synthetic")
 
@@ -70,30 +70,3 @@ def summary(data: RatingData) -> list[str]:
         counts = group_labels(data.users, data.spec, name).value_counts(dropna=False).sort_index()
         lines.append(f"{name}: " + ", ".join(f"{g}={int(c)}" for g, c in counts.items()))
     return lines
-
-
-def check_command(params_path: str) -> int:
-    """`metarec-audit data`: load and validate params.yaml's data block, print a summary.
-
-    Returns 0, or 2 with the error sentence on stderr when the params or the data are invalid.
-    Relative paths in the data block are resolved against the folder holding params.yaml.
-    """
-    import yaml
-
-    path = Path(params_path)
-    try:
-        try:
-            params = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the params file ({exc.strerror or exc})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(params, dict) or not isinstance(params.get("data"), dict):
-            raise ConfigError(f"{path}: no 'data' block; expected data.source to be one of {', '.join(SOURCES)}")
-        data = load_dataset(params["data"], workdir=path.parent, log=lambda msg: print(msg, file=sys.stderr))
-    except MetarecError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    for line in summary(data):
-        print(line)
-    return 0

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -52,6 +53,9 @@ RECBOLE_REQ = "recbole==1.2.1"
 RECBOLE_WHEEL = "recbole-1.2.1-py3-none-any.whl"
 RECBOLE_WHEEL_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
 RECBOLE_PREFIX = "recbole/dataset_example/ml-100k/ml-100k."
+# Bounds checked before decompressing: the GroupLens zip is about 5 MB, its largest file about 2 MB.
+MAX_MEMBER_BYTES = 32 << 20
+MAX_ARCHIVE_BYTES = 128 << 20
 
 GENRES: tuple[str, ...] = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -197,13 +201,39 @@ def parse_recbole(raw: dict[str, bytes], where: str) -> tuple[pd.DataFrame, pd.D
 
 
 def _check_zip_members(zf: zipfile.ZipFile, target: Path, label: str) -> None:
-    """Refuse archives with entries that would land outside `target` (zip-slip)."""
+    """Refuse archives with entries that would land outside `target` (zip-slip) or that declare more
+    bytes than MovieLens-100K could hold (a zip bomb), before anything is decompressed."""
     root = target.resolve()
-    for member in zf.namelist():
-        dest = (root / member).resolve()
+    total = 0
+    for info in zf.infolist():
+        dest = (root / info.filename).resolve()
         if not dest.is_relative_to(root):
-            raise DataError(f"{label}: archive entry {member!r} would extract to {dest}, outside {root}; "
+            raise DataError(f"{label}: archive entry {info.filename!r} would extract to {dest}, outside {root}; "
                             f"expected every entry inside the target folder (zip-slip), refusing the archive")
+        if info.file_size > MAX_MEMBER_BYTES:
+            raise DataError(f"{label}: archive entry {info.filename!r} declares {info.file_size} bytes "
+                            f"uncompressed; expected at most {MAX_MEMBER_BYTES} per entry (the largest "
+                            f"MovieLens-100K file is about 2 MB), refusing the archive")
+        total += info.file_size
+    if total > MAX_ARCHIVE_BYTES:
+        raise DataError(f"{label}: archive declares {total} bytes uncompressed in all; expected at most "
+                        f"{MAX_ARCHIVE_BYTES}, refusing the archive")
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, label: str) -> bytes:
+    """One entry read in bounded chunks; zipfile stops at the declared size and checks the CRC, so a
+    stream that inflates beyond what the entry declares fails here instead of filling memory."""
+    out = bytearray()
+    try:
+        with zf.open(info) as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                out += block
+                if len(out) > info.file_size:
+                    raise zipfile.BadZipFile("entry inflates beyond its declared size")
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{label}: archive entry {info.filename!r} is corrupt ({exc}); expected the GroupLens "
+                        f"ml-100k.zip") from None
+    return bytes(out)
 
 
 def _read_dir(folder: Path) -> dict[str, bytes]:
@@ -220,16 +250,16 @@ def _read_zip(path: Path) -> dict[str, bytes]:
         raise DataError(f"{path}: not a readable zip archive ({exc}); expected the GroupLens ml-100k.zip") from None
     with zf:
         _check_zip_members(zf, path.parent / path.stem, str(path))
-        found: dict[str, str] = {}
-        for member in zf.namelist():
-            base = member.rsplit("/", 1)[-1]
-            if base in FILES and member.count("/") <= 1:
-                found.setdefault(base, member)
+        found: dict[str, zipfile.ZipInfo] = {}
+        for info in zf.infolist():
+            base = info.filename.rsplit("/", 1)[-1]
+            if base in FILES and info.filename.count("/") <= 1:
+                found.setdefault(base, info)
         missing = [f for f in FILES if f not in found]
         if missing:
             raise DataError(f"{path}: archive has no {', '.join(missing)}; expected u.data, u.user and u.item "
                             f"(optionally under ml-100k/)")
-        return {f: zf.read(found[f]) for f in FILES}
+        return {f: _read_member(zf, found[f], str(path)) for f in FILES}
 
 
 def _read_location(location: str | os.PathLike) -> dict[str, bytes]:
@@ -258,9 +288,12 @@ def _download(url: str, cache: Path, timeout: float, log: Log) -> Path:
     cache.parent.mkdir(parents=True, exist_ok=True)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
-            payload = resp.read()
+            payload = resp.read(MAX_ARCHIVE_BYTES + 1)
     except Exception as exc:  # network errors come in many types; all mean "unavailable"
         raise Unavailable(f"download of {url} failed: {exc}") from None
+    if len(payload) > MAX_ARCHIVE_BYTES:
+        raise DataError(f"{url}: the download exceeds {MAX_ARCHIVE_BYTES} bytes; expected the GroupLens "
+                        f"ml-100k.zip (about 5 MB)")
     with tempfile.TemporaryDirectory(dir=cache.parent, prefix=".ml-100k-") as tmp:
         try:
             zf = zipfile.ZipFile(io.BytesIO(payload))
@@ -269,7 +302,13 @@ def _download(url: str, cache: Path, timeout: float, log: Log) -> Path:
                             f"expected the GroupLens ml-100k.zip") from None
         with zf:
             _check_zip_members(zf, Path(tmp), url)
-            zf.extractall(tmp)
+            for info in zf.infolist():
+                dest = Path(tmp) / info.filename
+                if info.is_dir():
+                    dest.mkdir(parents=True, exist_ok=True)
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(_read_member(zf, info, url))
         found = [p.parent for p in Path(tmp).rglob("u.data")]
         if not found:
             raise DataError(f"{url}: archive has no u.data; expected the GroupLens ml-100k.zip")

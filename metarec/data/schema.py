@@ -1,11 +1,13 @@
 """The in-memory form every data source produces, and the declared kind of each attribute.
 
 Three tables, as in CONTRACTS.md's bring-your-own layout:
-- ratings: user_id (int64), item_id (int64), rating (float64), timestamp (int64 seconds)
+- ratings: user_id (int64 code), item_id (int64 code), rating (float64), timestamp (int64 seconds)
 - users: user_id plus one column per user attribute
 - items: item_id plus one column per item feature; multi-label values are one string joined by the
   attribute's separator (e.g. "Action|Comedy"); `release_date` (datetime64, may be NaT) when known;
   `title` when known (never a model input).
+user_id and item_id are int64 codes; `ids["user_id"]` / `ids["item_id"]` (metarec.data.ids.IdMap)
+give back the ids as the data owner wrote them (the identity when those are integers).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass, field, asdict
 from typing import Literal
 
 import pandas as pd
+
+from metarec.data.ids import IdMap
 
 Kind = Literal["categorical", "numeric", "multilabel"]
 
@@ -116,3 +120,11 @@ class RatingData:
     spec: DataSpec
     source: str = ""
     provenance: dict = field(default_factory=dict)
+    ids: dict[str, IdMap] = field(default_factory=dict)
+
+    def id_map(self, key: str) -> IdMap:
+        """The map of "user_id" or "item_id"; the identity over the codes present when none was built."""
+        if key not in self.ids:
+            frame = self.users if key == "user_id" else self.items
+            self.ids[key] = IdMap.identity(frame[key])
+        return self.ids[key]

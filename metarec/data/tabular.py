@@ -30,61 +30,30 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from metarec.config import SchemaConfig, validated
 from metarec.data.schema import AttrSpec, DataSpec, RatingData
 from metarec.data.validate import coerce_float, decode_text, require_columns, validate
 from metarec.errors import ConfigError, DataError
 from metarec.io import sha256_file
 
 FORMATS = ("csv", "parquet")
-_ATTR_KEYS = {"name", "kind", "edges", "labels", "separator", "values"}
 
 
 def spec_from_schema(schema: dict) -> tuple[DataSpec, dict[str, tuple[str, ...]]]:
-    """params.yaml's `data.schema` to a DataSpec plus the allowed values of categorical attributes."""
-    if not isinstance(schema, dict):
+    """params.yaml's `data.schema` (checked by metarec.config.SchemaConfig) to a DataSpec plus the
+    allowed values of categorical attributes."""
+    if schema is None:
         raise ConfigError("params.yaml: data.schema is missing; expected user_attributes, item_features, "
                           "sensitive, rating_min and rating_max")
-    allowed: dict[str, tuple[str, ...]] = {}
+    cfg = validated(SchemaConfig, schema, prefix=("data", "schema"))
+    allowed = {a.name: tuple(str(v) for v in a.values) for a in cfg.user_attributes if a.values is not None}
 
-    def attrs(key: str) -> tuple[AttrSpec, ...]:
-        out = []
-        for i, entry in enumerate(schema.get(key) or []):
-            where = f"data.schema.{key}[{i}]"
-            if not isinstance(entry, dict) or "name" not in entry or "kind" not in entry:
-                raise ConfigError(f"params.yaml: {where} needs 'name' and 'kind'")
-            extra = set(entry) - _ATTR_KEYS
-            if extra:
-                raise ConfigError(f"params.yaml: {where} has unknown key {sorted(extra)[0]!r}; expected "
-                                  f"{', '.join(sorted(_ATTR_KEYS))}")
-            try:
-                spec = AttrSpec(name=str(entry["name"]), kind=entry["kind"],
-                                edges=tuple(float(e) for e in entry.get("edges", ())),
-                                labels=tuple(str(x) for x in entry.get("labels", ())),
-                                separator=str(entry.get("separator", "|")))
-            except ValueError as exc:
-                raise ConfigError(f"params.yaml: {where}: {exc}") from None
-            if entry.get("values") is not None:
-                allowed[spec.name] = tuple(str(v) for v in entry["values"])
-            out.append(spec)
-        return tuple(out)
+    def attrs(entries) -> tuple[AttrSpec, ...]:
+        return tuple(AttrSpec(name=a.name, kind=a.kind, edges=tuple(a.edges), labels=tuple(a.labels),
+                              separator=a.separator) for a in entries)
 
-    user_attributes = attrs("user_attributes")
-    if not user_attributes:
-        raise ConfigError("params.yaml: data.schema.user_attributes is empty; expected at least one attribute")
-    sensitive = tuple(str(s) for s in schema.get("sensitive") or ())
-    declared = {a.name for a in user_attributes}
-    for name in sensitive:
-        if name not in declared:
-            raise ConfigError(f"params.yaml: data.schema.sensitive names {name!r}, which is not in "
-                              f"data.schema.user_attributes ({', '.join(sorted(declared))})")
-    try:
-        rmin, rmax = float(schema.get("rating_min", 1.0)), float(schema.get("rating_max", 5.0))
-    except (TypeError, ValueError):
-        raise ConfigError("params.yaml: data.schema.rating_min/rating_max must be numbers") from None
-    if rmin >= rmax:
-        raise ConfigError(f"params.yaml: data.schema.rating_min ({rmin:g}) must be below rating_max ({rmax:g})")
-    spec = DataSpec(user_attributes=user_attributes, item_features=attrs("item_features"),
-                    sensitive=sensitive, rating_min=rmin, rating_max=rmax)
+    spec = DataSpec(user_attributes=attrs(cfg.user_attributes), item_features=attrs(cfg.item_features),
+                    sensitive=tuple(cfg.sensitive), rating_min=cfg.rating_min, rating_max=cfg.rating_max)
     return spec, allowed
 
 
@@ -106,6 +75,29 @@ def read_table(path: Path, fmt: str) -> pd.DataFrame:
             raise DataError(f"{path}: not a readable parquet file ({exc})") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     return frame.reset_index(drop=True)
+
+
+def multilabel_text(column: pd.Series, attr: AttrSpec, file: str) -> pd.Series:
+    """A multi-label column to the in-memory form, labels joined by the attribute's separator.
+
+    Text cells are taken as already joined. List cells (a parquet `list<string>` column) are joined
+    here, and a label that itself contains the separator is refused: it would split into two
+    labels that nobody declared.
+    """
+    out = []
+    for pos, v in enumerate(column.astype(object).tolist()):
+        if isinstance(v, (list, tuple, np.ndarray)):
+            labels = [str(x).strip() for x in v if x is not None and str(x).strip()]
+            bad = [x for x in labels if attr.separator in x]
+            if bad:
+                raise DataError(f"{file}: column {attr.name!r}, data row {pos + 1} has label {bad[0]!r}, which "
+                                f"contains the separator {attr.separator!r}; expected labels without it")
+            out.append(attr.separator.join(labels))
+        elif v is None or (isinstance(v, float) and np.isnan(v)):
+            out.append("")
+        else:
+            out.append(str(v).strip())
+    return pd.Series(out, index=column.index, name=column.name, dtype=object)
 
 
 def load_tabular(cfg: dict, fmt: str, *, workdir: str | Path = ".",
@@ -139,8 +131,7 @@ def load_tabular(cfg: dict, fmt: str, *, workdir: str | Path = ".",
     items = items[item_cols + extras].copy()
     for attr in spec.item_features:
         if attr.kind == "multilabel":
-            items[attr.name] = items[attr.name].astype(object).map(
-                lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip())
+            items[attr.name] = multilabel_text(items[attr.name], attr, str(paths["items"]))
         elif attr.kind == "numeric":
             items[attr.name] = coerce_float(items[attr.name], str(paths["items"]), attr.name, "a number",
                                             allow_missing=True)

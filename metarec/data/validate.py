@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection, Mapping
 import numpy as np
 import pandas as pd
 
+from metarec.data.ids import IdMap, read_ids
 from metarec.data.schema import DataSpec, RatingData
 from metarec.errors import ConfigError, DataError
 
@@ -112,6 +113,37 @@ def coerce_float(series: pd.Series, file: str, column: str, what: str = "a numbe
     return pd.Series(values, index=series.index, name=series.name)
 
 
+def coerce_rating(series: pd.Series, file: str, scale: str) -> pd.Series:
+    """Ratings to float64; a boolean column (a parquet `bool`) is refused rather than read as 0/1,
+    since True/False is a like/dislike signal on a different scale than the declared one."""
+    is_bool = series.map(lambda v: isinstance(v, (bool, np.bool_))).to_numpy(dtype=bool)
+    if pd.api.types.is_bool_dtype(series.dtype) or is_bool.any():
+        pos = int(np.argmax(is_bool)) if is_bool.any() else 0
+        raise DataError(f"{file}: column 'rating', data row {int(series.index[pos]) + 1} has "
+                        f"{bool(series.iloc[pos])} (a boolean); expected {scale}")
+    return coerce_float(series, file, "rating", scale)
+
+
+def coerce_timestamp(series: pd.Series, file: str) -> pd.Series:
+    """Timestamps to int64 seconds since the epoch.
+
+    A datetime column (parquet `timestamp[ms|us|ns]`, tz-aware or not) is converted by its unit,
+    never by reading its raw integer as seconds; integer columns are taken as seconds.
+    """
+    what = "an integer timestamp (seconds since 1970-01-01) or a datetime"
+    if isinstance(series.dtype, pd.DatetimeTZDtype):
+        series = series.dt.tz_convert("UTC").dt.tz_localize(None)
+    if pd.api.types.is_datetime64_any_dtype(series.dtype):
+        missing = series.isna().to_numpy()
+        if missing.any():
+            pos = int(np.argmax(missing))
+            raise DataError(f"{file}: column 'timestamp', data row {int(series.index[pos]) + 1} is empty; "
+                            f"expected {what}")
+        seconds = (series - pd.Timestamp(0)) // pd.Timedelta(seconds=1)
+        return pd.Series(seconds.to_numpy(dtype=np.int64), index=series.index, name=series.name)
+    return coerce_int(series, file, "timestamp", what)
+
+
 def group_labels(data_users: pd.DataFrame, spec: DataSpec, name: str) -> pd.Series:
     """Each user's group for one attribute: the bucket for numeric attributes, else the value."""
     attr = spec.user_attr(name)
@@ -141,12 +173,14 @@ def validate(data: RatingData, *, duplicates: str = "error", names: Mapping[str,
     require_columns(users, ["user_id"] + [a.name for a in spec.user_attributes], n["users"])
     require_columns(items, ["item_id"], n["items"])
 
+    if not len(ratings):
+        raise DataError(f"{n['ratings']}: no ratings (the table has a header but no data rows); expected at "
+                        f"least one rating")
     ratings = ratings.copy()
-    ratings["user_id"] = coerce_int(ratings["user_id"], n["ratings"], "user_id")
-    ratings["item_id"] = coerce_int(ratings["item_id"], n["ratings"], "item_id")
+    exact = {("ratings", key): read_ids(ratings[key], n["ratings"], key) for key in ("user_id", "item_id")}
     scale = f"a number between {spec.rating_min:g} and {spec.rating_max:g}"
-    ratings["rating"] = coerce_float(ratings["rating"], n["ratings"], "rating", scale)
-    ratings["timestamp"] = coerce_int(ratings["timestamp"], n["ratings"], "timestamp", "an integer timestamp (seconds)")
+    ratings["rating"] = coerce_rating(ratings["rating"], n["ratings"], scale)
+    ratings["timestamp"] = coerce_timestamp(ratings["timestamp"], n["ratings"])
     r = ratings["rating"].to_numpy()
     out = (r < spec.rating_min) | (r > spec.rating_max)
     if out.any():
@@ -154,26 +188,29 @@ def validate(data: RatingData, *, duplicates: str = "error", names: Mapping[str,
         raise DataError(f"{n['ratings']}: column 'rating', data row {int(ratings.index[pos]) + 1} has "
                         f"{r[pos]:g}; expected {scale}")
 
-    users = users.copy()
-    users["user_id"] = coerce_int(users["user_id"], n["users"], "user_id")
-    items = items.copy()
-    items["item_id"] = coerce_int(items["item_id"], n["items"], "item_id")
+    users, items = users.copy(), items.copy()
+    ids: dict[str, IdMap] = {}
     for frame, key, file in ((users, "user_id", n["users"]), (items, "item_id", n["items"])):
+        own = read_ids(frame[key], file, key)
+        ids[key] = IdMap.build(own, exact[("ratings", key)])
+        frame[key] = ids[key].codes(own)
+        ratings[key] = ids[key].codes(exact[("ratings", key)])
         dup = frame[key].duplicated().to_numpy()
         if dup.any():
             pos = int(np.argmax(dup))
             raise DataError(f"{file}: column {key!r}, data row {int(frame.index[pos]) + 1} repeats id "
-                            f"{int(frame[key].iloc[pos])}; expected one row per id")
+                            f"{ids[key].label(frame[key].iloc[pos])}; expected one row per id")
 
-    ratings = _duplicates(ratings, duplicates, n["ratings"], log)
+    ratings = _duplicates(ratings, duplicates, n["ratings"], ids, log)
 
     for key, frame, file, what in (("user_id", users, n["users"], "user"), ("item_id", items, n["items"], "item")):
         unknown = ~ratings[key].isin(frame[key]).to_numpy()
         if unknown.any():
             pos = int(np.argmax(unknown))
-            raise DataError(f"{n['ratings']}: {what} {int(ratings[key].iloc[pos])} (data row "
+            raise DataError(f"{n['ratings']}: {what} {ids[key].label(ratings[key].iloc[pos])} (data row "
                             f"{int(ratings.index[pos]) + 1}) has no row in {file}; expected every rated "
                             f"{what} to have attributes")
+    user = lambda pos: ids["user_id"].label(users["user_id"].iloc[pos])
 
     for attr in spec.user_attributes:
         col = users[attr.name]
@@ -183,10 +220,15 @@ def validate(data: RatingData, *, duplicates: str = "error", names: Mapping[str,
             if np.all(np.isfinite(users[attr.name])) and np.all(users[attr.name] == np.round(users[attr.name])):
                 users[attr.name] = users[attr.name].astype(np.int64)
         else:
+            listed = col.map(lambda v: isinstance(v, (list, tuple, np.ndarray))).to_numpy(dtype=bool)
+            if listed.any():
+                pos = int(np.argmax(listed))
+                raise DataError(f"{n['users']}: column {attr.name!r}, user {user(pos)} (data row "
+                                f"{int(users.index[pos]) + 1}) holds a list; expected one {attr.kind} value")
             blank = _blank(col)
             if blank.any() and attr.name in spec.sensitive:
                 pos = int(np.argmax(blank))
-                raise DataError(f"{n['users']}: column {attr.name!r}, user {int(users['user_id'].iloc[pos])} "
+                raise DataError(f"{n['users']}: column {attr.name!r}, user {user(pos)} "
                                 f"(data row {int(users.index[pos]) + 1}) is empty; expected a value for the "
                                 f"sensitive attribute")
             users[attr.name] = col.astype(object).where(~blank, None)
@@ -195,7 +237,7 @@ def validate(data: RatingData, *, duplicates: str = "error", names: Mapping[str,
             bad = ~users[attr.name].isin(ok).to_numpy() & users[attr.name].notna().to_numpy()
             if bad.any():
                 pos = int(np.argmax(bad))
-                raise DataError(f"{n['users']}: column {attr.name!r}, user {int(users['user_id'].iloc[pos])} "
+                raise DataError(f"{n['users']}: column {attr.name!r}, user {user(pos)} "
                                 f"(data row {int(users.index[pos]) + 1}) has unknown value "
                                 f"{users[attr.name].iloc[pos]!r}; expected one of {', '.join(sorted(ok))}")
 
@@ -216,10 +258,11 @@ def validate(data: RatingData, *, duplicates: str = "error", names: Mapping[str,
     ratings = ratings.astype({"user_id": "int64", "item_id": "int64", "rating": "float64", "timestamp": "int64"})
     return RatingData(ratings=ratings.reset_index(drop=True), users=users.reset_index(drop=True),
                       items=items.reset_index(drop=True), spec=spec, source=data.source,
-                      provenance=data.provenance)
+                      provenance=data.provenance, ids=ids)
 
 
-def _duplicates(ratings: pd.DataFrame, policy: str, file: str, log: Callable[[str], None]) -> pd.DataFrame:
+def _duplicates(ratings: pd.DataFrame, policy: str, file: str, ids: Mapping[str, IdMap],
+                log: Callable[[str], None]) -> pd.DataFrame:
     dup = ratings.duplicated(["user_id", "item_id"], keep=False).to_numpy()
     if not dup.any():
         return ratings
@@ -227,10 +270,11 @@ def _duplicates(ratings: pd.DataFrame, policy: str, file: str, log: Callable[[st
         second = ratings.duplicated(["user_id", "item_id"], keep="first").to_numpy()
         pos = int(np.argmax(second))
         u, i = int(ratings["user_id"].iloc[pos]), int(ratings["item_id"].iloc[pos])
+        shown = f"({ids['user_id'].label(u)}, {ids['item_id'].label(i)})"
         first = int(ratings.index[np.argmax(dup & (ratings["user_id"].to_numpy() == u)
                                             & (ratings["item_id"].to_numpy() == i))]) + 1
         raise DataError(f"{file}: data row {int(ratings.index[pos]) + 1} repeats the (user_id, item_id) pair "
-                        f"({u}, {i}) of data row {first}; expected one rating per pair (set data.duplicates: "
+                        f"{shown} of data row {first}; expected one rating per pair (set data.duplicates: "
                         f"keep_latest to keep the latest)")
     before = len(ratings)
     order = ratings.assign(_pos=np.arange(before)).sort_values(["timestamp", "_pos"], kind="stable")
