@@ -34,8 +34,10 @@ def main() -> None:
     train, val = load_split("train", data), load_split("val", data)
     t0 = time.perf_counter()
     model = registry.build(args.model, model_params, args.seed)
-    if getattr(model, "external", False):   # its predictions are checked against the rating scale
+    if getattr(model, "external", False):   # predictions checked against the scale; owner's ids
         model.rating_scale = (data.spec.rating_min, data.spec.rating_max)
+        if any(data.id_map(key).kind == "string" for key in ("user_id", "item_id")):
+            model.original_ids = {key: data.id_map(key) for key in ("user_id", "item_id")}
     model.fit(train, val, encoder)
     fit_s = time.perf_counter() - t0
     out_dir = f"models/{args.model}/seed{args.seed}"

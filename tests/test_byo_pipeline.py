@@ -57,9 +57,6 @@ def copy_repo(dst: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs the schema-driven strata of issue 15 item 1 (branch 'strata'): until then the "
-                          "robustness stage knows only MovieLens attribute names and age uses the MovieLens-1M "
-                          "buckets; remove this marker once that branch is merged", strict=False)
 def test_byo_dataset_runs_the_whole_audit(tmp_path: Path) -> None:
     copy_repo(tmp_path)
     data = byo_dataset.write(tmp_path / "byo")

@@ -114,3 +114,23 @@ def test_entry_point_names_a_model(tmp_path: Path, monkeypatch, tiny) -> None:
     m = registry.build("item_means", {"shrink": 3.0}, seed=0)
     assert isinstance(m, ExternalModel) and m.inner.shrink == 3.0
     assert registry.known("item_means", None) and not registry.known("nobody", None)
+
+
+def test_a_pretrained_model_is_asked_with_the_owners_text_ids(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from metarec.data.ids import IdMap
+    from metarec.tasks import Task
+    from tests.team_models import Echo
+
+    users = IdMap.build(pd.Series(["u-a", "u-b"], dtype="string"))
+    items = IdMap.build(pd.Series(["sku-1", "sku-2", "sku-3"], dtype="string"))
+    m = registry.build("shipped", _defn("Echo"), seed=0)
+    m.original_ids = {"user_id": users, "item_id": items}
+    task = Task(user_id=1, user_attrs={}, support_items=np.array([0]), support_ratings=np.array([4.0], np.float32),
+                candidates=np.array([1, 2]))
+    m.predict([task])
+    assert Echo.seen == [("u-b", ["sku-1"], ["sku-2", "sku-3"])]
+    m.save(tmp_path / "m")
+    registry.load("shipped", tmp_path / "m").predict([task])
+    assert Echo.seen == [("u-b", ["sku-1"], ["sku-2", "sku-3"])]

@@ -12,6 +12,10 @@ interface without asking more of it:
   deterministic given `seed` and the data;
 - `save` and `load`: used as they are, under `<model dir>/model/`.
 
+Ids: a fitted model sees the internal integer codes throughout (it was fitted on them); a model
+that was not fitted here (a pre-trained class, a service) knows the data owner's own ids, so its
+tasks carry those (`original_ids`, set by the train stage for text ids and saved with the model).
+
 Every prediction is checked before anything is written: one array per task, of the task's
 length, finite, on the rating scale. A definition names a class (`class: "pkg.module:Class"`,
 constructor arguments under `params`; `seed` is passed when the constructor takes it) or an
@@ -89,6 +93,7 @@ class ExternalModel:
         self.definition = dict(definition)
         self.seed = int(seed)
         self.rating_scale = tuple(rating_scale) if rating_scale is not None else None
+        self.original_ids: dict[str, Any] | None = None   # {"user_id": IdMap, "item_id": IdMap}
         self.inner = self._build()
 
     # ------------------------------------------------------------------------------ construction
@@ -150,9 +155,16 @@ class ExternalModel:
                 self.inner = result
         return self
 
+    def _as_owner_ids(self, task: Task) -> Task:
+        users, items = self.original_ids["user_id"], self.original_ids["item_id"]
+        return task.replace(user_id=users.label(int(task.user_id)),
+                            support_items=items.original(np.asarray(task.support_items)).to_numpy(),
+                            candidates=items.original(np.asarray(task.candidates)).to_numpy())
+
     def predict(self, tasks: Sequence[Task]) -> list[np.ndarray]:
         tasks = list(tasks)
-        return check_predictions(self.name, tasks, self.inner.predict(tasks), self.rating_scale)
+        asked = [self._as_owner_ids(t) for t in tasks] if self.original_ids and self.pretrained else tasks
+        return check_predictions(self.name, tasks, self.inner.predict(asked), self.rating_scale)
 
     def save(self, directory: str | Path) -> None:
         from metarec.io import atomic_write_json
@@ -161,6 +173,11 @@ class ExternalModel:
         d.mkdir(parents=True, exist_ok=True)
         if self.persists:
             self.inner.save(d / "model")
+        if self.original_ids:
+            from metarec.io import atomic_write_parquet
+
+            for key, ids in self.original_ids.items():
+                atomic_write_parquet(d / f"{key}s.parquet", ids.to_frame())
         atomic_write_json(d / "external.json", {
             "model": self.name, "definition": self.definition, "seed": self.seed,
             "rating_scale": list(self.rating_scale) if self.rating_scale else None,
@@ -174,6 +191,13 @@ class ExternalModel:
         except (OSError, ValueError):
             raise ConfigError(f"{d}: no readable external.json; re-run the model's train stage") from None
         model = cls(doc["model"], doc["definition"], doc["seed"], doc.get("rating_scale"))
+        if (d / "user_ids.parquet").is_file():
+            import pandas as pd
+
+            from metarec.data.ids import IdMap
+
+            model.original_ids = {key: IdMap.from_frame(pd.read_parquet(d / f"{key}s.parquet"))
+                                  for key in ("user_id", "item_id")}
         if doc.get("persisted"):
             model.inner = type(model.inner).load(d / "model")
         elif not model.pretrained:
