@@ -126,6 +126,43 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve one trained model of this project over the metarec-audit/1 protocol (reference server)."""
+    from metarec.errors import MetarecError
+    from metarec.models import registry
+    from metarec.prepared import load_prepared, load_split
+    from metarec.serving import make_server
+
+    root = Path(args.root)
+    directory = root / "models" / args.model / f"seed{args.seed}"
+    if not directory.is_dir():
+        raise InputError(f"no trained model at {directory}; run `dvc repro train@{args.model}-{args.seed}` first")
+    try:
+        data = load_prepared(root / "data" / "prepared")
+        train = load_split("train", data, root / "data" / "tasks")
+    except OSError as exc:
+        raise InputError(f"cannot read the prepared data and task split under {root} ({exc})") from None
+    model = registry.load(args.model, directory, train=train)
+    ids = {key: data.id_map(key) for key in ("user_id", "item_id")}
+    try:
+        server = make_server(model, args.host, args.port, ids)
+    except OSError as exc:
+        raise MetarecError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
+    host, port = server.server_address[:2]
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}, not loopback; the reference server has no authentication",
+              file=sys.stderr)
+    print(f"serving {args.model} (seed {args.seed}) at http://{host}:{port}/ (protocol metarec-audit/1); "
+          f"Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return EXIT_OK
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     root = Path(args.root)
     html = root / "reports" / "audit.html"
@@ -205,6 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", parents=[common], help="render reports/audit.html",
                        description="Render the self-contained audit report reports/audit.html from the metrics files.")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("serve", parents=[common], help="serve a trained model over HTTP (metarec-audit/1)",
+                       description="Serve models/MODEL/seedSEED of this project as a scoring service that speaks "
+                                   "the metarec-audit/1 JSON protocol (the reference for auditing a model behind an "
+                                   "endpoint). Listens on loopback by default; Ctrl-C stops it. Exit 2 when the "
+                                   "model or data is missing.")
+    p.add_argument("--model", required=True, help="a model name of this project's params.yaml")
+    p.add_argument("--seed", type=int, default=0, help="its training seed (default 0)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("summary", parents=[common], help="print the report path and the gate verdict",
                        description="Print the report path and the verdict recorded in metrics/gate.json. Exit 0.")

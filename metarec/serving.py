@@ -66,8 +66,29 @@ def parse_request(body: Any) -> list[Task]:
     return tasks
 
 
-def make_handler(model: Recommender) -> type[BaseHTTPRequestHandler]:
+def to_codes(tasks: list[Task], id_maps: dict[str, Any]) -> list[Task]:
+    """Tasks in the data owner's text ids -> the internal codes the served model was fitted on."""
+    users = {v: i for i, v in enumerate(id_maps["user_id"].originals)}
+    items = {v: i for i, v in enumerate(id_maps["item_id"].originals)}
+
+    def code(table: dict, value: Any, what: str, i: int) -> int:
+        if str(value) not in table:
+            raise BadRequest(f"task {i}: {what} {value!r} is not in the audited data")
+        return table[str(value)]
+
+    out = []
+    for i, t in enumerate(tasks):
+        out.append(t.replace(
+            user_id=users.get(str(t.user_id), -1),
+            support_items=np.array([code(items, v, "item id", i) for v in t.support_items.tolist()], dtype=np.int64),
+            candidates=np.array([code(items, v, "item id", i) for v in t.candidates.tolist()], dtype=np.int64)))
+    return out
+
+
+def make_handler(model: Recommender, id_maps: dict[str, Any] | None = None) -> type[BaseHTTPRequestHandler]:
+    """The request handler; with text id maps, requests in the owner's ids are translated to codes."""
     lock = threading.Lock()   # models are not promised to be thread-safe
+    translate = bool(id_maps) and any(m.kind == "string" for m in id_maps.values())
 
     class Handler(BaseHTTPRequestHandler):
         def _answer(self, status: int, doc: dict) -> None:
@@ -85,6 +106,8 @@ def make_handler(model: Recommender) -> type[BaseHTTPRequestHandler]:
                     raise BadRequest(f"the request body is larger than {MAX_BODY} bytes")
                 body = json.loads(self.rfile.read(n) or b"null")
                 tasks = parse_request(body)
+                if translate:
+                    tasks = to_codes(tasks, id_maps)
             except (BadRequest, ValueError, RecursionError) as exc:
                 self._answer(400, {"error": str(exc) if isinstance(exc, BadRequest) else "the body is not JSON"})
                 return
@@ -98,6 +121,7 @@ def make_handler(model: Recommender) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def make_server(model: Recommender, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
+def make_server(model: Recommender, host: str = "127.0.0.1", port: int = 8765,
+                id_maps: dict[str, Any] | None = None) -> ThreadingHTTPServer:
     """A bound, not yet serving, server (port 0 picks a free port: see server.server_address)."""
-    return ThreadingHTTPServer((host, port), make_handler(model))
+    return ThreadingHTTPServer((host, port), make_handler(model, id_maps))

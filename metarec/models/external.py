@@ -86,6 +86,10 @@ class ExternalModel:
     """The pipeline's model interface around a definition from params.yaml or an entry point."""
 
     external = True
+    # One predict call gets every task of a split (metarec.predict.predict_in_chunks): a team's
+    # model may, like the classic ones here, depend on which tasks are asked together; a service
+    # is batched by its own batch_size.
+    predict_chunk = None
 
     def __init__(self, name: str, definition: Mapping[str, Any], seed: int = 0,
                  rating_scale: tuple[float, float] | None = None) -> None:
