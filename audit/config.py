@@ -231,13 +231,13 @@ def check_data(cfg: Params, data: RatingData, params: dict[str, Any], log: Calla
     from metarec.data.validate import group_labels
     from metarec.splits import SplitConfig, check_coverage, coverage, coverage_lines
 
+    strata = plan_strata(params.get("strata"), data.spec)   # names first: a typo beats a count
+    plan_attribute_perturbations(params.get("robustness"), data, min_size=strata.min_group_size)
     split_cfg = SplitConfig(**cfg.tasks.model_dump())
     cov = coverage(data, split_cfg)
     check_coverage(cov, split_cfg)
     for line in coverage_lines(cov, split_cfg):
         log(f"tasks: {line}")
-    strata = plan_strata(params.get("strata"), data.spec)
-    plan_attribute_perturbations(params.get("robustness"), data, min_size=strata.min_group_size)
     floor = cfg.strata.min_group_size
     for name in data.spec.sensitive:
         counts = group_labels(data.users, data.spec, name).dropna().astype(str).value_counts().sort_index()

@@ -186,6 +186,7 @@ def write_byo(folder: Path, params_strata: dict) -> None:
     params["data"] = {"source": "csv", "interactions": "ratings.csv", "users": "users.csv", "items": "items.csv",
                       "schema": schema}
     params["strata"] = params_strata
+    params["tasks"].update(min_ratings=6, query_size=3)   # this small dataset's users have few ratings
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
 
 
