@@ -14,8 +14,7 @@ from audit.report import ReportError, build_context, render_report
 from audit.signing import KEY_ENV, key_id, keygen, load_public_key
 from tests.fixtures_metrics import XSS_IMG, XSS_SCRIPT, data_context, write_fixture_project
 
-SECTIONS = ["Verdict", "Model card", "Data", "Accuracy against baselines", "Fairness", "Robustness",
-            "Reproducibility", "Signature"]
+from tests.test_browser import SECTIONS
 
 
 @pytest.fixture(autouse=True)
