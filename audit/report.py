@@ -532,8 +532,13 @@ def _glossary(metrics: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     names = {str(r.get("metric")) for doc in metrics.values() if isinstance(doc, dict)
              for r in (doc.get("records") or []) if isinstance(r, dict) and r.get("metric") is not None}
     names |= {m for s in ctx["accuracy"]["scenarios"] for m in s["metrics"]}
-    names |= {"exposure_gini"} if ctx["fairness"]["exposure"] else set()
-    names |= {"prediction_shift", "hit_ratio"} if ctx["robustness"]["shilling"] else set()
+    # measures the report names as column headings rather than as a record's `metric`
+    fa = ctx["fairness"]
+    for present, shown in ((fa["exposure"], {"exposure_gini"}), (fa["ugf"], {"ugf"}),
+                           (fa["miscalibration"], {"miscalibration"}),
+                           (fa["counterfactual"], {"mean_abs_delta", "top10_jaccard", "delta_ndcg"}),
+                           (ctx["robustness"]["shilling"], {"prediction_shift", "hit_ratio"})):
+        names |= shown if present else set()
     return {"metrics": registry.glossary(n for n in names if registry.is_registered(n)),
             "unregistered": registry.unregistered(names), "tests": list(TEST_GLOSSARY)}
 
