@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -725,8 +726,8 @@ def _model_card(params: dict[str, Any], ctx: dict[str, Any]) -> dict[str, list[A
                     f"Cold-start scenarios: {', '.join(f['scenarios'])}"
                     + (f" (items released from {tasks['new_item_year']} on are new; "
                        f"{tasks.get('new_user_fraction')} of users are held out as new)." if tasks.get("new_item_year") else ".")],
-        "metrics": [f"Accuracy: {', '.join(_ordered([m for s in ctx['accuracy']['scenarios'] for m in s['metrics']], []))}; "
-                    f"mean with 95% intervals over training seeds and over seeds and users (users resampled); "
+        "metrics": [f"Accuracy: {len(_ordered([m for s in ctx['accuracy']['scenarios'] for m in s['metrics']], []))} "
+                    f"metrics (defined in the Glossary); mean with 95% intervals over training seeds and over seeds and users (users resampled); "
                     f"paired comparisons over seeds and users with Holm-adjusted p-values.",
                     "Fairness: group gaps with intervals and permutation p-values (Benjamini-Hochberg adjusted), "
                     "user-group fairness (UGF), "
@@ -742,6 +743,14 @@ def _model_card(params: dict[str, Any], ctx: dict[str, Any]) -> dict[str, list[A
         "ethical": ethical,
         "caveats": caveats,
     }
+
+
+def _gate_metric(where: Any) -> str | None:
+    """The metric a gate's record selector names (`metric=mae` in gate.json's text, or a mapping)."""
+    if isinstance(where, dict):
+        return str(where["metric"]) if where.get("metric") is not None else None
+    found = re.search(r"(?:^|,\s*)metric=([^,]+)", str(where or ""))
+    return found.group(1).strip() if found else None
 
 
 def build_context(root: str | Path, params: dict[str, Any], data: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -769,9 +778,10 @@ def build_context(root: str | Path, params: dict[str, Any], data: dict[str, Any]
                     "n_pass": sum(g["outcome"] == "pass" for g in gates),
                     "n_fail": sum(not g.get("passed") for g in gates),
                     "n_inconclusive": sum(g["outcome"] == "inconclusive" for g in gates),
-                    "gates": [{k: g.get(k) for k in ("name", "description", "field", "op", "threshold", "observed",
-                                                     "outcome", "passed", "on_inconclusive", "message", "error",
-                                                     "interval", "interval_low", "interval_high", "file", "where")}
+                    "gates": [{**{k: g.get(k) for k in ("name", "description", "field", "op", "threshold", "observed",
+                                                        "outcome", "passed", "on_inconclusive", "message", "error",
+                                                        "interval", "interval_low", "interval_high", "file", "where")},
+                               "metric": _gate_metric(g.get("where"))}
                               for g in gates],
                     "findings": []},
         "data": data,
