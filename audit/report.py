@@ -29,14 +29,28 @@ The context dict (all keys required; lists may be empty, numbers may be None):
     intersections: [{attributes, group, n_users}],
     scenarios: [{scenario, n_users, n_items, n_ratings, n_tasks}], top_items: [{item_id, title, n_ratings}]}
     Missing values may be None; the lead's pipeline may pass this dict directly (`data=`).
-- accuracy: {scenarios: [{scenario, metrics: [str], rows: [{model, focal, cells: [{mean, ci_low,
-    ci_high, ci_users_low, ci_users_high, n_seeds, best}]}], comparisons: [comparison record + winner],
-    summary: str}]} (ci_*: over training seeds; ci_users_*: over seeds and users)
-- fairness: {gaps: [gap records, focal model], gaps_all: [gap records, all models],
-    groups: [{attribute, rows: [group_metric records]}], gap_to_rest, ugf, parity,
-    counterfactual, exposure, miscalibration: [records]}
-- robustness: {perturbations: [{name, overall: [{model, points: [[level, value]]}],
-    by_group: [{attribute, series: [{group, points}]}]}], most_damaging: [records], shilling: [records]}
+- accuracy: {scenarios: [{scenario, models: [str], metrics: [str] (every metric, focal first),
+    rows: [{model, focal, cells: [{mean, ci_low, ci_high, ci_users_low, ci_users_high, n_seeds, best}]}]
+    (the full table), families: [{family, metrics: [{metric, direction, cells}]}] (the compact table:
+    registry families, constant/count/superseded metrics and all but one cut-off left out),
+    omitted: [{metric, reason}], comparisons: [comparison record + winner], n_significant, summary: str}],
+    omitted_note: str} (ci_*: over training seeds; ci_users_*: over seeds and users; `best` from the
+    registry's direction)
+- fairness: {min_group_size, matrix: {attributes, rows: [{model, scenario, focal, cells: [{attribute,
+    n_tests, n_insufficient, found: [{metric, difference, p_adjusted, max_group, min_group}]}]}],
+    n_found, n_tests, adjusted: bool, adjustment}, gaps: [gap records + survives, focal model],
+    gaps_all: [gap records + survives, focal scenario], groups: [{attribute, rows: [group_metric + small],
+    n_small}], gap_to_rest (+ small), gap_to_rest_found, ugf, parity, counterfactual,
+    exposure (+ exposure_gini, read from `gini` in older files), miscalibration (+ small)}
+    A gap "survives" when its BH-adjusted p is below 0.05 and it is not insufficient; records
+    from older runs (no p_adjusted, no insufficient) are read with .get and never survive.
+- robustness: {perturbations: [{name, numeric: bool, overall: [{model, points: [[level, value]]}],
+    by_group: [{attribute, series: [{group, points}], omitted}], table, levels, pivot}] (named levels,
+    e.g. a demographic shift's group mixes, are a table, not a curve), most_damaging, shilling: [records]}
+- regression: {available, reason, verdict, baseline, accuracy: [accuracy_change], gaps: [gap_change],
+    n_not_pass} from metrics/regression.json ("no baseline configured" when absent or baseline null)
+- feedback: None, or {records, columns} from metrics/feedback.json (its section shows only then)
+- glossary: {metrics: registry.glossary rows, unregistered: [str], tests: [{anchor, name, definition, reference}]}
 - reproducibility: {seeds: [int], spread: [{model, values, mean, std, ci_low, ci_high}],
     determinism: [records], all_identical: bool|None, seed_variance: [records],
     environment: [[key, value]], hashes: [[name, sha256]]}
