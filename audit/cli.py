@@ -140,24 +140,24 @@ def cmd_summary(args: argparse.Namespace) -> int:
         doc = json.loads((root / "metrics" / "gate.json").read_text(encoding="utf-8"))
         records = [r for r in doc.get("records", []) if r.get("kind") == "gate"]
     except (OSError, ValueError, AttributeError):
-        print("verdict: unknown (metrics/gate.json missing or unreadable; run `dvc repro`)")
+        print("gates: unknown (metrics/gate.json missing or unreadable; run `dvc repro`)")
         records, doc = [], None
     if doc is not None:
         from audit.gate import format_value
 
         outcomes = [r.get("outcome") or ("pass" if r.get("passed") else "fail") for r in records]
         n_inc = outcomes.count("inconclusive")
-        print(f"verdict: {'PASSED' if doc.get('passed') else 'FAILED'} ({outcomes.count('pass')} of {len(records)} "
-              f"gates pass" + (f", {n_inc} inconclusive" if n_inc else "") + ")")
+        print(f"gates: {'PASSED' if doc.get('passed') else 'FAILED'} ({outcomes.count('pass')} of {len(records)} "
+              f"pass" + (f", {n_inc} inconclusive" if n_inc else "") + ")")
         shown = [(r, o) for r, o in zip(records, outcomes) if len(records) <= SUMMARY_MAX_GATES or o != "pass"]
         for r, outcome in shown[:SUMMARY_MAX_GATES]:
             counted = f" (counts as {'pass' if r.get('passed') else 'fail'})" if outcome == "inconclusive" else ""
             compared = (f"interval {format_value(r.get('interval_low'))} to {format_value(r.get('interval_high'))}"
                         if r.get("interval") else f"observed {format_value(r.get('observed'))}")
-            print(f"  {outcome.upper():<12} {r.get('name')}: {compared}, rule {r.get('field')} {r.get('op')} "
-                  f"{format_value(r.get('threshold'))}{counted}")
+            print(f"  {outcome.upper()}{counted} {r.get('name')}: {compared}, rule {r.get('field')} {r.get('op')} "
+                  f"{format_value(r.get('threshold'))}")
             if outcome != "pass" and r.get("message"):
-                print(f"               {r.get('message')}")
+                print(f"      {r.get('message')}")
         if len(shown) < len(records):
             print(f"  ... and {len(records) - len(shown[:SUMMARY_MAX_GATES])} more (see reports/gate.md)")
     try:

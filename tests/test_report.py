@@ -360,7 +360,7 @@ def test_summary_command_fits_a_terminal(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert len(lines) < 40
-    assert "verdict: FAILED (3 of 4 gates pass)" in out
+    assert "gates: FAILED (3 of 4 pass)" in out
     gate = json.loads((root / "metrics" / "gate.json").read_text())
     for g in gate["records"]:
         line = next(x for x in lines if f" {g['name']}: " in x)
