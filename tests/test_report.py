@@ -384,3 +384,17 @@ def test_summary_command_caps_many_gates(tmp_path: Path, capsys) -> None:
     assert main(["--root", str(root), "summary"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) < 40 and any("more (see reports/gate.md)" in x for x in lines)
+
+
+def test_summary_with_the_old_catalogue_ndcg_name_renders(tmp_path: Path) -> None:
+    # runs before the rename wrote the catalogue nDCG as `ndcg@10`: still one compact ranking row per family
+    root = write_fixture_project(tmp_path)
+    summary = json.loads((root / "metrics" / "summary.json").read_text())
+    for r in summary["records"]:
+        if r.get("metric") == "list_ndcg@10":
+            r["metric"] = "ndcg@10"
+    _write(root, "summary", summary)
+    html = _render(root)
+    warm = _compact(html, "warm")
+    assert ">ndcg@10</a>" in warm and ">ndcg@5</a>" not in warm and "list_ndcg@10" not in warm
+    assert "ndcg@1, ndcg@3, ndcg@5: another cut-off of the same metric, ndcg@10, is shown" in html
