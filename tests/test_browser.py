@@ -195,6 +195,7 @@ def test_report_in_headless_chromium(report: Path, tmp_path: Path) -> None:
     assert all(h["visible"] for h in headings), headings
     assert page_facts["scripts"] == 0  # the hostile strings stayed text
     assert page_facts["svgs"] >= 8
+    print(f"report layout at {VIEWPORT_WIDTH} px, details closed: {layout}")  # shown with pytest -s
     assert layout["viewport"] == VIEWPORT_WIDTH, layout
     assert layout["details"] >= 10, layout  # the detail is there, collapsed
     assert layout["scroll_width"] <= layout["viewport"], f"the report scrolls sideways at {VIEWPORT_WIDTH} px: {layout}"
