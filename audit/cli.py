@@ -12,7 +12,8 @@ Commands and exit codes (0 success; 1 a check failed; 2 input missing or invalid
   sign      reports/audit.bundle.json (+ reports/signing.pub); 2 on missing key or inputs
   verify    BUNDLE --key PUB [--root DIR]: 0 valid, 1 invalid or tampered, 2 unreadable input
   report    render reports/audit.html (the DVC report stage)
-  summary   print the report path and the verdict from metrics/gate.json; always 0
+  summary   print the report path, the verdict, each gate (outcome, interval compared) and the report's
+            key findings in under 40 lines; always 0
 
 Global options (before or after the command): --root DIR (project root, default "."),
 --params FILE (default params.yaml, relative to --root unless absolute).
@@ -163,24 +164,53 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+SUMMARY_MAX_GATES = 10      # beyond this, passing gates are counted, not listed: the summary stays under 40 lines
+SUMMARY_MAX_FINDINGS = 10
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
+    """The verdict, each gate with its outcome and the interval it compared, and the report's key
+    findings, in under 40 lines: what a reviewer reads in a terminal before opening the report."""
     root = Path(args.root)
     html = root / "reports" / "audit.html"
     print(f"report: {html.resolve() if html.exists() else str(html) + ' (not written yet)'}")
     try:
         doc = json.loads((root / "metrics" / "gate.json").read_text(encoding="utf-8"))
         records = [r for r in doc.get("records", []) if r.get("kind") == "gate"]
-        outcomes = [r.get("outcome") or ("pass" if r.get("passed") else "fail") for r in records]
-        verdict = "PASSED" if doc.get("passed") else "FAILED"
-        n_inc = outcomes.count("inconclusive")
-        print(f"gates: {verdict} ({outcomes.count('pass')} of {len(records)} pass"
-              + (f", {n_inc} inconclusive" if n_inc else "") + ")")
-        for r, outcome in zip(records, outcomes):
-            if outcome != "pass":
-                counted = "" if outcome == "fail" else f" (counts as {'pass' if r.get('passed') else 'fail'})"
-                print(f"  {outcome.upper()}{counted} {r.get('name')}: {r.get('message')}")
     except (OSError, ValueError, AttributeError):
         print("gates: unknown (metrics/gate.json missing or unreadable; run `dvc repro`)")
+        records, doc = [], None
+    if doc is not None:
+        from audit.gate import format_value
+
+        outcomes = [r.get("outcome") or ("pass" if r.get("passed") else "fail") for r in records]
+        n_inc = outcomes.count("inconclusive")
+        print(f"gates: {'PASSED' if doc.get('passed') else 'FAILED'} ({outcomes.count('pass')} of {len(records)} "
+              f"pass" + (f", {n_inc} inconclusive" if n_inc else "") + ")")
+        shown = [(r, o) for r, o in zip(records, outcomes) if len(records) <= SUMMARY_MAX_GATES or o != "pass"]
+        for r, outcome in shown[:SUMMARY_MAX_GATES]:
+            counted = f" (counts as {'pass' if r.get('passed') else 'fail'})" if outcome == "inconclusive" else ""
+            compared = (f"interval {format_value(r.get('interval_low'))} to {format_value(r.get('interval_high'))}"
+                        if r.get("interval") else f"observed {format_value(r.get('observed'))}")
+            print(f"  {outcome.upper()}{counted} {r.get('name')}: {compared}, rule {r.get('field')} {r.get('op')} "
+                  f"{format_value(r.get('threshold'))}")
+            if outcome != "pass" and r.get("message"):
+                print(f"      {r.get('message')}")
+        if len(shown) < len(records):
+            print(f"  ... and {len(records) - len(shown[:SUMMARY_MAX_GATES])} more (see reports/gate.md)")
+    try:
+        from audit import report
+
+        findings = report.key_findings(root, _load_params(args))
+    except Exception as exc:  # noqa: BLE001 - the summary never fails; it says what it could not read
+        findings = None
+        print(f"key findings: unavailable ({exc})")
+    if findings is not None:
+        print("key findings:")
+        for line in findings[:SUMMARY_MAX_FINDINGS]:
+            print(f"  - {line}")
+        if len(findings) > SUMMARY_MAX_FINDINGS:
+            print(f"  ... and {len(findings) - SUMMARY_MAX_FINDINGS} more in the report")
     bundle = root / "reports" / "audit.bundle.json"
     if bundle.exists():
         print(f"signed bundle: {bundle.resolve()}")
@@ -254,8 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("summary", parents=[common], help="print the report path and the gate verdict",
-                       description="Print the report path and the verdict recorded in metrics/gate.json. Exit 0.")
+    p = sub.add_parser("summary", parents=[common], help="print the verdict, the gates and the key findings",
+                       description="Print the report path, the verdict recorded in metrics/gate.json, each gate with "
+                                   "its outcome and the interval it compared, and the report's key findings, in under "
+                                   "40 lines. Exit 0.")
     p.set_defaults(func=cmd_summary)
     return parser
 

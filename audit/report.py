@@ -29,14 +29,28 @@ The context dict (all keys required; lists may be empty, numbers may be None):
     intersections: [{attributes, group, n_users}],
     scenarios: [{scenario, n_users, n_items, n_ratings, n_tasks}], top_items: [{item_id, title, n_ratings}]}
     Missing values may be None; the lead's pipeline may pass this dict directly (`data=`).
-- accuracy: {scenarios: [{scenario, metrics: [str], rows: [{model, focal, cells: [{mean, ci_low,
-    ci_high, ci_users_low, ci_users_high, n_seeds, best}]}], comparisons: [comparison record + winner],
-    summary: str}]} (ci_*: over training seeds; ci_users_*: over seeds and users)
-- fairness: {gaps: [gap records, focal model], gaps_all: [gap records, all models],
-    groups: [{attribute, rows: [group_metric records]}], gap_to_rest, ugf, parity,
-    counterfactual, exposure, miscalibration: [records]}
-- robustness: {perturbations: [{name, overall: [{model, points: [[level, value]]}],
-    by_group: [{attribute, series: [{group, points}]}]}], most_damaging: [records], shilling: [records]}
+- accuracy: {scenarios: [{scenario, models: [str], metrics: [str] (every metric, focal first),
+    rows: [{model, focal, cells: [{mean, ci_low, ci_high, ci_users_low, ci_users_high, n_seeds, best}]}]
+    (the full table), families: [{family, metrics: [{metric, direction, cells}]}] (the compact table:
+    registry families, constant/count/superseded metrics and all but one cut-off left out),
+    omitted: [{metric, reason}], comparisons: [comparison record + winner], n_significant, summary: str}],
+    omitted_note: str} (ci_*: over training seeds; ci_users_*: over seeds and users; `best` from the
+    registry's direction)
+- fairness: {min_group_size, matrix: {attributes, rows: [{model, scenario, focal, cells: [{attribute,
+    n_tests, n_insufficient, found: [{metric, difference, p_adjusted, max_group, min_group}]}]}],
+    n_found, n_tests, adjusted: bool, adjustment}, gaps: [gap records + survives, focal model],
+    gaps_all: [gap records + survives, focal scenario], groups: [{attribute, rows: [group_metric + small],
+    n_small}], gap_to_rest (+ small), gap_to_rest_found, ugf, parity, counterfactual,
+    exposure (+ exposure_gini, read from `gini` in older files), miscalibration (+ small)}
+    A gap "survives" when its BH-adjusted p is below 0.05 and it is not insufficient; records
+    from older runs (no p_adjusted, no insufficient) are read with .get and never survive.
+- robustness: {perturbations: [{name, numeric: bool, overall: [{model, points: [[level, value]]}],
+    by_group: [{attribute, series: [{group, points}], omitted}], table, levels, pivot}] (named levels,
+    e.g. a demographic shift's group mixes, are a table, not a curve), most_damaging, shilling: [records]}
+- regression: {available, reason, verdict, baseline, accuracy: [accuracy_change], gaps: [gap_change],
+    n_not_pass} from metrics/regression.json ("no baseline configured" when absent or baseline null)
+- feedback: None, or {records, columns} from metrics/feedback.json (its section shows only then)
+- glossary: {metrics: registry.glossary rows, unregistered: [str], tests: [{anchor, name, definition, reference}]}
 - reproducibility: {seeds: [int], spread: [{model, values, mean, std, ci_low, ci_high}],
     determinism: [records], all_identical: bool|None, seed_variance: [records],
     environment: [[key, value]], hashes: [[name, sha256]]}
@@ -48,13 +62,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
 import jinja2
 from markupsafe import Markup
 
-from audit import charts
+from audit import charts, registry
 from metarec.errors import MetarecError
 from metarec.io import atomic_write_text, sha256_file
 
@@ -62,6 +77,7 @@ TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "reports" / "templates"
 SCENARIO_ORDER = ("warm", "user_cold", "item_cold", "user_item_cold", "val")
 META_LEARNERS = ("melu", "ensemble", "finetune")
 METRIC_FILES = ("summary", "fairness", "robustness", "reproducibility", "gate")
+OPTIONAL_FILES = ("regression", "feedback")   # written by optional stages; the report says when absent
 UNRECORDED_SOURCE = "data of unrecorded source"
 
 
@@ -70,8 +86,15 @@ class ReportError(MetarecError):
 
 
 def lower_is_better(metric: str) -> bool:
-    m = metric.lower()
-    return m.startswith(("mae", "rmse", "mse", "miscal", "loss"))
+    """The registry's direction; a name it does not know (an older run's) falls back to its prefix."""
+    if registry.is_registered(metric):
+        return registry.lower_is_better(metric)
+    return metric.lower().startswith(("mae", "rmse", "mse", "miscal", "loss"))
+
+
+def metric_anchor(name: Any) -> str:
+    """The glossary anchor of a metric name, or "" when the registry does not know it."""
+    return registry.anchor(str(name)) if name is not None and registry.is_registered(str(name)) else ""
 
 
 def _num(x: Any) -> float | None:
@@ -97,6 +120,9 @@ def load_metrics(root: Path) -> dict[str, dict[str, Any] | None]:
         if doc is not None and (not isinstance(doc, dict) or not isinstance(doc.get("records"), list)):
             raise ReportError(f"metrics/{name}.json has no top-level 'records' list")
         out[name] = doc
+    for name in OPTIONAL_FILES:
+        doc = _read_json(root / "metrics" / f"{name}.json")
+        out[name] = doc if isinstance(doc, dict) else None
     return out
 
 
@@ -195,29 +221,85 @@ def _focus(params: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
             "models": models, "scenarios": scenarios}
 
 
+FAMILY_ORDER = ("rating error", "ranking", "lists and exposure")
+SUPERSEDED = {"mse": "rmse"}   # shown only in the full table when the metric on the right is present
+ALPHA = 0.05
+
+
+def _family(name: str) -> str:
+    return registry.lookup(name).family if registry.is_registered(name) else "other"
+
+
+def _cutoff_shown(name: str, present: Iterable[str], focal_metric: str) -> str:
+    """The one cut-off of a metric family the compact table shows: the focal metric when it is of
+    this family, else the largest cut-off (the one averaged over most items)."""
+    if "@" not in name or not registry.is_registered(name):
+        return name
+    family = registry.lookup(name).name
+    same = [n for n in present if "@" in n and registry.is_registered(n) and registry.lookup(n).name == family]
+    if focal_metric in same:
+        return focal_metric
+    return max(same, key=lambda n: int(n.rpartition("@")[2]) if n.rpartition("@")[2].isdigit() else 0)
+
+
+def _omission(name: str, means: list[float], present: set[str], focal_metric: str) -> str | None:
+    """Why a metric stays out of a scenario's compact table (None: it is shown).
+
+    A count is not a quality measure; a metric with the same value for every model tells nothing
+    about the models (APLT = 1 and ARP = 0 in item_cold, where every candidate is new by
+    construction); MSE repeats RMSE squared; one cut-off of an @k family stands for the others.
+    All of them stay in the full table."""
+    if registry.is_registered(name) and registry.direction(name) == 0:
+        return "a count or a signed change, not a quality measure"
+    if len(means) > 1 and max(means) - min(means) <= 1e-12 * max(1.0, abs(max(means))):
+        return "the same value for every model (constant by construction)"
+    if SUPERSEDED.get(name) in present:
+        return f"its root, {SUPERSEDED[name]}, is shown"
+    shown = _cutoff_shown(name, present, focal_metric)
+    if shown != name:
+        return f"another cut-off of the same metric, {shown}, is shown"
+    return None
+
+
+def _cell(r: dict[str, Any]) -> dict[str, Any]:
+    return {"mean": _num(r.get("mean")), "ci_low": _num(r.get("ci_low")), "ci_high": _num(r.get("ci_high")),
+            "ci_users_low": _num(r.get("ci_users_low")), "ci_users_high": _num(r.get("ci_users_high")),
+            "n_seeds": r.get("n_seeds"), "best": False}
+
+
 def _accuracy(metrics: dict[str, Any], focus: dict[str, Any]) -> dict[str, Any]:
+    """Per scenario: a compact table (metrics as rows, grouped by registry family, models as columns)
+    of the metrics that tell models apart, the full table of every metric, and the comparisons."""
     acc = _records(metrics.get("summary"), "accuracy")
     comp = _records(metrics.get("summary"), "comparison")
-    out = []
+    out, omitted_all = [], []
     for scenario in focus["scenarios"]:
         recs = [r for r in acc if r.get("scenario") == scenario]
-        mnames = _ordered([r.get("metric") for r in recs], (focus["metric"],))
-        best: dict[str, str] = {}
-        for m in mnames:
-            cand = [r for r in recs if r.get("metric") == m and _num(r.get("mean")) is not None]
-            if cand:
-                pick = (min if lower_is_better(m) else max)(cand, key=lambda r: r["mean"])
-                best[m] = pick["model"]
-        rows = []
-        for model in _ordered([r.get("model") for r in recs], focus["models"]):
-            cells = []
-            for m in mnames:
-                r = next((x for x in recs if x.get("model") == model and x.get("metric") == m), {})
-                cells.append({"mean": _num(r.get("mean")), "ci_low": _num(r.get("ci_low")),
-                              "ci_high": _num(r.get("ci_high")), "ci_users_low": _num(r.get("ci_users_low")),
-                              "ci_users_high": _num(r.get("ci_users_high")), "n_seeds": r.get("n_seeds"),
-                              "best": best.get(m) == model})
-            rows.append({"model": model, "focal": model == focus["model"], "cells": cells})
+        models = _ordered([r.get("model") for r in recs], focus["models"])
+        names = _ordered([r.get("metric") for r in recs], (focus["metric"],))
+        table: dict[str, list[dict[str, Any]]] = {}
+        for m in names:
+            cells = [_cell(next((x for x in recs if x.get("model") == model and x.get("metric") == m), {}))
+                     for model in models]
+            best = (registry.better(m, [c["mean"] for c in cells]) if registry.is_registered(m) else
+                    (min if lower_is_better(m) else max)([c["mean"] for c in cells if c["mean"] is not None] or [0.0]))
+            for c in cells:
+                c["best"] = best is not None and c["mean"] is not None and c["mean"] == best
+            table[m] = cells
+        present = set(names)
+        families: dict[str, list[dict[str, Any]]] = {}
+        omitted = []
+        for m in names:
+            why = _omission(m, [c["mean"] for c in table[m] if c["mean"] is not None], present, focus["metric"])
+            if why:
+                omitted.append({"metric": m, "reason": why})
+                continue
+            families.setdefault(_family(m), []).append({"metric": m, "cells": table[m], "direction": (
+                registry.lookup(m).direction if registry.is_registered(m) else
+                "lower" if lower_is_better(m) else "higher")})
+        fam_order = _ordered(families, FAMILY_ORDER)
+        for f in fam_order:
+            families[f].sort(key=lambda row: _metric_sort_key(row["metric"]))
         comps = []
         for c in comp:
             if c.get("scenario") != scenario:
@@ -229,36 +311,122 @@ def _accuracy(metrics: dict[str, Any], focus: dict[str, Any]) -> dict[str, Any]:
                                   str(c.get("baseline"))))
         fm = focus["metric"]
         summary = ""
-        if fm in best:
-            focal = next((x for x in recs if x.get("model") == focus["model"] and x.get("metric") == fm), None)
-            summary = f"Best {fm}: {best[fm]}"
-            if focal and best[fm] != focus["model"] and _num(focal.get("mean")) is not None:
-                summary += f"; {focus['model']} scores {focal['mean']:.4f}"
-            summary += "."
-        out.append({"scenario": scenario, "metrics": mnames, "rows": rows, "comparisons": comps, "summary": summary})
-    return {"scenarios": out}
+        if fm in table:
+            best_models = [mod for mod, c in zip(models, table[fm]) if c["best"]]
+            focal = table[fm][models.index(focus["model"])] if focus["model"] in models else None
+            if best_models:
+                summary = f"Best {fm}: {', '.join(best_models)}"
+                if focal and focus["model"] not in best_models and focal["mean"] is not None:
+                    summary += f"; {focus['model']} scores {focal['mean']:.4f}"
+                summary += "."
+        rows = [{"model": model, "focal": model == focus["model"], "cells": [table[m][i] for m in names]}
+                for i, model in enumerate(models)]
+        omitted_all += [{**o, "scenario": scenario} for o in omitted]
+        out.append({"scenario": scenario, "models": models, "metrics": names, "rows": rows,
+                    "families": [{"family": f, "metrics": families[f]} for f in fam_order],
+                    "omitted": omitted, "comparisons": comps,
+                    "n_significant": sum(c["winner"] != "tie" for c in comps), "summary": summary})
+    return {"scenarios": out, "omitted_note": _omitted_note(omitted_all, len(out))}
+
+
+def _metric_sort_key(name: str) -> tuple[int, int, str]:
+    """Registry order, then the cut-off (ndcg@1 before ndcg@10)."""
+    base = registry.lookup(name).name if registry.is_registered(name) else name
+    order = [m.name for m in registry.METRICS]
+    k = name.rpartition("@")[2]
+    return (order.index(base) if base in order else len(order), int(k) if k.isdigit() else 0, name)
+
+
+def _omitted_note(omitted: list[dict[str, Any]], n_scenarios: int) -> str:
+    """One sentence for every omission: metrics left out for one reason in the same scenarios are
+    named together, and "everywhere" is said once instead of per scenario."""
+    where: dict[tuple[str, str], list[str]] = {}
+    for o in omitted:
+        where.setdefault((o["metric"], o["reason"]), []).append(o["scenario"])
+    groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for (metric, reason), scen in where.items():
+        groups.setdefault((reason, tuple(scen)), []).append(metric)
+    parts = []
+    for (reason, scen), names in groups.items():
+        place = "" if len(scen) == n_scenarios else f" in {', '.join(scen)}"
+        parts.append(f"{', '.join(sorted(names, key=_metric_sort_key))}{place}: {reason}")
+    return ("Left out of the compact tables, and kept in each scenario's full table: " + "; ".join(parts) + "."
+            if parts else "")
+
+
+def _survives(g: dict[str, Any]) -> bool:
+    """A gap counts as a finding only when its BH-adjusted p is below alpha and its groups are big enough."""
+    if g.get("insufficient"):
+        return False
+    if isinstance(g.get("significant"), bool) and _num(g.get("p_adjusted")) is not None:
+        return g["significant"]
+    q = _num(g.get("p_adjusted"))
+    return q is not None and q < ALPHA
+
+
+def _fairness_matrix(gaps: list[dict[str, Any]], focus: dict[str, Any]) -> dict[str, Any]:
+    """Rows model x scenario, columns attributes: the gaps that survive the BH adjustment."""
+    models = _ordered([g.get("model") for g in gaps], focus["models"])
+    scenarios = _ordered([g.get("scenario") for g in gaps], focus["scenarios"])
+    attributes = _ordered([g.get("attribute") for g in gaps], [])
+    rows = []
+    for model in models:
+        for scenario in scenarios:
+            mine = [g for g in gaps if g.get("model") == model and g.get("scenario") == scenario]
+            if not mine:
+                continue
+            cells = []
+            for attr in attributes:
+                tests = [g for g in mine if g.get("attribute") == attr]
+                found = sorted((g for g in tests if _survives(g)), key=lambda g: _num(g.get("p_adjusted")) or 0)
+                cells.append({"attribute": attr, "n_tests": len(tests),
+                              "n_insufficient": sum(bool(g.get("insufficient")) for g in tests),
+                              "found": [{"metric": g.get("metric"), "difference": _num(g.get("difference")),
+                                         "p_adjusted": _num(g.get("p_adjusted")), "max_group": g.get("max_group"),
+                                         "min_group": g.get("min_group")} for g in found]})
+            rows.append({"model": model, "scenario": scenario, "focal": model == focus["model"], "cells": cells})
+    return {"attributes": attributes, "rows": rows,
+            "n_found": sum(len(c["found"]) for r in rows for c in r["cells"]),
+            "n_tests": len(gaps),
+            "adjusted": any(_num(g.get("p_adjusted")) is not None for g in gaps),
+            "adjustment": next((str(g["adjustment"]) for g in gaps if g.get("adjustment")), "BH")}
+
+
+def _small(r: dict[str, Any], min_size: Any) -> bool:
+    """Marked insufficient by the statistics, or (older runs) below the recorded minimum size."""
+    if r.get("insufficient") is not None:
+        return bool(r["insufficient"])
+    n, floor = _num(r.get("n")), _num(min_size)
+    return n is not None and floor is not None and n < floor
 
 
 def _fairness(metrics: dict[str, Any], focus: dict[str, Any]) -> dict[str, Any]:
     doc = metrics.get("fairness")
     fm, fs, fmet = focus["model"], focus["scenario"], focus["metric"]
-    gaps_all = _records(doc, "gap")
+    min_size = (doc or {}).get("min_group_size")
+    gaps_all = [{**g, "survives": _survives(g)} for g in _records(doc, "gap")]
     gaps = sorted([g for g in gaps_all if g.get("model") == fm], key=lambda r: (
-        focus["scenarios"].index(r["scenario"]) if r.get("scenario") in focus["scenarios"] else 99,
-        str(r.get("metric")), str(r.get("attribute"))))
-    gm = _records(doc, "group_metric", model=fm, scenario=fs, metric=fmet)
-    groups = [{"attribute": a, "rows": [r for r in gm if r.get("attribute") == a]}
+        _rank(r.get("scenario"), focus["scenarios"]), _metric_sort_key(str(r.get("metric"))), str(r.get("attribute"))))
+    gm = [{**r, "small": _small(r, min_size)} for r in _records(doc, "group_metric", model=fm, scenario=fs, metric=fmet)]
+    groups = [{"attribute": a, "rows": [r for r in gm if r.get("attribute") == a],
+               "n_small": sum(r["small"] for r in gm if r.get("attribute") == a)}
               for a in _ordered([r.get("attribute") for r in gm], [])]
+    rest = [{**r, "small": _small(r, min_size)} for r in _records(doc, "gap_to_rest", model=fm, scenario=fs)]
+    exposure = [{**r, "exposure_gini": r.get("exposure_gini", r.get("gini"))} for r in _records(doc, "exposure", scenario=fs)]
+    miscal = [{**r, "small": _small(r, min_size)} for r in _records(doc, "miscalibration", model=fm, scenario=fs)]
     return {
+        "min_group_size": min_size,
+        "matrix": _fairness_matrix(gaps_all, focus),
         "gaps": gaps,
         "gaps_all": [g for g in gaps_all if g.get("scenario") == fs],
         "groups": groups,
-        "gap_to_rest": _records(doc, "gap_to_rest", model=fm, scenario=fs),
+        "gap_to_rest": rest,
+        "gap_to_rest_found": [r for r in rest if not r["small"] and (_num(r.get("p_adjusted")) or 1.0) < ALPHA],
         "ugf": _records(doc, "ugf", model=fm),
         "parity": _records(doc, "parity", model=fm, scenario=fs),
         "counterfactual": _records(doc, "counterfactual", model=fm, scenario=fs),
-        "exposure": _records(doc, "exposure", scenario=fs),
-        "miscalibration": _records(doc, "miscalibration", model=fm, scenario=fs),
+        "exposure": sorted(exposure, key=lambda r: _rank(r.get("model"), focus["models"])),
+        "miscalibration": miscal,
     }
 
 
@@ -266,18 +434,25 @@ MAX_GROUP_LINES = 8
 
 
 def _robustness(metrics: dict[str, Any], focus: dict[str, Any]) -> dict[str, Any]:
+    """Curves of perturbations with numeric levels (charts), and a table for those whose levels are
+    named (a demographic shift's levels are group mixes such as 'F=0.5,M=0.5', not points on an axis)."""
     doc = metrics.get("robustness")
     curves = _records(doc, "curve", scenario=focus["scenario"], metric=focus["metric"])
     perts = []
     for name in _ordered([r.get("perturbation") for r in curves], []):
         rs = [r for r in curves if r.get("perturbation") == name]
-        overall = []
+        numeric = all(_num(r.get("level")) is not None for r in rs)
+        overall, table = [], []
         for model in _ordered([r.get("model") for r in rs], focus["models"]):
-            pts = sorted((float(r["level"]), _num(r.get("value"))) for r in rs
-                         if r.get("model") == model and r.get("attribute") == "all" and _num(r.get("level")) is not None)
-            overall.append({"model": model, "points": [list(p) for p in pts]})
+            mine = [r for r in rs if r.get("model") == model and r.get("attribute") == "all"]
+            if numeric:
+                pts = sorted((float(r["level"]), _num(r.get("value"))) for r in mine)
+                overall.append({"model": model, "points": [list(p) for p in pts]})
+            else:
+                table += [{"model": model, "level": str(r.get("level")), "value": _num(r.get("value")),
+                           "delta": _num(r.get("delta")), "n": r.get("n")} for r in mine]
         by_group = []
-        focal = [r for r in rs if r.get("model") == focus["model"] and r.get("attribute") != "all"]
+        focal = [r for r in rs if r.get("model") == focus["model"] and r.get("attribute") != "all"] if numeric else []
         for attr in _ordered([r.get("attribute") for r in focal], []):
             ar = [r for r in focal if r.get("attribute") == attr]
             sizes: dict[str, float] = {}
@@ -285,14 +460,102 @@ def _robustness(metrics: dict[str, Any], focus: dict[str, Any]) -> dict[str, Any
                 sizes[str(r.get("group"))] = max(sizes.get(str(r.get("group")), 0), _num(r.get("n")) or 0)
             keep = sorted(sizes, key=lambda g: (-sizes[g], g))[:MAX_GROUP_LINES]
             series = [{"group": g, "points": [list(p) for p in sorted(
-                (float(r["level"]), _num(r.get("value"))) for r in ar
-                if str(r.get("group")) == g and _num(r.get("level")) is not None)]} for g in keep]
+                (float(r["level"]), _num(r.get("value"))) for r in ar if str(r.get("group")) == g)]} for g in keep]
             by_group.append({"attribute": attr, "series": series, "omitted": max(0, len(sizes) - len(keep))})
-        perts.append({"name": name, "overall": overall, "by_group": by_group})
+        levels = _ordered([t["level"] for t in table], ["none"])
+        pivot = [{"model": model, "focal": model == focus["model"],
+                  "cells": [next((t for t in table if t["model"] == model and t["level"] == lv), None) for lv in levels]}
+                 for model in _ordered([t["model"] for t in table], focus["models"])]
+        perts.append({"name": name, "numeric": numeric, "overall": overall, "by_group": by_group, "table": table,
+                      "levels": levels, "pivot": pivot})
     damaging = sorted(_records(doc, "most_damaging", scenario=focus["scenario"]),
                       key=lambda r: (str(r.get("perturbation")), str(r.get("metric")),
                                      _rank(r.get("model"), focus["models"])))
     return {"perturbations": perts, "most_damaging": damaging, "shilling": _records(doc, "shilling")}
+
+
+def _regression(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The comparison with the last release (metrics/regression.json), or why there is none."""
+    doc = metrics.get("regression")
+    if not doc or not doc.get("baseline"):
+        why = ("no baseline configured (params.yaml `baseline` is null, so metrics/regression.json holds no "
+               "comparison)" if doc else "no baseline configured (metrics/regression.json was not written)")
+        return {"available": False, "reason": why, "verdict": None, "baseline": None,
+                "accuracy": [], "gaps": [], "n_not_pass": 0}
+    acc, gaps = _records(doc, "accuracy_change"), _records(doc, "gap_change")
+    baseline = doc["baseline"]
+    return {"available": True, "reason": "", "verdict": doc.get("verdict"),
+            "baseline": baseline if isinstance(baseline, str) else json.dumps(baseline, sort_keys=True),
+            "accuracy": acc, "gaps": gaps,
+            "n_not_pass": sum(r.get("outcome") != "pass" for r in acc + gaps)}
+
+
+FEEDBACK_COLUMNS_MAX = 10
+
+
+def _feedback(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The feedback-loop simulation (metrics/feedback.json) when its stage ran, else None.
+
+    The section's own layout belongs with the simulation; until it lands the report lists the
+    records under the columns they share, so nothing the stage writes goes unreported."""
+    doc = metrics.get("feedback")
+    if not doc:
+        return None
+    recs = [r for r in doc["records"] if isinstance(r, dict)] if isinstance(doc.get("records"), list) else []
+    cols = _ordered([k for r in recs for k in r if not isinstance(r[k], (dict, list))], ("kind", "round", "policy",
+                                                                                         "model", "group"))
+    return {"records": recs, "columns": cols[:FEEDBACK_COLUMNS_MAX]}
+
+
+TEST_GLOSSARY: tuple[dict[str, str], ...] = (
+    {"anchor": "test-permutation", "name": "permutation test of a studentized statistic",
+     "definition": "Group labels are shuffled and the statistic recomputed; for two groups the statistic is "
+                   "Welch's t, for more Welch's F, so unequal variances and group sizes do not make the test "
+                   "anti-conservative. p = (1 + b) / (1 + B) for b of B shuffles at least as extreme; its "
+                   "Monte-Carlo bounds are p_mc_low to p_mc_high.",
+     "reference": "Janssen, Stat. Probab. Letters 1997; Chung & Romano, Ann. Statist. 2013"},
+    {"anchor": "test-bh", "name": "BH (Benjamini-Hochberg adjustment)",
+     "definition": "Adjusts a family of p-values so that, among the tests called significant, the expected share "
+                   "of false discoveries is at most alpha = 0.05; a gap 'survives' when its adjusted p is below 0.05.",
+     "reference": "Benjamini & Hochberg, JRSS-B 1995"},
+    {"anchor": "test-holm", "name": "Holm adjustment",
+     "definition": "Step-down adjustment of the model comparisons' p-values that bounds the chance of any false "
+                   "'wins' (family-wise error) at 0.05.", "reference": "Holm, Scand. J. Statist. 1979"},
+    {"anchor": "interval-seeds", "name": "interval over training seeds",
+     "definition": "95% Student-t interval of the per-seed means, with the task split fixed: how much the result "
+                   "moves when only the training randomness changes.", "reference": "Henderson et al., AAAI 2018"},
+    {"anchor": "interval-users", "name": "interval over seeds and users",
+     "definition": "95% two-level bootstrap interval: seeds resampled, then users within each seed; what another "
+                   "sample of users would see. Pooled metrics (AUC, coverage, Gini) have no per-user values and "
+                   "so no such interval.", "reference": "Saravanan et al., NBDT 2020 (hierarchical bootstrap)"},
+    {"anchor": "test-gap", "name": "group gap",
+     "definition": "Largest minus smallest group value of a metric among groups of sufficient size, with a 95% "
+                   "interval; tested by the permutation test, not by its interval, which a max - min biases away "
+                   "from zero.", "reference": "fairlearn MetricFrame.difference"},
+    {"anchor": "test-insufficient", "name": "insufficient group",
+     "definition": "A group with fewer users than the minimum group size: its value is shown, marked, and never "
+                   "counted as a finding; a gate on an insufficient record is inconclusive.",
+     "reference": "params.yaml strata.min_group_size"},
+    {"anchor": "test-inconclusive", "name": "inconclusive gate",
+     "definition": "The gate's interval straddles its threshold (or its record is insufficient); on_inconclusive "
+                   "decides whether that fails the release.", "reference": "audit/gate.py"},
+)
+
+
+def _glossary(metrics: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
+    """Every registered metric named anywhere in the audit's files, plus the tests and intervals."""
+    names = {str(r.get("metric")) for doc in metrics.values() if isinstance(doc, dict)
+             for r in (doc.get("records") or []) if isinstance(r, dict) and r.get("metric") is not None}
+    names |= {m for s in ctx["accuracy"]["scenarios"] for m in s["metrics"]}
+    # measures the report names as column headings rather than as a record's `metric`
+    fa = ctx["fairness"]
+    for present, shown in ((fa["exposure"], {"exposure_gini"}), (fa["ugf"], {"ugf"}),
+                           (fa["miscalibration"], {"miscalibration"}),
+                           (fa["counterfactual"], {"mean_abs_delta", "top10_jaccard", "delta_ndcg"}),
+                           (ctx["robustness"]["shilling"], {"prediction_shift", "hit_ratio"})):
+        names |= shown if present else set()
+    return {"metrics": registry.glossary(n for n in names if registry.is_registered(n)),
+            "unregistered": registry.unregistered(names), "tests": list(TEST_GLOSSARY)}
 
 
 def _flatten(obj: Any, prefix: str = "") -> list[list[str]]:
@@ -444,12 +707,13 @@ def _model_card(params: dict[str, Any], ctx: dict[str, Any]) -> dict[str, list[A
                              f"(95% interval over seeds and users {_fmt(c['ci_users_low'])} to "
                              f"{_fmt(c['ci_users_high'])}; over the {c['n_seeds']} training seeds alone, "
                              f"{_fmt(c['ci_low'])} to {_fmt(c['ci_high'])})")
-    sig_gaps = [g for g in ctx["fairness"]["gaps"] if (_num(g.get("p_value")) or 1) < 0.05]
+    sig_gaps = [g for g in ctx["fairness"]["gaps"] if g["survives"]]
     cf = ctx["fairness"]["counterfactual"]
     ethical = [f"Sensitive attributes audited: {', '.join(sens) or 'none declared'}. Group sizes are in the Data "
                f"section; small groups have wide intervals."]
-    ethical.append(f"{len(sig_gaps)} of {len(ctx['fairness']['gaps'])} group gaps for {model} have p < 0.05 "
-                   f"(unadjusted); see Fairness." if ctx["fairness"]["gaps"] else "No group gaps were recorded.")
+    ethical.append(f"{len(sig_gaps)} of {len(ctx['fairness']['gaps'])} group gaps for {model} survive the "
+                   f"Benjamini-Hochberg adjustment (adjusted p < 0.05, groups of sufficient size); see Fairness."
+                   if ctx["fairness"]["gaps"] else "No group gaps were recorded.")
     if cf:
         worst = max(cf, key=lambda r: _num(r.get("mean_abs_delta")) or 0)
         ethical.append(f"Counterfactual check: changing {worst.get('attribute')} moves predictions by up to "
@@ -476,10 +740,11 @@ def _model_card(params: dict[str, Any], ctx: dict[str, Any]) -> dict[str, list[A
                     f"Cold-start scenarios: {', '.join(f['scenarios'])}"
                     + (f" (items released from {tasks['new_item_year']} on are new; "
                        f"{tasks.get('new_user_fraction')} of users are held out as new)." if tasks.get("new_item_year") else ".")],
-        "metrics": [f"Accuracy: {', '.join(_ordered([m for s in ctx['accuracy']['scenarios'] for m in s['metrics']], []))}; "
-                    f"mean with 95% intervals over training seeds and over seeds and users (users resampled); "
+        "metrics": [f"Accuracy: {len(_ordered([m for s in ctx['accuracy']['scenarios'] for m in s['metrics']], []))} "
+                    f"metrics (defined in the Glossary); mean with 95% intervals over training seeds and over seeds and users (users resampled); "
                     f"paired comparisons over seeds and users with Holm-adjusted p-values.",
-                    "Fairness: group gaps with intervals and permutation p-values, user-group fairness (UGF), "
+                    "Fairness: group gaps with intervals and permutation p-values (Benjamini-Hochberg adjusted), "
+                    "user-group fairness (UGF), "
                     "parity of liked (rating >= 4) predictions, exposure (Gini, long-tail share), miscalibration.",
                     "Robustness: metric change under "
                     + (", ".join(p["name"] for p in ctx["robustness"]["perturbations"]) or "no recorded perturbation")
@@ -492,6 +757,14 @@ def _model_card(params: dict[str, Any], ctx: dict[str, Any]) -> dict[str, list[A
         "ethical": ethical,
         "caveats": caveats,
     }
+
+
+def _gate_metric(where: Any) -> str | None:
+    """The metric a gate's record selector names (`metric=mae` in gate.json's text, or a mapping)."""
+    if isinstance(where, dict):
+        return str(where["metric"]) if where.get("metric") is not None else None
+    found = re.search(r"(?:^|,\s*)metric=([^,]+)", str(where or ""))
+    return found.group(1).strip() if found else None
 
 
 def build_context(root: str | Path, params: dict[str, Any], data: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -519,21 +792,31 @@ def build_context(root: str | Path, params: dict[str, Any], data: dict[str, Any]
                     "n_pass": sum(g["outcome"] == "pass" for g in gates),
                     "n_fail": sum(not g.get("passed") for g in gates),
                     "n_inconclusive": sum(g["outcome"] == "inconclusive" for g in gates),
-                    "gates": [{k: g.get(k) for k in ("name", "description", "field", "op", "threshold", "observed",
-                                                     "outcome", "passed", "on_inconclusive", "message", "error",
-                                                     "interval", "interval_low", "interval_high", "file", "where")}
+                    "gates": [{**{k: g.get(k) for k in ("name", "description", "field", "op", "threshold", "observed",
+                                                        "outcome", "passed", "on_inconclusive", "message", "error",
+                                                        "interval", "interval_low", "interval_high", "file", "where")},
+                               "metric": _gate_metric(g.get("where"))}
                               for g in gates],
                     "findings": []},
         "data": data,
         "accuracy": _accuracy(metrics, focus),
         "fairness": _fairness(metrics, focus),
         "robustness": _robustness(metrics, focus),
+        "regression": _regression(metrics),
+        "feedback": _feedback(metrics),
         "signature": signature_context(root, params),
     }
+    ctx["glossary"] = _glossary(metrics, ctx)
     ctx["reproducibility"] = _reproducibility(root, params, metrics, focus, data)
     ctx["model_card"] = _model_card(params, ctx)
     ctx["verdict"]["findings"] = _findings(ctx)
     return ctx
+
+
+def key_findings(root: str | Path, params: dict[str, Any]) -> list[str]:
+    """The report's key findings, for the terminal (`metarec-audit summary`): the same sentences,
+    from the same context, as the top of reports/audit.html."""
+    return build_context(root, params)["verdict"]["findings"]
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -551,16 +834,16 @@ def _charts(ctx: dict[str, Any]) -> dict[str, Any]:
             x_label=f"model − baseline in {f['metric']} ({direction}); squares: significant after Holm")
     gaps = [charts.ForestRow(label=f"{g.get('scenario')} · {g.get('attribute')} · {g.get('metric')}",
                              estimate=_num(g.get("difference")), low=_num(g.get("diff_ci_low")),
-                             high=_num(g.get("diff_ci_high")), note=f"p {_fmt(g.get('p_value'), 2)}",
-                             highlight=(_num(g.get("p_value")) or 1) < 0.05)
+                             high=_num(g.get("diff_ci_high")), note=f"BH p {_fmt(g.get('p_adjusted'), 2)}",
+                             highlight=g["survives"])
             for g in ctx["fairness"]["gaps"] if _num(g.get("difference")) is not None]
     out["gaps"] = charts.forest_plot(gaps, title=f"{f['model']}: largest minus smallest group metric (95% interval)",
-                                     x_label="gap between groups (squares: p < 0.05)")
-    for p in ctx["robustness"]["perturbations"]:
+                                     x_label="gap between groups (squares: survives the BH adjustment)")
+    for p in [p for p in ctx["robustness"]["perturbations"] if p["numeric"]]:
         overall = charts.line_chart([charts.Series(s["model"], tuple((x, y) for x, y in s["points"] if y is not None))
                                      for s in p["overall"]],
                                     title=f"{p['name']}: {f['metric']} by level, all users ({f['scenario']})",
-                                    x_label="perturbation level", y_label=f["metric"])
+                                    x_label="perturbation level", y_label=f["metric"], height=240)
         groups = [charts.line_chart([charts.Series(s["group"], tuple((x, y) for x, y in s["points"] if y is not None))
                                      for s in g["series"]],
                                     title=f"{p['name']}: {f['model']} by {g['attribute']}",
@@ -581,9 +864,9 @@ def _filter_p(x: Any) -> str:
     return "< 0.001" if v < 0.001 else f"{v:.3f}"
 
 
-def _filter_ci(lo: Any, hi: Any) -> str:
+def _filter_ci(lo: Any, hi: Any, digits: int = 4) -> str:
     a, b = _num(lo), _num(hi)
-    return "" if a is None or b is None else f"[{a:.4g}, {b:.4g}]"
+    return "" if a is None or b is None else f"[{a:.{digits}g}, {b:.{digits}g}]"
 
 
 def _filter_value(x: Any) -> str:
@@ -595,8 +878,8 @@ def _filter_value(x: Any) -> str:
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-                             keep_trailing_newline=True)
-    env.filters.update(num=_filter_num, p=_filter_p, ci=_filter_ci, value=_filter_value)
+                             keep_trailing_newline=True, extensions=["jinja2.ext.do"])
+    env.filters.update(num=_filter_num, p=_filter_p, ci=_filter_ci, value=_filter_value, anchor=metric_anchor)
     return env
 
 

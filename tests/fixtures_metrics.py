@@ -30,15 +30,23 @@ MODELS = ("melu", "finetune", "mean", "pop", "svd")
 SEEDS = (0, 1, 2)
 SCENARIOS = ("warm", "user_cold", "item_cold", "user_item_cold")
 METRICS = ("mae", "ndcg@3")
+# Metrics of summary.json beyond METRICS, as the pipeline writes them (catalogue nDCG is `list_ndcg@10`);
+# drawn from their own generator so that adding one leaves every other fixture value unchanged.
+EXTRA_METRICS = ("mse", "rmse", "n_query", "ndcg@1", "ndcg@5", "list_ndcg@10", "precision@10", "recall@10",
+                 "auc", "arp", "aplt", "novelty", "diversity", "coverage", "gini")
+FAIRNESS_METRICS = ("mae", "ndcg@3", "list_ndcg@10")
+MIN_GROUP_SIZE = 10
 # Group sizes loosely follow ML-100K's user table (943 users).
 ATTRIBUTES: dict[str, dict[str, int]] = {
     "gender": {"F": 273, "M": 670},
     "age": {"<18": 54, "18-24": 214, "25-34": 346, "35-44": 171, "45-49": 67, "50-55": 53, "56+": 38},
-    "occupation": {"student": 196, "other": 105, "educator": 95, "engineer": 67, "programmer": 66},
+    "occupation": {"student": 196, "other": 105, "educator": 95, "engineer": 67, "programmer": 66,
+                   "lawyer": 12, "doctor": 7, "homemaker": 7, "none": 9},
 }
 BASE_MAE = {"melu": 0.80, "finetune": 0.82, "mean": 0.94, "pop": 0.98, "svd": 0.79}
 SCENARIO_PENALTY = {"warm": 0.0, "user_cold": 0.05, "item_cold": 0.11, "user_item_cold": 0.14}
 PERTURBATIONS = ("rating_noise", "support_dropout")
+SHIFT_LEVELS = ("none", "F=0.5,M=0.5")   # demographic_shift: levels are group mixes, not numbers
 LEVELS = (0.0, 0.1, 0.2, 0.4)
 
 
@@ -77,6 +85,41 @@ def _ci(rng: random.Random, mean: float, spread: float) -> tuple[float, float]:
     return round(mean - half, 6), round(mean + half, 6)
 
 
+def _accuracy_record(model: str, scenario: str, metric: str, values: list[float]) -> dict[str, Any]:
+    """An accuracy record in summary.json's shape: mean, Student-t interval over seeds, and a wider
+    interval over seeds and users (null for pooled metrics, as the pipeline writes them)."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    half = 4.303 * std / math.sqrt(len(values))
+    pooled = metric in ("auc", "coverage", "gini")
+    users_half = max(2.0 * half, 0.004 * max(abs(mean), 1.0))
+    return {"kind": "accuracy", "model": model, "scenario": scenario, "metric": metric,
+            "mean": round(mean, 6), "std": round(std, 6), "ci_low": round(mean - half, 6),
+            "ci_high": round(mean + half, 6),
+            "ci_users_low": None if pooled else round(mean - users_half, 6),
+            "ci_users_high": None if pooled else round(mean + users_half, 6),
+            "interval": "95% Student-t interval over training seeds",
+            "interval_users": ("not available: a pooled metric has no per-user values to resample" if pooled
+                               else "95% interval over seeds and users"),
+            "n_seeds": len(values), "values": values}
+
+
+def _extra_values(rng: random.Random, model: str, scenario: str, metric: str) -> list[float]:
+    """Per-seed values of EXTRA_METRICS; constant where the pipeline's are constant by construction
+    (query size; in item_cold every candidate is new, so APLT = 1 and ARP = 0)."""
+    base = BASE_MAE[model] + SCENARIO_PENALTY[scenario]
+    if metric == "n_query":
+        return [10.0] * len(SEEDS)
+    if scenario == "item_cold" and metric in ("aplt", "arp"):
+        return [1.0 if metric == "aplt" else 0.0] * len(SEEDS)
+    centre = {"mse": base ** 2 * 1.6, "rmse": base * 1.26, "ndcg@1": 1.2 - base * 0.6, "ndcg@5": 1.35 - base * 0.6,
+              "list_ndcg@10": 0.5 - base * 0.4, "precision@10": 0.3 - base * 0.2, "recall@10": 0.35 - base * 0.2,
+              "auc": 1.2 - base * 0.6, "arp": 120.0 + base * 60, "aplt": 0.2 + (1 - base) * 0.3,
+              "novelty": 8.0 + base * 2, "diversity": 0.6 + base * 0.1, "coverage": 0.5 - base * 0.3,
+              "gini": 0.5 + base * 0.3}[metric]
+    return [centre + rng.gauss(0, 0.004 * max(1.0, abs(centre))) for _ in SEEDS]
+
+
 def _summary(rng: random.Random) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     means: dict[tuple[str, str, str], float] = {}
@@ -86,13 +129,14 @@ def _summary(rng: random.Random) -> dict[str, Any]:
                 base = BASE_MAE[model] + SCENARIO_PENALTY[scenario]
                 centre = base if metric == "mae" else max(0.5, 1.33 - base * 0.6)
                 values = [round(centre + rng.gauss(0, 0.006), 6) for _ in SEEDS]
-                mean = sum(values) / len(values)
-                std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-                lo, hi = round(mean - 4.303 * std / math.sqrt(3), 6), round(mean + 4.303 * std / math.sqrt(3), 6)
-                means[(scenario, model, metric)] = mean
-                records.append({"kind": "accuracy", "model": model, "scenario": scenario, "metric": metric,
-                                "mean": round(mean, 6), "std": round(std, 6), "ci_low": lo, "ci_high": hi,
-                                "n_seeds": len(SEEDS), "values": values})
+                means[(scenario, model, metric)] = sum(values) / len(values)
+                records.append(_accuracy_record(model, scenario, metric, values))
+    extra = random.Random(7)
+    for scenario in SCENARIOS:
+        for model in MODELS:
+            for metric in EXTRA_METRICS:
+                records.append(_accuracy_record(model, scenario, metric,
+                                                [round(v, 6) for v in _extra_values(extra, model, scenario, metric)]))
     raw: list[dict[str, Any]] = []
     for scenario in SCENARIOS:
         for model in MODELS:
@@ -117,6 +161,11 @@ def _summary(rng: random.Random) -> dict[str, Any]:
 
 
 def _fairness(rng: random.Random, hostile: bool) -> dict[str, Any]:
+    """fairness.json in the statistics contract: groups below MIN_GROUP_SIZE are `insufficient`,
+    every test carries `p_adjusted` (Benjamini-Hochberg within its family, via scipy) and the
+    age MAE gap of melu and svd is planted large enough to survive the adjustment."""
+    from scipy.stats import false_discovery_control
+
     attributes = {k: dict(v) for k, v in ATTRIBUTES.items()}
     if hostile:
         attributes["occupation"][XSS_SCRIPT] = 12
@@ -124,33 +173,44 @@ def _fairness(rng: random.Random, hostile: bool) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     for model in MODELS:
         for scenario in SCENARIOS:
-            for metric in METRICS:
+            for metric in FAIRNESS_METRICS:
                 for attr, groups in attributes.items():
                     values = {}
                     for group, n in groups.items():
                         centre = BASE_MAE[model] + SCENARIO_PENALTY[scenario] + rng.gauss(0, 0.03)
+                        if attr == "age" and metric == "mae" and model in ("melu", "svd") and group == "<18":
+                            centre += 0.12
                         if metric != "mae":
                             centre = 1.33 - centre * 0.6
                         lo, hi = _ci(rng, centre, 0.6 / math.sqrt(n))
                         values[group] = centre
                         records.append({"kind": "group_metric", "model": model, "scenario": scenario,
                                         "attribute": attr, "group": group, "metric": metric, "value": round(centre, 6),
-                                        "ci_low": lo, "ci_high": hi, "n": n, "merged": False})
-                    gmax = max(values, key=values.get)
-                    gmin = min(values, key=values.get)
-                    diff = values[gmax] - values[gmin]
+                                        "ci_low": lo, "ci_high": hi, "n": n, "merged": False,
+                                        "insufficient": n < MIN_GROUP_SIZE})
+                    tested = {g: v for g, v in values.items() if groups[g] >= MIN_GROUP_SIZE}
+                    gmax = max(tested, key=tested.get)
+                    gmin = min(tested, key=tested.get)
+                    diff = tested[gmax] - tested[gmin]
                     lo, hi = _ci(rng, diff, 0.05)
+                    p = round(min(1.0, 0.002 + rng.random() * 0.6), 4)
+                    if attr == "age" and metric == "mae" and model in ("melu", "svd"):
+                        p = 0.0001
                     records.append({"kind": "gap", "model": model, "scenario": scenario, "attribute": attr,
                                     "metric": metric, "difference": round(diff, 6), "diff_ci_low": max(0.0, lo),
-                                    "diff_ci_high": hi, "ratio": round(values[gmax] / values[gmin], 6),
-                                    "p_value": round(min(1.0, 0.002 + rng.random() * 0.6), 4), "max_group": gmax,
-                                    "min_group": gmin, "n_groups": len(groups)})
+                                    "diff_ci_high": hi, "interval": "95% bootstrap interval over seeds and users",
+                                    "ratio": round(tested[gmax] / tested[gmin], 6), "p_value": p,
+                                    "p_mc_low": max(0.0, round(p - 0.005, 4)), "p_mc_high": round(min(1.0, p + 0.005), 4),
+                                    "max_group": gmax, "min_group": gmin, "n_groups": len(tested),
+                                    "n": sum(groups[g] for g in tested), "statistic": "welch_f",
+                                    "n_permutations": 7600, "seeds": list(SEEDS), "insufficient": False})
                     worst = gmax if metric == "mae" else gmin
                     rest = round(values[worst] - sum(values.values()) / len(values), 6)
                     lo, hi = _ci(rng, rest, 0.04)
                     records.append({"kind": "gap_to_rest", "model": model, "scenario": scenario, "attribute": attr,
                                     "metric": metric, "group": worst, "gap": rest, "ci_low": lo, "ci_high": hi,
-                                    "p_value": round(rng.random() * 0.5, 4)})
+                                    "p_value": round(rng.random() * 0.5, 4), "n": groups[worst],
+                                    "insufficient": groups[worst] < MIN_GROUP_SIZE})
                 ugf = abs(rng.gauss(0.02, 0.01))
                 lo, hi = _ci(rng, ugf, 0.02)
                 records.append({"kind": "ugf", "model": model, "scenario": scenario, "metric": metric,
@@ -174,8 +234,17 @@ def _fairness(rng: random.Random, hostile: bool) -> dict[str, Any]:
             records.append({"kind": "exposure", "model": model, "scenario": scenario,
                             "short_head_share": round(0.5 + rng.random() * 0.4, 6),
                             "long_tail_share": round(0.1 + rng.random() * 0.3, 6),
-                            "gini": round(0.6 + rng.random() * 0.35, 6)})
-    return {"records": records}
+                            "exposure_gini": round(0.6 + rng.random() * 0.35, 6)})
+    # Benjamini-Hochberg within each model's family of tests of one kind
+    for kind in ("gap", "gap_to_rest", "ugf", "parity"):
+        for model in MODELS:
+            family = [r for r in records if r["kind"] == kind and r["model"] == model]
+            adjusted = false_discovery_control([r["p_value"] for r in family], method="bh")
+            for r, q in zip(family, adjusted):
+                r.update(p_adjusted=round(float(q), 6), adjustment="BH", family=f"{kind} tests of {model}")
+                if kind == "gap":
+                    r["significant"] = r["p_adjusted"] < 0.05
+    return {"records": records, "min_group_size": MIN_GROUP_SIZE}
 
 
 def _robustness(rng: random.Random, hostile: bool) -> dict[str, Any]:
@@ -208,6 +277,14 @@ def _robustness(rng: random.Random, hostile: bool) -> dict[str, Any]:
                     records.append({"kind": "most_damaging", "perturbation": perturbation, "model": model,
                                     "scenario": scenario, "metric": metric, "level": worst[0],
                                     "delta": round(worst[1], 6)})
+    shift = random.Random(11)
+    for model in MODELS:
+        clean = BASE_MAE[model] + SCENARIO_PENALTY["user_cold"]
+        for level in SHIFT_LEVELS:
+            delta = 0.0 if level == "none" else round(shift.gauss(0.01, 0.005), 6)
+            records.append({"kind": "curve", "perturbation": "demographic_shift", "model": model,
+                            "scenario": "user_cold", "metric": "mae", "level": level, "attribute": "all",
+                            "group": "all", "value": round(clean + delta, 6), "delta": delta, "n": 180})
     for model in MODELS:
         for strategy in ("random", "average", "bandwagon"):
             for fraction in (0.01, 0.05):

@@ -1,4 +1,6 @@
-"""Open the rendered report in headless Chromium: no console errors, no network requests, all sections visible.
+"""Open the rendered report in headless Chromium: no console errors, no network requests, all sections
+visible, and a page a reviewer can read at 1280 px: no horizontal scrolling, and at most MAX_HEIGHT_PX
+tall with every <details> closed.
 
 Why the DevTools protocol over `--remote-debugging-pipe`: it reports page-level facts directly
 (every request the page makes, every console message and uncaught exception) instead of our
@@ -25,8 +27,10 @@ import yaml
 from tests.fixtures_metrics import data_context, write_fixture_project
 
 CHROMIUM = Path("/usr/bin/chromium")
-SECTIONS = ["Verdict", "Model card", "Data", "Accuracy against baselines", "Fairness", "Robustness",
-            "Reproducibility", "Signature"]
+SECTIONS = ["Verdict", "Accuracy against baselines", "Fairness", "Robustness", "Against the last release",
+            "Model card", "Data", "Reproducibility", "Glossary", "Signature"]
+VIEWPORT_WIDTH = 1280
+MAX_HEIGHT_PX = 12_000
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--hide-scrollbars", "--mute-audio"]
@@ -48,7 +52,7 @@ class Cdp:
         to_browser_r, self._to_browser_w = os.pipe()
         self._from_browser_r, from_browser_w = os.pipe()
         cmd = [sys.executable, "-c", _WRAPPER, str(to_browser_r), str(from_browser_w), str(CHROMIUM), *FLAGS,
-               f"--user-data-dir={user_data_dir}", "--remote-debugging-pipe", "--window-size=1280,900", "about:blank"]
+               f"--user-data-dir={user_data_dir}", "--remote-debugging-pipe", f"--window-size={VIEWPORT_WIDTH},900", "about:blank"]
         self.proc = subprocess.Popen(cmd, pass_fds=(to_browser_r, from_browser_w), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         os.close(to_browser_r)
@@ -131,6 +135,38 @@ JSON.stringify(Array.from(document.querySelectorAll('h2')).map(h => {
 """
 
 
+# Every <details> closed (the state a reader first sees), then the document's extent.
+_LAYOUT_JS = """
+(() => { document.querySelectorAll('details').forEach(d => { d.open = false; });
+  const e = document.documentElement;
+  return JSON.stringify({viewport: window.innerWidth, scroll_width: e.scrollWidth,
+                         height: Math.max(e.scrollHeight, document.body.scrollHeight),
+                         details: document.querySelectorAll('details').length}); })()
+"""
+
+
+def open_page(url: str, profile: Path, expressions: list[str]) -> tuple[Cdp, list[Any]]:
+    """Load `url` in a fresh headless Chromium and evaluate each expression (JSON text) in order."""
+    cdp = Cdp(profile)
+    values: list[Any] = []
+    try:
+        targets = cdp.call("Target.getTargets")["targetInfos"]
+        page = next(t for t in targets if t["type"] == "page")
+        session = cdp.call("Target.attachToTarget", {"targetId": page["targetId"], "flatten": True})["sessionId"]
+        for domain in ("Page", "Network", "Runtime", "Log"):
+            cdp.call(f"{domain}.enable", session=session)
+        cdp.events.clear()
+        cdp.call("Page.navigate", {"url": url}, session=session)
+        cdp.wait_for("Page.loadEventFired")
+        cdp.drain(1.0)
+        for expression in expressions:
+            result = cdp.call("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session=session)
+            values.append(json.loads(result["result"]["value"]))
+    finally:
+        cdp.close()
+    return cdp, values
+
+
 @pytest.fixture()
 def report(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.delenv("METAREC_AUDIT_SIGNING_KEY_FILE", raising=False)
@@ -145,21 +181,7 @@ def report(tmp_path: Path, monkeypatch) -> Path:
 
 def test_report_in_headless_chromium(report: Path, tmp_path: Path) -> None:
     url = report.resolve().as_uri()
-    cdp = Cdp(tmp_path / "profile")
-    try:
-        targets = cdp.call("Target.getTargets")["targetInfos"]
-        page = next(t for t in targets if t["type"] == "page")
-        session = cdp.call("Target.attachToTarget", {"targetId": page["targetId"], "flatten": True})["sessionId"]
-        for domain in ("Page", "Network", "Runtime", "Log"):
-            cdp.call(f"{domain}.enable", session=session)
-        cdp.events.clear()
-        cdp.call("Page.navigate", {"url": url}, session=session)
-        cdp.wait_for("Page.loadEventFired")
-        cdp.drain(1.0)
-        result = cdp.call("Runtime.evaluate", {"expression": _VISIBILITY_JS, "returnByValue": True}, session=session)
-        facts = json.loads(result["result"]["value"])
-    finally:
-        cdp.close()
+    cdp, (facts, layout) = open_page(url, tmp_path / "profile", [_VISIBILITY_JS, _LAYOUT_JS])
 
     requests = [e["params"]["request"]["url"] for e in cdp.events if e.get("method") == "Network.requestWillBeSent"]
     assert requests and all(u == url for u in requests), f"the report made network requests: {requests}"
@@ -173,6 +195,11 @@ def test_report_in_headless_chromium(report: Path, tmp_path: Path) -> None:
     assert all(h["visible"] for h in headings), headings
     assert page_facts["scripts"] == 0  # the hostile strings stayed text
     assert page_facts["svgs"] >= 8
+    print(f"report layout at {VIEWPORT_WIDTH} px, details closed: {layout}")  # shown with pytest -s
+    assert layout["viewport"] == VIEWPORT_WIDTH, layout
+    assert layout["details"] >= 10, layout  # the detail is there, collapsed
+    assert layout["scroll_width"] <= layout["viewport"], f"the report scrolls sideways at {VIEWPORT_WIDTH} px: {layout}"
+    assert layout["height"] <= MAX_HEIGHT_PX, f"the report is too tall with details collapsed: {layout}"
 
     shot = tmp_path / "report.png"
     done = subprocess.run([str(CHROMIUM), *FLAGS, f"--user-data-dir={tmp_path / 'profile-shot'}",

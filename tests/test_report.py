@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from markupsafe import escape
 
 from audit.cli import main
 from audit.report import ReportError, build_context, render_report
 from audit.signing import KEY_ENV, key_id, keygen, load_public_key
 from tests.fixtures_metrics import XSS_IMG, XSS_SCRIPT, data_context, write_fixture_project
 
-SECTIONS = ["Verdict", "Model card", "Data", "Accuracy against baselines", "Fairness", "Robustness",
-            "Reproducibility", "Signature"]
+from tests.test_browser import SECTIONS
 
 
 @pytest.fixture(autouse=True)
@@ -164,3 +164,237 @@ def test_hostile_titles_and_groups_from_pipeline_files_are_escaped(tmp_path: Pat
     root = write_fixture_project(tmp_path, hostile=True)
     html = render_report(build_context(root, _params(root)))
     _assert_only_escaped(html)
+
+
+# ----------------------------------------------------------------------------- a report for a reviewer
+def _section(html: str, heading: str) -> str:
+    return html.split(f"<h2>{heading}</h2>")[1].split("<h2>")[0]
+
+
+def _write(root: Path, name: str, doc: dict) -> None:
+    (root / "metrics" / f"{name}.json").write_text(json.dumps(doc))
+
+
+def _compact(html: str, scenario: str) -> str:
+    part = html.split(f'<h3 id="accuracy-{scenario}">')[1]
+    return part.split('<table class="compact">')[1].split("</table>")[0]
+
+
+def test_compact_accuracy_tables_omit_constant_metrics_and_say_so_once(tmp_path: Path) -> None:
+    root = write_fixture_project(tmp_path)
+    html = _render(root)
+    acc = _section(html, "Accuracy against baselines")
+    item_cold, warm = _compact(html, "item_cold"), _compact(html, "warm")
+    # APLT = 1 and ARP = 0 for every model in item_cold: out of that table, in the others
+    assert 'href="#metric-aplt"' not in item_cold and 'href="#metric-arp"' not in item_cold
+    assert 'href="#metric-aplt"' in warm and 'href="#metric-arp"' in warm
+    assert "n_query" not in item_cold and "n_query" not in warm
+    assert acc.count("n_query: a count") == 1  # the omission is said once, not per scenario
+    assert "arp, aplt in item_cold: the same value for every model (constant by construction)" in html.replace(
+        "aplt, arp", "arp, aplt")
+    # every metric is still in the scenario's full table
+    full = acc.split('<h3 id="accuracy-item_cold">')[1].split("<details>")[1]
+    assert 'href="#metric-aplt"' in full and 'href="#metric-n-query"' in full
+    # families in the registry's order
+    assert warm.index(">rating error<") < warm.index(">ranking<") < warm.index(">lists and exposure<")
+
+
+def test_best_marks_follow_the_registry_direction(tmp_path: Path) -> None:
+    root = write_fixture_project(tmp_path)
+    ctx = build_context(root, _params(root))
+    summary = json.loads((root / "metrics" / "summary.json").read_text())
+    for metric, pick in (("arp", min), ("novelty", max), ("mae", min), ("list_ndcg@10", max)):
+        recs = [r for r in summary["records"] if r["kind"] == "accuracy" and r["scenario"] == "warm"
+                and r["metric"] == metric]
+        expected = pick(recs, key=lambda r: r["mean"])["model"]
+        s = next(s for s in ctx["accuracy"]["scenarios"] if s["scenario"] == "warm")
+        row = next(r for fam in s["families"] for r in fam["metrics"] if r["metric"] == metric)
+        assert [mod for mod, c in zip(s["models"], row["cells"]) if c["best"]] == [expected], metric
+    html = render_report(ctx)
+    cell = _compact(html, "warm").split('href="#metric-arp"')[1].split("</tr>")[0]
+    best = min(r["mean"] for r in summary["records"] if r["kind"] == "accuracy" and r["scenario"] == "warm"
+               and r["metric"] == "arp")
+    assert f"<b>{best:.4g}</b>" in cell
+
+
+def test_every_internal_link_has_a_target_and_metrics_link_to_the_glossary(tmp_path: Path) -> None:
+    root = write_fixture_project(tmp_path)
+    html = _render(root)
+    ids = set(re.findall(r'\sid="([^"]+)"', html))
+    hrefs = set(re.findall(r'href="#([^"]+)"', html))
+    assert hrefs and hrefs <= ids, sorted(hrefs - ids)
+    glossary = _section(html, "Glossary")
+    from audit import registry
+
+    summary = json.loads((root / "metrics" / "summary.json").read_text())
+    for name in {r["metric"] for r in summary["records"] if r["kind"] == "accuracy"}:
+        entry = registry.lookup(name)
+        assert f'id="{registry.anchor(name)}"' in glossary and str(escape(entry.definition)) in glossary
+    for test_anchor in ("test-bh", "test-permutation", "test-holm", "interval-seeds", "interval-users"):
+        assert f'id="{test_anchor}"' in glossary and f'href="#{test_anchor}"' in html
+
+
+def test_every_heading_has_content(tmp_path: Path) -> None:
+    root = write_fixture_project(tmp_path)
+    html = _render(root)
+    # a heading directly followed by another heading or the end of its section is empty
+    empty = re.findall(r"<h([23])[^>]*>(.*?)</h\1>\s*(?=<h[23][ >]|</section>)", html, flags=re.S)
+    assert not empty, empty
+    shift = _section(html, "Robustness").split("<h3>demographic_shift</h3>")[1]
+    assert "F=0.5,M=0.5" in shift.split("</table>")[0]  # the named-level perturbation has its table
+
+
+def test_detail_is_collapsed_with_counts(tmp_path: Path) -> None:
+    root = write_fixture_project(tmp_path)
+    html = _render(root)
+    assert "<details open" not in html  # everything collapsed on a deterministic run
+    ctx = build_context(root, _params(root))
+    s = next(s for s in ctx["accuracy"]["scenarios"] if s["scenario"] == "user_cold")
+    n_sig = sum(c["better"] != "tie" for c in s["comparisons"])
+    assert (f"<summary>Comparisons in user_cold: {len(s['comparisons'])}, of which {n_sig} significant after Holm"
+            "</summary>") in html
+    fairness = json.loads((root / "metrics" / "fairness.json").read_text())
+    occ = [r for r in fairness["records"] if r["kind"] == "group_metric" and r["model"] == "melu"
+           and r["scenario"] == "user_cold" and r["metric"] == "mae" and r["attribute"] == "occupation"]
+    small = sum(r["n"] < fairness["min_group_size"] for r in occ)
+    assert small and f"<summary>occupation: {len(occ)} groups, {small} below the minimum size</summary>" in html
+
+
+def _matrix(html: str) -> str:
+    return html.split('<table class="matrix">')[1].split("</table>")[0]
+
+
+def test_fairness_matrix_lists_the_gaps_that_survive_adjustment(tmp_path: Path) -> None:
+    root = write_fixture_project(tmp_path)
+    fairness = json.loads((root / "metrics" / "fairness.json").read_text())
+    gaps = [r for r in fairness["records"] if r["kind"] == "gap"]
+    # an insufficient record is never a finding, however small its p
+    planted = next(g for g in gaps if g["model"] == "pop" and g["attribute"] == "gender" and g["metric"] == "mae")
+    planted.update(p_adjusted=1e-6, significant=True, insufficient=True)
+    _write(root, "fairness", fairness)
+    html = _render(root)
+    rows = re.findall(r"<tr[^>]*><td>([^<]+)</td><td>([^<]+)</td>(.*?)</tr>", _matrix(html), flags=re.S)
+    expected = {(g["model"], g["scenario"], g["attribute"]) for g in gaps
+                if g["p_adjusted"] < 0.05 and not g.get("insufficient")}
+    found = set()
+    attributes = ["gender", "age", "occupation"]
+    for model, scenario, cells in rows:
+        for attr, cell in zip(attributes, re.findall(r"<td>(.*?)</td>", cells, flags=re.S)):
+            if "gapfound" in cell:
+                found.add((model, scenario, attr))
+    assert expected and found == expected
+    assert f"{len([g for g in gaps if g['p_adjusted'] < 0.05 and not g.get('insufficient')])} of {len(gaps)} gap tests survive adjustment" in html
+    cell = next(c for m_, s_, c in rows if m_ == "pop" and s_ == planted["scenario"])
+    assert "insufficient" in cell
+
+
+def test_no_gap_surviving_is_said_and_older_records_render(tmp_path: Path) -> None:
+    root = write_fixture_project(tmp_path)
+    fairness = json.loads((root / "metrics" / "fairness.json").read_text())
+    for r in fairness["records"]:
+        if r["kind"] == "gap":
+            r.update(p_adjusted=0.5, significant=False)
+    _write(root, "fairness", fairness)
+    html = _render(root)
+    assert "No gap survives adjustment (" in html and "gapfound" not in _matrix(html)
+    # a file from before the statistics rewrite: no p_adjusted, no insufficient, exposure's `gini`
+    for r in fairness["records"]:
+        for k in ("p_adjusted", "significant", "insufficient", "adjustment", "family"):
+            r.pop(k, None)
+        if r["kind"] == "exposure":
+            r["gini"] = r.pop("exposure_gini")
+    fairness.pop("min_group_size")
+    _write(root, "fairness", fairness)
+    ctx = build_context(root, _params(root))
+    html = render_report(ctx)
+    assert "carry no adjusted p-values" in html and "gapfound" not in _matrix(html)
+    value = ctx["fairness"]["exposure"][0]["gini"]
+    assert ctx["fairness"]["exposure"][0]["exposure_gini"] == value and f"{value:.3g}" in html
+
+
+def test_insufficient_groups_are_marked_and_never_bold(tmp_path: Path) -> None:
+    root = write_fixture_project(tmp_path)
+    html = _render(root)
+    fair = _section(html, "Fairness")
+    small_rows = re.findall(r'<tr class="small">(.*?)</tr>', fair, flags=re.S)
+    assert small_rows and all("insufficient (n = " in r and "<b>" not in r for r in small_rows)
+    assert "insufficient (n = 7)" in fair  # doctor and homemaker in the fixture
+    data = _section(html, "Data")
+    assert "insufficient (n = 9)" in data
+
+
+def test_last_release_section(tmp_path: Path) -> None:
+    root = write_fixture_project(tmp_path)
+    assert "No comparison: no baseline configured" in _section(_render(root), "Against the last release")
+    _write(root, "regression", {"verdict": None, "baseline": None, "records": []})
+    assert "No comparison: no baseline configured" in _section(_render(root), "Against the last release")
+    _write(root, "regression", {"verdict": "fail", "baseline": "releases/v6", "records": [
+        {"kind": "accuracy_change", "scenario": "user_cold", "metric": "mae", "new": 0.85, "old": 0.84,
+         "change": 0.01, "ci_low": 0.004, "ci_high": 0.016, "margin": 0.005, "outcome": "fail", "interval": "95%"},
+        {"kind": "gap_change", "scenario": "user_cold", "attribute": "gender", "metric": "mae", "gap_new": 0.05,
+         "gap_old": 0.04, "change": 0.01, "ci_low": -0.01, "ci_high": 0.03, "margin": 0.02, "outcome": "inconclusive"}]})
+    part = _section(_render(root), "Against the last release")
+    assert "releases/v6" in part and "<b>fail</b>" in part and "2 changes not passing" in part
+    assert "[0.004, 0.016]" in part and "Fairness gap changes: 1, of which 1 not passing" in part
+
+
+def test_feedback_section_only_when_its_file_exists(tmp_path: Path) -> None:
+    root = write_fixture_project(tmp_path)
+    assert "<h2>Feedback loop</h2>" not in _render(root)
+    _write(root, "feedback", {"records": [{"kind": "round", "round": 1, "policy": "greedy", "model": "melu",
+                                           "group": XSS_SCRIPT, "metric": "aplt", "value": 0.25}]})
+    html = _render(root)
+    assert "<h2>Feedback loop</h2>" in html and 'href="#metric-aplt"' in _section(html, "Feedback loop")
+    _assert_only_escaped_script(html)
+
+
+def _assert_only_escaped_script(html: str) -> None:
+    assert "<script" not in html.lower() and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_summary_command_fits_a_terminal(tmp_path: Path, capsys) -> None:
+    from audit.report import key_findings
+
+    root = write_fixture_project(tmp_path, gates_pass=False)
+    assert main(["--root", str(root), "summary"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert len(lines) < 40
+    assert "gates: FAILED (3 of 4 pass)" in out
+    gate = json.loads((root / "metrics" / "gate.json").read_text())
+    for g in gate["records"]:
+        line = next(x for x in lines if f" {g['name']}: " in x)
+        assert line.split()[0] == g["outcome"].upper()
+        if g["interval"]:
+            assert f"interval {g['interval_low']:.4g} to {g['interval_high']:.4g}" in line
+    findings = key_findings(root, _params(root))
+    assert findings and all(f"  - {f}" in lines for f in findings)
+    failed = next(g for g in gate["records"] if g["outcome"] == "fail")
+    assert failed["message"] in out
+
+
+def test_summary_command_caps_many_gates(tmp_path: Path, capsys) -> None:
+    root = write_fixture_project(tmp_path)
+    gate_path = root / "metrics" / "gate.json"
+    gate = json.loads(gate_path.read_text())
+    extra = [{**g, "name": f"{g['name']}_{i}", "outcome": "fail", "passed": False, "message": "too high"}
+             for i in range(20) for g in gate["records"][:1]]
+    gate["records"] += extra
+    gate_path.write_text(json.dumps(gate))
+    assert main(["--root", str(root), "summary"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) < 40 and any("more (see reports/gate.md)" in x for x in lines)
+
+
+def test_summary_with_the_old_catalogue_ndcg_name_renders(tmp_path: Path) -> None:
+    # runs before the rename wrote the catalogue nDCG as `ndcg@10`: still one compact ranking row per family
+    root = write_fixture_project(tmp_path)
+    summary = json.loads((root / "metrics" / "summary.json").read_text())
+    for r in summary["records"]:
+        if r.get("metric") == "list_ndcg@10":
+            r["metric"] = "ndcg@10"
+    _write(root, "summary", summary)
+    html = _render(root)
+    warm = _compact(html, "warm")
+    assert ">ndcg@10</a>" in warm and ">ndcg@5</a>" not in warm and "list_ndcg@10" not in warm
+    assert "ndcg@1, ndcg@3, ndcg@5: another cut-off of the same metric, ndcg@10, is shown" in html
