@@ -153,10 +153,8 @@ def _transform(mean: np.ndarray, se: np.ndarray, root: bool) -> tuple[np.ndarray
 
 
 def _welch_interval(d, a1, n1, a2, n2, level: float, m: int) -> tuple[float, float]:
-    """d +- t(Welch df, Bonferroni over m) * sqrt(a1 + a2), with a = squared standard errors."""
-    q = stats.t_quantile(level, stats.welch_df(a1, n1, a2, n2), m)
-    half = q * np.sqrt(a1 + a2)
-    return float(d - half), float(d + half)
+    lo, hi = stats.welch_interval(d, a1, n1, a2, n2, level, m)
+    return float(lo), float(hi)
 
 
 def group_comparison(

@@ -36,6 +36,7 @@ __all__ = [
     "welch_t",
     "welch_f",
     "welch_df",
+    "welch_interval",
     "t_quantile",
     "mc_interval",
     "exceedances",
@@ -298,6 +299,16 @@ def t_quantile(level: float, df, m: int = 1) -> np.ndarray:
     """
     q = 1.0 - (1.0 - level) / (2.0 * max(1, int(m)))
     return _st.t.ppf(q, np.asarray(df, dtype=float))
+
+
+def welch_interval(d, a1, n1, a2, n2, level: float = 0.95, m: int = 1) -> tuple:
+    """d +- t(Welch df, Bonferroni over m) * sqrt(a1 + a2); a = squared standard errors.
+
+    Broadcasts, so the benchmark applies the audit's exact formula to thousands of draws.
+    """
+    q = t_quantile(level, welch_df(a1, n1, a2, n2), m)
+    half = q * np.sqrt(np.asarray(a1, dtype=float) + a2)
+    return d - half, d + half
 
 
 def _moments(V: np.ndarray, onehot: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
