@@ -236,6 +236,8 @@ def _accuracy(metrics: dict[str, Any], focus: dict[str, Any]) -> dict[str, Any]:
 
 
 def _fairness(metrics: dict[str, Any], focus: dict[str, Any]) -> dict[str, Any]:
+    """Fairness tables for the report. ``gaps`` holds only gaps between groups of sufficient size
+    (what charts, findings and the model card may quote); ``gaps_insufficient`` lists the rest."""
     doc = metrics.get("fairness")
     fm, fs, fmet = focus["model"], focus["scenario"], focus["metric"]
     gaps_all = _records(doc, "gap")
@@ -245,9 +247,12 @@ def _fairness(metrics: dict[str, Any], focus: dict[str, Any]) -> dict[str, Any]:
     gm = _records(doc, "group_metric", model=fm, scenario=fs, metric=fmet)
     groups = [{"attribute": a, "rows": [r for r in gm if r.get("attribute") == a]}
               for a in _ordered([r.get("attribute") for r in gm], [])]
+    tests = [r for r in (doc or {}).get("records", []) if r.get("model") == fm and r.get("p_adjusted") is not None]
     return {
-        "gaps": gaps,
-        "gaps_all": [g for g in gaps_all if g.get("scenario") == fs],
+        "available": doc is not None,
+        "gaps": [g for g in gaps if not g.get("insufficient")],
+        "gaps_insufficient": [g for g in gaps if g.get("insufficient")],
+        "gaps_all": [g for g in gaps_all if g.get("scenario") == fs and not g.get("insufficient")],
         "groups": groups,
         "gap_to_rest": _records(doc, "gap_to_rest", model=fm, scenario=fs),
         "ugf": _records(doc, "ugf", model=fm),
@@ -255,7 +260,41 @@ def _fairness(metrics: dict[str, Any], focus: dict[str, Any]) -> dict[str, Any]:
         "counterfactual": _records(doc, "counterfactual", model=fm, scenario=fs),
         "exposure": _records(doc, "exposure", scenario=fs),
         "miscalibration": _records(doc, "miscalibration", model=fm, scenario=fs),
+        "tests": tests,
+        "survivors": [r for r in tests if r.get("significant")],
+        "min_group_size": (doc or {}).get("min_group_size"),
+        "alpha": (doc or {}).get("alpha", 0.05),
+        "seeds": (doc or {}).get("seeds"),
     }
+
+
+def _fairness_finding(fa: dict[str, Any], model: str, metric: str) -> str:
+    """The fairness sentence of the key findings: only tests that survive Benjamini-Hochberg
+    within their family and rest on groups of sufficient size; says so plainly when none does."""
+    tests, alive = fa.get("tests", []), fa.get("survivors", [])
+    size = f"groups under {fa['min_group_size']} users are shown but not tested" if fa.get("min_group_size") else ""
+    if not tests:
+        return f"No fairness test was recorded for {model}."
+    n_fam = len({r.get("family") for r in tests})
+    families = f"{n_fam} famil{'y' if n_fam == 1 else 'ies'}"
+    if not alive:
+        return (f"No fairness difference for {model} survives Benjamini-Hochberg adjustment: 0 of {len(tests)} tests "
+                f"in {families} families (one per scenario) at alpha {_fmt(fa.get('alpha'))}"
+                + (f"; {size}." if size else "."))
+    gaps = [g for g in alive if g.get("kind") == "gap" and _num(g.get("difference")) is not None]
+    pick = [g for g in gaps if g.get("metric") == metric] or gaps
+    head = (f"{len(alive)} of {len(tests)} fairness tests for {model} survive Benjamini-Hochberg adjustment "
+            f"(alpha {_fmt(fa.get('alpha'))}, one family per scenario)")
+    if not pick:
+        r = min(alive, key=lambda r: r["p_adjusted"])
+        return (head + f"; the strongest is {r.get('kind')} of {r.get('metric')} for {r.get('attribute', 'users')}"
+                f"{' / ' + str(r['group']) if r.get('group') else ''} in {r.get('scenario')} "
+                f"(p = {_fmt(r.get('p_value'), 2)}, adjusted {_fmt(r.get('p_adjusted'), 2)}).")
+    g = max(pick, key=lambda g: g["difference"])
+    return (head + f". Largest: {g.get('metric')} by {g['attribute']} in {g['scenario']}, {g.get('max_group')} vs "
+            f"{g.get('min_group')} differ by {_fmt(g['difference'])} ({g.get('interval') or '95% interval'}: "
+            f"{_fmt(g.get('diff_ci_low'))} to {_fmt(g.get('diff_ci_high'))}; p = {_fmt(g.get('p_value'), 2)}, "
+            f"BH-adjusted {_fmt(g.get('p_adjusted'), 2)}).")
 
 
 MAX_GROUP_LINES = 8
@@ -356,12 +395,8 @@ def _findings(ctx: dict[str, Any]) -> list[str]:
                        f"after Holm correction" + (f" and loses to {', '.join(map(str, lost))}." if lost else "."))
         if s["summary"]:
             out.append(f"{f['scenario']}: {s['summary']}")
-    gaps = [g for g in ctx["fairness"]["gaps"] if g.get("metric") == f["metric"] and _num(g.get("difference")) is not None]
-    if gaps:
-        g = max(gaps, key=lambda g: g["difference"])
-        out.append(f"Largest {f['metric']} gap for {f['model']}: {g['attribute']} in {g['scenario']}, "
-                   f"{g.get('max_group')} vs {g.get('min_group')} differ by {_fmt(g['difference'])} "
-                   f"(95% interval {_fmt(g.get('diff_ci_low'))} to {_fmt(g.get('diff_ci_high'))}, p = {_fmt(g.get('p_value'), 2)}).")
+    if ctx["fairness"]["available"]:
+        out.append(_fairness_finding(ctx["fairness"], f["model"], f["metric"]))
     dm = [d for d in ctx["robustness"]["most_damaging"] if d.get("model") == f["model"] and d.get("metric") == f["metric"]]
     if dm:
         d = max(dm, key=lambda d: abs(_num(d.get("delta")) or 0))

@@ -344,3 +344,38 @@ def test_parity_permutation_calibrated_under_null():
         rej_eo += out["p_eo"] <= 0.05
     assert rej_dp / n_mc <= 0.05 + tol
     assert rej_eo / n_mc <= 0.05 + tol
+
+
+# ------------------------------------------------------------------------- key findings
+
+
+def _finding_doc(significant: bool) -> dict:
+    base = {"model": "melu", "scenario": "user_cold", "metric": "mae", "family": "melu/user_cold",
+            "adjustment": "BH"}
+    tiny = {**base, "kind": "gap", "attribute": "occupation", "difference": 0.92, "insufficient": True,
+            "p_value": None, "p_adjusted": None, "significant": None, "max_group": "lawyer",
+            "min_group": "scientist"}
+    real = {**base, "kind": "gap", "attribute": "gender", "difference": 0.11, "diff_ci_low": 0.03,
+            "diff_ci_high": 0.19, "interval": F.PAIR_INTERVAL, "p_value": 0.0004,
+            "p_adjusted": 0.004 if significant else 0.2, "significant": significant,
+            "insufficient": False, "max_group": "F", "min_group": "M"}
+    rest = {**base, "kind": "gap_to_rest", "attribute": "age", "group": "25-34", "gap": 0.01,
+            "p_value": 0.5, "p_adjusted": 0.8, "significant": False, "insufficient": False}
+    return {"fairness": {"min_group_size": 10, "alpha": 0.05, "records": [tiny, real, rest]}}
+
+
+def test_key_finding_quotes_only_adjusted_results_on_sufficient_groups():
+    from audit.report import _fairness, _fairness_finding
+
+    focus = {"model": "melu", "scenario": "user_cold", "metric": "mae", "scenarios": ["user_cold"]}
+    fa = _fairness(_finding_doc(True), focus)
+    assert [g["attribute"] for g in fa["gaps"]] == ["gender"]  # the 2-vs-1-user gap is not quoted
+    assert [g["attribute"] for g in fa["gaps_insufficient"]] == ["occupation"]
+    text = _fairness_finding(fa, "melu", "mae")
+    assert text.startswith("1 of 2 fairness tests for melu survive Benjamini-Hochberg adjustment")
+    assert "F vs M differ by 0.11" in text and F.PAIR_INTERVAL in text and "0.03 to 0.19" in text
+    assert "BH-adjusted 0.004" in text and "lawyer" not in text
+    none = _fairness_finding(_fairness(_finding_doc(False), focus), "melu", "mae")
+    assert none == ("No fairness difference for melu survives Benjamini-Hochberg adjustment: 0 of 2 "
+                    "tests in 1 family (one per scenario) at alpha 0.05; groups under 10 users "
+                    "are shown but not tested.")
