@@ -279,7 +279,7 @@ def _fairness_finding(fa: dict[str, Any], model: str, metric: str) -> str:
     families = f"{n_fam} famil{'y' if n_fam == 1 else 'ies'}"
     if not alive:
         return (f"No fairness difference for {model} survives Benjamini-Hochberg adjustment: 0 of {len(tests)} tests "
-                f"in {families} families (one per scenario) at alpha {_fmt(fa.get('alpha'))}"
+                f"in {families} (one per scenario) at alpha {_fmt(fa.get('alpha'))}"
                 + (f"; {size}." if size else "."))
     gaps = [g for g in alive if g.get("kind") == "gap" and _num(g.get("difference")) is not None]
     pick = [g for g in gaps if g.get("metric") == metric] or gaps
