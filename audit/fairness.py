@@ -208,10 +208,9 @@ def group_comparison(
         idx = np.flatnonzero(suff)
         tval, tse = _transform(mean[idx], se[idx], root)
         for j, gi in enumerate(idx):
-            rest = np.ones(S, bool)
-            rest[j] = False
             rv = sv[codes != j]
-            rmean, rse = _transform(np.array([rv.mean()]), np.array([rv.std(ddof=1) / math.sqrt(rv.size)]), root)
+            rmean, rse = _transform(np.array([rv.mean()]),
+                                    np.array([rv.std(ddof=1) / math.sqrt(rv.size)]), root)
             gap[gi] = tval[j] - rmean[0]
             gap_lo[gi], gap_hi[gi] = _welch_interval(gap[gi], tse[j] ** 2, n[gi], rse[0] ** 2,
                                                      rv.size, level, S)

@@ -212,18 +212,12 @@ def analyse(V: np.ndarray, labels: np.ndarray, truth: np.ndarray, min_size: int,
 
 def raw_difference_p(V: np.ndarray, codes: np.ndarray, n_perm: int, seed: int) -> np.ndarray:
     """The audit's previous test, for contrast: permuted max - min of raw group means."""
-    S = int(codes.max()) + 1
-    onehot = np.eye(S)[codes]
-    n = onehot.sum(axis=0)
-    m = V @ onehot / n
+    n = np.bincount(codes).astype(float)
+    m = V @ np.eye(len(n))[codes] / n
     obs = m.max(axis=1) - m.min(axis=1)
-    perms = stats.permutations(V.shape[1], n_perm, seed)
     exceed = np.zeros(V.shape[0])
-    pos = 0
-    for c in stats._chunks(n_perm, V.size):
-        pm = V[:, perms[pos:pos + c]] @ onehot / n
+    for pm, _ in stats.permuted_moments(V, codes, n_perm=n_perm, seed=seed):
         exceed += ((pm.max(axis=2) - pm.min(axis=2)) >= obs[:, None] - 1e-12).sum(axis=1)
-        pos += c
     return (1 + exceed) / (1 + n_perm)
 
 
