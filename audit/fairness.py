@@ -1,11 +1,15 @@
 """Group fairness of per-user metrics, user-oriented group fairness (UGF), parity of liked
 predictions, item exposure and miscalibration, and the fairness.json records (DESIGN.md).
 
-Point estimates per group come from fairlearn's MetricFrame over one row per user (metric = mean
-of the per-user value). Intervals come from a bootstrap over users resampled within their group
-(audit.stats; fairlearn's own bootstrap is not stratified). "Is there a gap" is answered by a
-permutation test on group labels, since the bootstrap interval of max - min leans away from zero
-when the groups are equal.
+Users are the unit: each user's metric is averaged over the training seeds, groups are sized
+within the population actually scored (small groups fold into "other"; one still too small is
+reported but marked ``insufficient`` and never tested), and every test permutes users between
+groups. Tests permute a studentized statistic (Welch t, Welch F), which stays calibrated when
+groups differ in spread; intervals are Student t for a group and Bonferroni-simultaneous Welch
+intervals for differences, so the interval of the pair a max - min gap picks still covers
+(docs/CALIBRATION.md measures all of this). Each model x scenario is one family of tests with
+Benjamini-Hochberg adjusted p-values. Group values equal fairlearn's MetricFrame (tests check
+it); they are computed with bincount because MetricFrame's per-call cost dominated the stage.
 """
 
 from __future__ import annotations
@@ -16,15 +20,9 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
-from fairlearn.metrics import (
-    MetricFrame,
-    demographic_parity_difference,
-    equalized_odds_difference,
-)
-
 from audit import stats
 from audit.metrics import gini, short_head
-from audit.strata import Strata
+from audit.strata import Strata, merge_small_groups
 
 __all__ = [
     "GroupComparison",
@@ -43,11 +41,6 @@ def _sub(seed: int, tag: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(tag)]).generate_state(1)[0])
 
 
-def _mean(y_true, y_pred) -> float:
-    """MetricFrame metric: the per-user values are passed as y_true; the group value is their mean."""
-    return float(np.mean(np.asarray(y_true, dtype=float)))
-
-
 def _f(x) -> float | None:
     """JSON-safe float: NaN/inf become None."""
     if x is None:
@@ -61,14 +54,67 @@ def _f(x) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
+TEST_FIELDS = ("p_value", "p_mc_low", "p_mc_high", "p_adjusted", "p_adjusted_mc_low",
+               "p_adjusted_mc_high", "adjustment", "family", "significant", "statistic", "test",
+               "n_permutations")
+PERMUTED_WELCH_F = "permuted Welch F (users as the unit)"
+PERMUTED_WELCH_T = "permuted |Welch t| (users as the unit)"
+PAIR_INTERVAL = "Welch t, Bonferroni-simultaneous over all pairs of sufficient groups"
+REST_INTERVAL = "Welch t, Bonferroni-simultaneous over the sufficient groups"
+MEAN_INTERVAL = "Student t"
+
+
+@dataclass
+class SizedGroups:
+    """Group labels of one scored population after the minimum size was applied there.
+
+    ``labels``: per user (small groups folded into ``other``); ``merged``: the folded names;
+    ``sufficient``: groups with at least ``min_size`` users (and two, so a spread exists).
+    """
+
+    labels: pd.Series
+    merged: list
+    counts: pd.Series
+    sufficient: list
+    other: str
+
+
+def size_groups(groups: pd.Series, min_size: int, other: str = "other") -> SizedGroups:
+    """Apply the minimum group size within the population actually scored.
+
+    Why here and not over all users: a group of 30 users overall can hold 3 of the users a
+    scenario evaluates, and its mean would then drive gaps and findings.
+    """
+    lab, small = merge_small_groups(groups.astype(str), int(min_size), other)
+    lab = lab.astype(str)
+    counts = lab.value_counts().sort_index()
+    floor = max(2, int(min_size))
+    return SizedGroups(lab, small, counts, sorted(counts.index[counts >= floor].tolist()), other)
+
+
+def _test_fields(p: float, exceed, n_perm: int, statistic: float, test: str) -> dict:
+    """Raw permutation p with its Monte-Carlo interval; adjusted fields are filled per family."""
+    lo, hi = stats.mc_interval(exceed, n_perm)
+    return {"p_value": _f(p), "p_mc_low": _f(lo), "p_mc_high": _f(hi), "p_adjusted": None,
+            "p_adjusted_mc_low": None, "p_adjusted_mc_high": None, "adjustment": None,
+            "family": None, "significant": None, "statistic": _f(statistic), "test": test,
+            "n_permutations": int(n_perm)}
+
+
+def _no_test() -> dict:
+    return {k: None for k in TEST_FIELDS}
+
+
 @dataclass
 class GroupComparison:
-    """Per-group means with intervals and gaps for one metric and one attribute.
+    """Per-group values with intervals, gaps and studentized tests for one metric and attribute.
 
-    ``table``: group, value, ci_low, ci_high, n, gap (group - rest), gap_ci_low, gap_ci_high,
-    gap_p_value. ``difference`` = max - min of group means (fairlearn between_groups),
-    ``ratio`` = min / max; intervals are stratified-bootstrap percentiles; ``p_value`` is the
-    permutation p of max - min.
+    ``table``: group, value, ci_low, ci_high (Student t), n, merged, insufficient, gap (group -
+    rest of the sufficient users), gap_ci_low/high (Welch, simultaneous over groups), plus the
+    gap-to-rest test fields. ``difference`` = max - min over sufficient groups; its interval is
+    the simultaneous Welch interval of that pair (valid although the pair is chosen by the data,
+    because all pairs are covered at once); ``ratio`` = min / max with a simultaneous log-ratio
+    interval. ``test`` holds the omnibus permutation test (Welch F) fields.
     """
 
     table: pd.DataFrame
@@ -80,9 +126,14 @@ class GroupComparison:
     ratio_ci_low: float
     ratio_ci_high: float
     p_value: float
-    max_group: str
-    min_group: str
+    max_group: str | None
+    min_group: str | None
     n_groups: int
+    n: int
+    insufficient: bool
+    merged: list
+    test: dict
+    rest_tests: list
 
 
 def _align(values: pd.Series, groups: pd.Series) -> tuple[np.ndarray, pd.Series]:
@@ -92,61 +143,102 @@ def _align(values: pd.Series, groups: pd.Series) -> tuple[np.ndarray, pd.Series]
     return df["v"].to_numpy(), df["g"].astype(str).reset_index(drop=True)
 
 
+def _transform(mean: np.ndarray, se: np.ndarray, root: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Value and delta-method standard error on the reported scale (sqrt for RMSE from MSE)."""
+    if not root:
+        return mean, se
+    val = np.sqrt(np.maximum(mean, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return val, se / (2.0 * val)
+
+
+def _welch_interval(d, a1, n1, a2, n2, level: float, m: int) -> tuple[float, float]:
+    lo, hi = stats.welch_interval(d, a1, n1, a2, n2, level, m)
+    return float(lo), float(hi)
+
+
 def group_comparison(
-    values: pd.Series, groups: pd.Series, *, n_boot: int = 1000, n_perm: int = 1000,
-    seed: int = 0, level: float = 0.95,
+    values: pd.Series, groups: pd.Series, *, n_perm: int = 9999, seed: int = 0,
+    level: float = 0.95, min_size: int = 2, other: str = "other", root: bool = False,
 ) -> GroupComparison:
-    """Compare groups on one per-user metric (both Series indexed by user_id)."""
+    """Compare groups on one per-user metric (both Series indexed by user_id).
+
+    ``root``: the values are per-user squared errors and the reported value is the root of the
+    group's mean (group RMSE); tests and intervals are computed on the mean squared error and
+    carried to the root scale (monotone for group intervals, delta method for differences).
+    """
     v, g = _align(values, groups)
     if v.size == 0:
         raise ValueError("no user has both a finite metric value and a group.")
-    mf = MetricFrame(metrics=_mean, y_true=v, y_pred=v, sensitive_features=g.rename("group"))
-    by = mf.by_group.astype(float)
-    labels = [str(x) for x in by.index]
-    gv = stats.group_codes(v, g)
-    assert gv.labels == sorted(labels)
-    order = [gv.labels.index(x) for x in labels]
-    counts = gv.counts[order].astype(float)
-    N = counts.sum()
-    sums = by.to_numpy() * counts
-    rest_n = N - counts
-    with np.errstate(divide="ignore", invalid="ignore"):
-        gap = by.to_numpy() - (sums.sum() - sums) / rest_n
-
-    # stratified bootstrap: replicate group means -> difference, ratio, gap to rest
-    _, bm, _ = stats.stratified_bootstrap_group_means(v, g, n_boot=n_boot, seed=_sub(seed, 1))
-    bm = bm[:, order]
-    bsum = bm * counts
-    with np.errstate(divide="ignore", invalid="ignore"):
-        b_gap = bm - (bsum.sum(axis=1, keepdims=True) - bsum) / rest_n
-        b_diff = bm.max(axis=1) - bm.min(axis=1)
-        b_ratio = bm.min(axis=1) / bm.max(axis=1)
-    ci = np.array([stats.percentile_interval(bm[:, j], level) for j in range(len(labels))])
-    gci = np.array([stats.percentile_interval(b_gap[:, j], level) if rest_n[j] > 0
-                    else (np.nan, np.nan) for j in range(len(labels))])
-    dlo, dhi = stats.percentile_interval(b_diff, level) if len(labels) > 1 else (np.nan, np.nan)
-    rlo, rhi = stats.percentile_interval(b_ratio, level) if len(labels) > 1 else (np.nan, np.nan)
-
-    # permutation test: max - min and |gap to rest| under shuffled labels (same permutations)
-    if len(labels) > 1:
-        pm = stats.permuted_group_means(gv, n_perm=n_perm, seed=_sub(seed, 2))[:, order]
-        psum = pm * counts
-        p_gap = np.abs(pm - (psum.sum(axis=1, keepdims=True) - psum) / rest_n)
-        p_diff = stats._perm_p(float(by.max() - by.min()), pm.max(axis=1) - pm.min(axis=1))
-        gap_p = [stats._perm_p(abs(gap[j]), p_gap[:, j]) for j in range(len(labels))]
-    else:
-        p_diff, gap_p = np.nan, [np.nan] * len(labels)
-
+    sg = size_groups(g, min_size, other)
+    g = sg.labels.reset_index(drop=True)
+    labels = sorted(sg.counts.index.tolist())
+    codes = pd.Categorical(g, categories=labels).codes
+    n = np.bincount(codes, minlength=len(labels)).astype(float)
+    mean = np.bincount(codes, weights=v, minlength=len(labels)) / n
+    sd = np.array([v[(g == x).to_numpy()].std(ddof=1) if c > 1 else np.nan
+                   for x, c in zip(labels, n)])
+    se = sd / np.sqrt(n)
+    value, _ = _transform(mean, se, root)
+    with np.errstate(invalid="ignore"):
+        half = stats.t_quantile(level, n - 1) * se
+    lo_m, hi_m = mean - half, mean + half
+    ci_low = np.sqrt(np.maximum(lo_m, 0.0)) if root else lo_m
+    ci_high = np.sqrt(np.maximum(hi_m, 0.0)) if root else hi_m
+    suff = np.array([x in sg.sufficient for x in labels])
+    S = int(suff.sum())
+    G = len(labels)
+    gap = np.full(G, np.nan)
+    gap_lo, gap_hi = np.full(G, np.nan), np.full(G, np.nan)
+    rest_tests = [_no_test() for _ in range(G)]
+    diff = dlo = dhi = ratio = rlo = rhi = np.nan
+    gmax = gmin = None
+    omnibus = _no_test()
+    N = int(n[suff].sum())
+    if S >= 2:
+        keep = g.isin(sg.sufficient).to_numpy()
+        sv = v[keep]
+        slabels = [x for x in labels if x in sg.sufficient]
+        codes = pd.Categorical(g[keep], categories=slabels).codes.astype(np.int64)
+        tests = stats.studentized_permutation_tests(sv, codes, n_perm=n_perm, seed=seed)
+        omnibus = _test_fields(tests.p_max[0], tests.exceed_max[0], n_perm,
+                               tests.stat_max[0], PERMUTED_WELCH_F if S > 2 else PERMUTED_WELCH_T)
+        if S == 2:  # Welch F = t^2: report |t| so two-group records read as the familiar t
+            omnibus["statistic"] = _f(math.sqrt(float(tests.stat_max[0])))
+        idx = np.flatnonzero(suff)
+        tval, tse = _transform(mean[idx], se[idx], root)
+        for j, gi in enumerate(idx):
+            rv = sv[codes != j]
+            rmean, rse = _transform(np.array([rv.mean()]),
+                                    np.array([rv.std(ddof=1) / math.sqrt(rv.size)]), root)
+            gap[gi] = tval[j] - rmean[0]
+            gap_lo[gi], gap_hi[gi] = _welch_interval(gap[gi], tse[j] ** 2, n[gi], rse[0] ** 2,
+                                                     rv.size, level, S)
+            rest_tests[gi] = _test_fields(tests.p_rest[0, j], tests.exceed_rest[0, j], n_perm,
+                                          tests.stat_rest[0, j], PERMUTED_WELCH_T)
+        hi_j, lo_j = int(np.argmax(tval)), int(np.argmin(tval))
+        gmax, gmin = slabels[hi_j], slabels[lo_j]
+        diff = float(tval[hi_j] - tval[lo_j])
+        m_pairs = S * (S - 1) // 2
+        a_hi, a_lo = tse[hi_j] ** 2, tse[lo_j] ** 2
+        dlo, dhi = _welch_interval(diff, a_hi, n[idx[hi_j]], a_lo, n[idx[lo_j]], level, m_pairs)
+        if tval[lo_j] > 0 and tval[hi_j] > 0:
+            ratio = float(tval[lo_j] / tval[hi_j])
+            lr_lo, lr_hi = _welch_interval(math.log(ratio), a_lo / tval[lo_j] ** 2, n[idx[lo_j]],
+                                           a_hi / tval[hi_j] ** 2, n[idx[hi_j]], level, m_pairs)
+            rlo, rhi = math.exp(lr_lo), math.exp(lr_hi)
     table = pd.DataFrame({
-        "group": labels, "value": by.to_numpy(), "ci_low": ci[:, 0], "ci_high": ci[:, 1],
-        "n": counts.astype(int), "gap": gap, "gap_ci_low": gci[:, 0], "gap_ci_high": gci[:, 1],
-        "gap_p_value": gap_p,
+        "group": labels, "value": value, "ci_low": ci_low, "ci_high": ci_high,
+        "n": n.astype(int), "merged": [bool(sg.merged) and x == other for x in labels],
+        "insufficient": ~suff, "gap": gap, "gap_ci_low": gap_lo, "gap_ci_high": gap_hi,
     })
+    overall = float(v.mean())
     return GroupComparison(
-        table=table, overall=float(mf.overall), difference=float(mf.difference()),
-        diff_ci_low=float(dlo), diff_ci_high=float(dhi), ratio=float(mf.ratio()),
-        ratio_ci_low=float(rlo), ratio_ci_high=float(rhi), p_value=float(p_diff),
-        max_group=str(by.idxmax()), min_group=str(by.idxmin()), n_groups=len(labels),
+        table=table, overall=math.sqrt(max(overall, 0.0)) if root else overall,
+        difference=diff, diff_ci_low=dlo, diff_ci_high=dhi, ratio=ratio, ratio_ci_low=rlo,
+        ratio_ci_high=rhi, p_value=np.nan if omnibus["p_value"] is None else omnibus["p_value"],
+        max_group=gmax, min_group=gmin, n_groups=S, n=N, insufficient=S < 2, merged=sg.merged,
+        test=omnibus, rest_tests=rest_tests,
     )
 
 
@@ -157,14 +249,15 @@ def group_comparison(
 
 def ugf(
     values: pd.Series, interaction_counts: pd.Series, *, top_frac: float = 0.05,
-    n_boot: int = 1000, n_perm: int = 1000, seed: int = 0, level: float = 0.95,
+    n_perm: int = 9999, seed: int = 0, level: float = 0.95, min_size: int = 2,
 ) -> dict:
     """User-oriented group fairness (Li et al., WWW 2021).
 
     Advantaged = the top ``top_frac`` of the users that have a finite value, by interaction count
     (ties by user_id; at least one user); UGF = |mean(advantaged) - mean(rest)|. The interval for
-    UGF is the one implied for |d| by the stratified bootstrap interval of the signed difference
-    d; p from a permutation test on |d|.
+    UGF is the one implied for |d| by the Welch interval of the signed difference d; p from the
+    permuted |Welch t|. With fewer than ``min_size`` users on either side the record is
+    ``insufficient`` and carries no test.
     """
     v = values.astype(float)
     v = v[np.isfinite(v)]
@@ -176,16 +269,21 @@ def ugf(
     out = {"advantaged": _f(adv.mean()) if adv.size else None,
            "disadvantaged": _f(dis.mean()) if dis.size else None,
            "n_advantaged": int(adv.size), "n_disadvantaged": int(dis.size),
-           "ugf": None, "ci_low": None, "ci_high": None, "p_value": None,
+           "ugf": None, "difference": None, "ci_low": None, "ci_high": None,
+           "interval": None, "insufficient": True, **_no_test(),
            "min_interactions_advantaged": _f(df["c"].iloc[n_adv - 1]) if len(df) else None}
-    if adv.size == 0 or dis.size == 0:
+    if min(adv.size, dis.size) < max(2, int(min_size)):
         return out
-    d, lo, hi = stats.bootstrap_group_difference_ci(adv, dis, n_boot=n_boot, seed=_sub(seed, 3),
-                                                    level=level)
-    _, p = stats.permutation_test_two_groups(adv, dis, n_perm=n_perm, seed=_sub(seed, 4))
+    d = float(adv.mean() - dis.mean())
+    lo, hi = _welch_interval(d, adv.var(ddof=1) / adv.size, adv.size, dis.var(ddof=1) / dis.size,
+                             dis.size, level, 1)
+    codes = np.r_[np.zeros(adv.size, np.int64), np.ones(dis.size, np.int64)]
+    t = stats.studentized_permutation_tests(np.r_[adv, dis], codes, n_perm=n_perm, seed=seed)
     alo, ahi = stats.abs_interval(lo, hi)
-    out.update(ugf=_f(abs(d)), ci_low=_f(alo), ci_high=_f(ahi), p_value=_f(p),
-               difference=_f(d))
+    out.update(ugf=_f(abs(d)), difference=_f(d), ci_low=_f(alo), ci_high=_f(ahi),
+               interval="|Welch t interval of the signed difference|", insufficient=False,
+               **_test_fields(t.p_rest[0, 0], t.exceed_rest[0, 0], n_perm, t.stat_rest[0, 0],
+                              PERMUTED_WELCH_T))
     return out
 
 
@@ -206,27 +304,35 @@ def _parity_stats(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def parity(
-    pred: pd.DataFrame, groups: pd.Series, *, threshold: float = 4.0, n_perm: int = 1000,
-    seed: int = 0,
+    pred: pd.DataFrame, groups: pd.Series, *, threshold: float = 4.0, n_perm: int = 9999,
+    seed: int = 0, min_size: int = 1, other: str = "other",
 ) -> dict:
     """Demographic parity and equalized odds differences of liked predictions.
 
-    liked_pred = y_pred >= threshold, liked_true = y_true >= threshold; values from fairlearn
-    (between_groups, worst_case). p-values: group labels are shuffled between *users* (a user's
-    ratings stay together, so within-user correlation is kept), vectorised over permutations.
+    liked_pred = y_pred >= threshold, liked_true = y_true >= threshold; values as fairlearn's
+    demographic_parity_difference and equalized_odds_difference (between_groups, worst_case;
+    tests check equality), computed by the vectorised code the permutations use over the users of sufficient groups (the minimum size applied
+    to the users in ``pred``; rows of several seeds pool into each user's counts). p-values:
+    group labels are shuffled between *users* (a user's ratings stay together, so within-user
+    correlation is kept), vectorised over permutations.
     """
     df = pred[["user_id", "y_true", "y_pred"]].merge(
         groups.rename("g").rename_axis("user_id").reset_index(), on="user_id", how="inner")
     df = df[df["g"].notna()]
+    ug = df.groupby("user_id")["g"].first()
+    sg = size_groups(ug, min_size, other) if len(ug) else None
     out = {"demographic_parity_difference": None, "equalized_odds_difference": None,
-           "p_dp": None, "p_eo": None, "n_groups": int(df["g"].nunique())}
-    if df.empty or df["g"].nunique() < 2:
+           "p_dp": None, "p_eo": None, "test_dp": _no_test(), "test_eo": _no_test(),
+           "n_groups": len(sg.sufficient) if sg else 0, "insufficient": True,
+           "groups_excluded": sorted(set(sg.counts.index) - set(sg.sufficient)) if sg else [],
+           "n": int(sg.counts[sg.sufficient].sum()) if sg else 0}
+    if sg is None or len(sg.sufficient) < 2:
         return out
+    df = df.assign(g=df["user_id"].map(sg.labels))
+    df = df[df["g"].isin(sg.sufficient)]
     yt = (df["y_true"].to_numpy(float) >= threshold).astype(int)
     yp = (df["y_pred"].to_numpy(float) >= threshold).astype(int)
     sf = df["g"].astype(str).to_numpy()
-    dp = demographic_parity_difference(yt, yp, sensitive_features=sf)
-    eo = equalized_odds_difference(yt, yp, sensitive_features=sf)
 
     per = pd.DataFrame({"user_id": df["user_id"].to_numpy(), "g": sf, "n": 1, "pp": yp,
                         "pos": yt, "tp": yt * yp, "neg": 1 - yt, "fp": (1 - yt) * yp})
@@ -245,7 +351,7 @@ def parity(
                 for j in range(X.shape[1])]
         return np.stack(cols, axis=-1)
 
-    dp_obs, eo_obs = (x[0] for x in _parity_stats(group_sums(codes[None, :])))
+    dp_obs, eo_obs = (float(x[0]) for x in _parity_stats(group_sums(codes[None, :])))
     rng = np.random.default_rng(_sub(seed, 5))
     dps, eos = [], []
     for c in stats._chunks(n_perm, U * 6):
@@ -253,9 +359,14 @@ def parity(
         a, b = _parity_stats(group_sums(perm))
         dps.append(a)
         eos.append(b)
-    out.update(demographic_parity_difference=_f(dp), equalized_odds_difference=_f(eo),
-               p_dp=_f(stats._perm_p(float(dp_obs), np.concatenate(dps))),
-               p_eo=_f(stats._perm_p(float(eo_obs), np.concatenate(eos))))
+    b_dp = stats.exceedances(dp_obs, np.concatenate(dps))
+    b_eo = stats.exceedances(eo_obs, np.concatenate(eos))
+    test = "permuted range of group rates (users as the unit)"
+    t_dp = _test_fields((1 + b_dp) / (1 + n_perm), b_dp, n_perm, dp_obs, test)
+    t_eo = _test_fields((1 + b_eo) / (1 + n_perm), b_eo, n_perm, eo_obs, test)
+    out.update(demographic_parity_difference=_f(dp_obs), equalized_odds_difference=_f(eo_obs),
+               p_dp=t_dp["p_value"], p_eo=t_eo["p_value"], test_dp=t_dp, test_eo=t_eo,
+               insufficient=False)
     return out
 
 
@@ -270,6 +381,9 @@ def exposure(
 ) -> dict:
     """Position-weighted exposure (1 / log2(1 + rank), Singh & Joachims 2018) of the top-k lists.
 
+    Lists of several seeds (a ``seed`` column) pool: shares and the Gini index are unchanged by
+    scaling, so the pool equals the average over seeds.
+
     short_head_share / long_tail_share: shares of total exposure on short-head (the most popular
     items holding ``head_share`` of training ratings) and other items; gini: Gini index of item
     exposure over the catalogue (default: the items in ``popularity``; unexposed items count 0).
@@ -283,9 +397,9 @@ def exposure(
     cat = list(popularity.index if catalogue is None else catalogue)
     cat_exp = per_item.reindex(pd.Index(cat).union(per_item.index)).fillna(0.0)
     return {"short_head_share": _f(sh), "long_tail_share": _f(1.0 - sh if total > 0 else np.nan),
-            "gini": _f(gini(cat_exp.to_numpy())), "n_short_head": len(head),
-            "n_lists": int(top.groupby(["user_id", "scenario"]).ngroups if "scenario" in top
-                           else top["user_id"].nunique())}
+            "exposure_gini": _f(gini(cat_exp.to_numpy())), "n_short_head": len(head),
+            "n_lists": int(top.groupby([c for c in ("user_id", "scenario", "seed")
+                                        if c in top.columns]).ngroups)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,6 +466,41 @@ def _strata_frame(users_strata) -> tuple[pd.DataFrame, dict, str]:
 _SKIP_METRICS = {"n_query"}
 
 
+def _seeds_of(df: pd.DataFrame | None, default: list[int]) -> list[int]:
+    """The seeds a frame's rows come from (its ``seed`` column), else the caller's list."""
+    if df is not None and "seed" in df.columns:
+        return sorted(int(s) for s in df["seed"].unique())
+    return list(default)
+
+
+def _miscalibration(support, rankings, genres, alpha: float, k: int) -> pd.Series:
+    """Per-user C_KL averaged over the seeds of ``rankings`` (one list per user and seed)."""
+    if "seed" not in rankings.columns:
+        return miscalibration_per_user(support, rankings, genres, alpha=alpha, k=k)
+    per_seed = [miscalibration_per_user(support, r, genres, alpha=alpha, k=k)
+                for _, r in rankings.groupby("seed", sort=True)]
+    return pd.concat(per_seed, axis=1).mean(axis=1).rename("miscalibration")
+
+
+def adjust_family(records: list[dict], family: str, alpha: float) -> None:
+    """Benjamini-Hochberg over every test in one family (records updated in place).
+
+    Why BH per model x scenario: a reviewer reads one model's fairness in one scenario as a
+    whole; dozens of attributes, metrics and groups would otherwise yield false gaps by chance.
+    The Monte-Carlo bounds of the raw p-values are adjusted the same way; BH is monotone in
+    every p-value, so the adjusted bounds bracket the adjusted p that unlimited permutations
+    would give. ``significant`` reads the adjusted p.
+    """
+    tests = [r for r in records if r.get("p_value") is not None and not r.get("insufficient")]
+    if not tests:
+        return
+    cols = [stats.benjamini_hochberg([r[k] for r in tests])
+            for k in ("p_value", "p_mc_low", "p_mc_high")]
+    for r, p, lo, hi in zip(tests, *cols):
+        r.update(p_adjusted=_f(p), p_adjusted_mc_low=_f(lo), p_adjusted_mc_high=_f(hi),
+                 adjustment="BH", family=family, significant=bool(p < alpha))
+
+
 def fairness_records(
     model: str,
     scenario: str,
@@ -370,21 +519,28 @@ def fairness_records(
     k: int = 10,
     alpha: float = 0.01,
     top_frac: float = 0.05,
-    n_boot: int = 1000,
-    n_perm: int = 1000,
+    n_perm: int = 9999,
     level: float = 0.95,
+    test_alpha: float = 0.05,
+    min_group_size: int = 10,
+    seeds: Iterable[int] = (),
     seed: int = 0,
 ) -> list[dict]:
-    """fairness.json records (DESIGN.md) for one (model, scenario).
+    """fairness.json records (DESIGN.md) for one (model, scenario), which is one test family.
 
-    per_user: [user_id, metric, value] (rows of other scenarios are dropped when a scenario
-    column exists; repeated (user, metric) rows, e.g. several seeds, are averaged).
-    users_strata: a Strata (merged groups are flagged) or a frame user_id + attribute columns.
-    Kinds: group_metric, gap, gap_to_rest (always); ugf (with interaction_counts); parity (with
-    pred); exposure (with rankings and items[popularity]); miscalibration (with rankings, support
-    and items[genres]). Non-finite numbers are written as None (valid JSON).
+    per_user: [user_id, metric, value] and optionally seed (rows of other scenarios are dropped
+    when a scenario column exists; a user's values over seeds are averaged, so users are the
+    unit). users_strata: a Strata or a frame user_id + attribute columns holding the unmerged
+    groups: ``min_group_size`` is applied within each population scored here (groups below it
+    merge into "other"; a group still below it stays in the tables as ``insufficient`` and is
+    left out of gaps and tests). "rmse" is the root of the group's mean squared error (from the
+    per-user "mse"). Kinds: group_metric, gap, gap_to_rest (always); ugf (with
+    interaction_counts); parity (with pred); exposure (with rankings and items[popularity]);
+    miscalibration (with rankings, support and items[genres]). Every record names the seeds it
+    averages (``seeds``); every test carries raw and BH-adjusted p-values with Monte-Carlo
+    intervals. Non-finite numbers are written as None (valid JSON).
     """
-    frame, merged, other = _strata_frame(users_strata)
+    frame, premerged, other = _strata_frame(users_strata)
     attributes = [a for a in (attributes or [c for c in frame.columns if c != "user_id"])]
     for a in attributes:
         if a not in frame.columns:
@@ -393,81 +549,96 @@ def fairness_records(
     pu = per_user
     if "scenario" in pu.columns:
         pu = pu[pu["scenario"] == scenario]
+    if pu.empty:
+        return []
+    pu_seeds = _seeds_of(pu, list(seeds))
     wide = pu.groupby(["user_id", "metric"])["value"].mean().unstack("metric")
     metrics = list(metrics) if metrics is not None else [
         m for m in wide.columns if m not in _SKIP_METRICS]
     base = {"model": model, "scenario": scenario}
     recs: list[dict] = []
+    perm_seed = _sub(seed, 1)  # one set of relabellings per population size (stats.permutations)
 
-    def merged_info(a: str, g: str) -> tuple[bool, list]:
-        is_m = bool(merged.get(a)) and g == other
-        return is_m, list(merged.get(a, [])) if is_m else []
-
-    for mi, metric in enumerate(metrics):
-        if metric not in wide.columns:
-            raise ValueError(f"metric {metric!r} is not in per_user ({list(wide.columns)}).")
-        vals = wide[metric]
-        for ai, a in enumerate(attributes):
-            s = _sub(seed, 1000 + 97 * mi + ai)
-            gc = group_comparison(vals, strata[a], n_boot=n_boot, n_perm=n_perm, seed=s,
-                                  level=level)
-            for r in gc.table.itertuples(index=False):
-                is_m, mg = merged_info(a, r.group)
+    for metric in metrics:
+        root = metric == "rmse"
+        source = "mse" if root else metric
+        if source not in wide.columns:
+            raise ValueError(f"metric {source!r} is not in per_user ({list(wide.columns)}).")
+        vals = wide[source]
+        for a in attributes:
+            gc = group_comparison(vals, strata[a], n_perm=n_perm, seed=perm_seed,
+                                  level=level, min_size=min_group_size, other=other, root=root)
+            folded = sorted(set(premerged.get(a, [])) | set(gc.merged))
+            for r, rt in zip(gc.table.itertuples(index=False), gc.rest_tests):
+                is_m = bool(folded) and r.group == other
                 recs.append({**base, "kind": "group_metric", "attribute": a, "group": r.group,
                              "metric": metric, "value": _f(r.value), "ci_low": _f(r.ci_low),
-                             "ci_high": _f(r.ci_high), "n": int(r.n), "merged": is_m,
-                             "merged_groups": mg})
+                             "ci_high": _f(r.ci_high), "interval": MEAN_INTERVAL, "n": int(r.n),
+                             "merged": is_m, "merged_groups": folded if is_m else [],
+                             "insufficient": bool(r.insufficient), "seeds": pu_seeds})
                 recs.append({**base, "kind": "gap_to_rest", "attribute": a, "group": r.group,
                              "metric": metric, "gap": _f(r.gap), "ci_low": _f(r.gap_ci_low),
-                             "ci_high": _f(r.gap_ci_high), "p_value": _f(r.gap_p_value),
-                             "n": int(r.n), "merged": is_m})
+                             "ci_high": _f(r.gap_ci_high),
+                             "interval": None if r.insufficient else REST_INTERVAL,
+                             "n": int(r.n), "merged": is_m,
+                             "insufficient": bool(r.insufficient), **rt, "seeds": pu_seeds})
             recs.append({**base, "kind": "gap", "attribute": a, "metric": metric,
                          "difference": _f(gc.difference), "diff_ci_low": _f(gc.diff_ci_low),
-                         "diff_ci_high": _f(gc.diff_ci_high), "ratio": _f(gc.ratio),
-                         "ratio_ci_low": _f(gc.ratio_ci_low),
-                         "ratio_ci_high": _f(gc.ratio_ci_high), "p_value": _f(gc.p_value),
+                         "diff_ci_high": _f(gc.diff_ci_high),
+                         "interval": None if gc.insufficient else PAIR_INTERVAL,
+                         "ratio": _f(gc.ratio), "ratio_ci_low": _f(gc.ratio_ci_low),
+                         "ratio_ci_high": _f(gc.ratio_ci_high), **gc.test,
                          "max_group": gc.max_group, "min_group": gc.min_group,
-                         "n_groups": gc.n_groups, "n": int(gc.table["n"].sum()),
-                         "overall": _f(gc.overall)})
-        if interaction_counts is not None:
-            u = ugf(vals, interaction_counts, top_frac=top_frac, n_boot=n_boot, n_perm=n_perm,
-                    seed=_sub(seed, 5000 + mi), level=level)
-            recs.append({**base, "kind": "ugf", "metric": metric, "top_frac": top_frac, **u})
+                         "n_groups": gc.n_groups, "n": gc.n, "overall": _f(gc.overall),
+                         "insufficient": gc.insufficient, "min_group_size": int(min_group_size),
+                         "seeds": pu_seeds})
+        if interaction_counts is not None and not root:
+            u = ugf(vals, interaction_counts, top_frac=top_frac, n_perm=n_perm, seed=perm_seed,
+                    level=level, min_size=min_group_size)
+            recs.append({**base, "kind": "ugf", "metric": metric, "top_frac": top_frac, **u,
+                         "seeds": pu_seeds})
 
     if pred is not None:
         pr = pred[pred["scenario"] == scenario] if "scenario" in pred.columns else pred
+        pr_seeds = _seeds_of(pr, list(seeds))
         for ai, a in enumerate(attributes):
             p = parity(pr, strata[a], threshold=threshold, n_perm=n_perm,
-                       seed=_sub(seed, 7000 + ai))
-            for name, pk in (("demographic_parity_difference", "p_dp"),
-                             ("equalized_odds_difference", "p_eo")):
+                       seed=_sub(seed, 7000 + ai), min_size=min_group_size, other=other)
+            for name, tk in (("demographic_parity_difference", "test_dp"),
+                             ("equalized_odds_difference", "test_eo")):
                 recs.append({**base, "kind": "parity", "attribute": a, "metric": name,
-                             "value": p[name], "p_value": p[pk], "threshold": threshold,
-                             "n_groups": p["n_groups"]})
+                             "value": p[name], **p[tk], "threshold": threshold,
+                             "n_groups": p["n_groups"], "n": p["n"],
+                             "groups_excluded": p["groups_excluded"],
+                             "insufficient": p["insufficient"], "seeds": pr_seeds})
 
     rk = None
     if rankings is not None:
         rk = rankings[rankings["scenario"] == scenario] if "scenario" in rankings else rankings
     if rk is not None and items is not None:
         it = items.set_index("item_id")
+        rk_seeds = _seeds_of(rk, list(seeds))
         if popularity_col in it.columns:
             e = exposure(rk, it[popularity_col], k=k)
-            recs.append({**base, "kind": "exposure", **e})
+            recs.append({**base, "kind": "exposure", **e, "seeds": rk_seeds})
         if support is not None and "genres" in it.columns:
             sp = support[support["scenario"] == scenario] if "scenario" in support else support
-            mc = miscalibration_per_user(sp, rk, it["genres"], alpha=alpha, k=k)
+            mc = _miscalibration(sp, rk, it["genres"], alpha, k)
             groups = [("all", pd.Series("all", index=mc.index))] + [(a, strata[a])
                                                                    for a in attributes]
-            for ai, (a, grp) in enumerate(groups):
+            for a, grp in groups:
                 v, g = _align(mc, grp)
-                for gi, lab in enumerate(sorted(g.unique())):
-                    x = v[(g == lab).to_numpy()]
-                    lo, hi = stats.bootstrap_mean_ci(x, n_boot=n_boot,
-                                                     seed=_sub(seed, 9000 + 31 * ai + gi),
-                                                     level=level)
-                    is_m, _ = merged_info(a, lab) if a != "all" else (False, [])
+                if v.size == 0:
+                    continue
+                sg = size_groups(g, min_group_size if a != "all" else 1, other)
+                for lab, n in sg.counts.items():
+                    x = v[(sg.labels == lab).to_numpy()]
+                    ti = stats.t_interval(x, level)
                     recs.append({**base, "kind": "miscalibration", "attribute": a,
-                                 "group": lab, "value": _f(x.mean()), "ci_low": _f(lo),
-                                 "ci_high": _f(hi), "n": int(x.size), "alpha": alpha,
-                                 "merged": is_m})
+                                 "group": lab, "value": _f(x.mean()), "ci_low": _f(ti["ci_low"]),
+                                 "ci_high": _f(ti["ci_high"]), "interval": MEAN_INTERVAL, "n": int(n),
+                                 "alpha": alpha,
+                                 "merged": bool(sg.merged or premerged.get(a)) and lab == other,
+                                 "insufficient": lab not in sg.sufficient, "seeds": rk_seeds})
+    adjust_family(recs, f"{model}/{scenario}", test_alpha)
     return recs

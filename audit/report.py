@@ -401,6 +401,8 @@ def _small(r: dict[str, Any], min_size: Any) -> bool:
 
 
 def _fairness(metrics: dict[str, Any], focus: dict[str, Any]) -> dict[str, Any]:
+    """Fairness tables for the report. ``gaps`` holds only gaps between groups of sufficient size
+    (what charts, findings and the model card may quote); ``gaps_insufficient`` lists the rest."""
     doc = metrics.get("fairness")
     fm, fs, fmet = focus["model"], focus["scenario"], focus["metric"]
     min_size = (doc or {}).get("min_group_size")
@@ -414,11 +416,14 @@ def _fairness(metrics: dict[str, Any], focus: dict[str, Any]) -> dict[str, Any]:
     rest = [{**r, "small": _small(r, min_size)} for r in _records(doc, "gap_to_rest", model=fm, scenario=fs)]
     exposure = [{**r, "exposure_gini": r.get("exposure_gini", r.get("gini"))} for r in _records(doc, "exposure", scenario=fs)]
     miscal = [{**r, "small": _small(r, min_size)} for r in _records(doc, "miscalibration", model=fm, scenario=fs)]
+    tests = [r for r in (doc or {}).get("records", []) if r.get("model") == fm and r.get("p_adjusted") is not None]
     return {
+        "available": doc is not None,
         "min_group_size": min_size,
         "matrix": _fairness_matrix(gaps_all, focus),
         "gaps": gaps,
         "gaps_all": [g for g in gaps_all if g.get("scenario") == fs],
+        "gaps_insufficient": [g for g in gaps if g.get("insufficient")],
         "groups": groups,
         "gap_to_rest": rest,
         "gap_to_rest_found": [r for r in rest if not r["small"] and (_num(r.get("p_adjusted")) or 1.0) < ALPHA],
@@ -427,7 +432,40 @@ def _fairness(metrics: dict[str, Any], focus: dict[str, Any]) -> dict[str, Any]:
         "counterfactual": _records(doc, "counterfactual", model=fm, scenario=fs),
         "exposure": sorted(exposure, key=lambda r: _rank(r.get("model"), focus["models"])),
         "miscalibration": miscal,
+        "tests": tests,
+        "survivors": [r for r in tests if r.get("significant")],
+        "alpha": (doc or {}).get("alpha", ALPHA),
+        "seeds": (doc or {}).get("seeds"),
     }
+
+
+def _fairness_finding(fa: dict[str, Any], model: str, metric: str) -> str:
+    """The fairness sentence of the key findings: only tests that survive Benjamini-Hochberg
+    within their family and rest on groups of sufficient size; says so plainly when none does."""
+    tests, alive = fa.get("tests", []), fa.get("survivors", [])
+    size = f"groups under {fa['min_group_size']} users are shown but not tested" if fa.get("min_group_size") else ""
+    if not tests:
+        return f"No fairness test was recorded for {model}."
+    n_fam = len({r.get("family") for r in tests})
+    families = f"{n_fam} famil{'y' if n_fam == 1 else 'ies'}"
+    if not alive:
+        return (f"No fairness difference for {model} survives Benjamini-Hochberg adjustment: 0 of {len(tests)} tests "
+                f"in {families} (one per scenario) at alpha {_fmt(fa.get('alpha'))}"
+                + (f"; {size}." if size else "."))
+    gaps = [g for g in alive if g.get("kind") == "gap" and _num(g.get("difference")) is not None]
+    pick = [g for g in gaps if g.get("metric") == metric] or gaps
+    head = (f"{len(alive)} of {len(tests)} fairness tests for {model} survive Benjamini-Hochberg adjustment "
+            f"(alpha {_fmt(fa.get('alpha'))}, one family per scenario)")
+    if not pick:
+        r = min(alive, key=lambda r: r["p_adjusted"])
+        return (head + f"; the strongest is {r.get('kind')} of {r.get('metric')} for {r.get('attribute', 'users')}"
+                f"{' / ' + str(r['group']) if r.get('group') else ''} in {r.get('scenario')} "
+                f"(p = {_fmt(r.get('p_value'), 2)}, adjusted {_fmt(r.get('p_adjusted'), 2)}).")
+    g = max(pick, key=lambda g: g["difference"])
+    return (head + f". Largest: {g.get('metric')} by {g['attribute']} in {g['scenario']}, {g.get('max_group')} vs "
+            f"{g.get('min_group')} differ by {_fmt(g['difference'])} ({g.get('interval') or '95% interval'}: "
+            f"{_fmt(g.get('diff_ci_low'))} to {_fmt(g.get('diff_ci_high'))}; p = {_fmt(g.get('p_value'), 2)}, "
+            f"BH-adjusted {_fmt(g.get('p_adjusted'), 2)}).")
 
 
 MAX_GROUP_LINES = 8
@@ -626,12 +664,8 @@ def _findings(ctx: dict[str, Any]) -> list[str]:
                        f"after Holm correction" + (f" and loses to {', '.join(map(str, lost))}." if lost else "."))
         if s["summary"]:
             out.append(f"{f['scenario']}: {s['summary']}")
-    gaps = [g for g in ctx["fairness"]["gaps"] if g.get("metric") == f["metric"] and _num(g.get("difference")) is not None]
-    if gaps:
-        g = max(gaps, key=lambda g: g["difference"])
-        out.append(f"Largest {f['metric']} gap for {f['model']}: {g['attribute']} in {g['scenario']}, "
-                   f"{g.get('max_group')} vs {g.get('min_group')} differ by {_fmt(g['difference'])} "
-                   f"(95% interval {_fmt(g.get('diff_ci_low'))} to {_fmt(g.get('diff_ci_high'))}, p = {_fmt(g.get('p_value'), 2)}).")
+    if ctx["fairness"]["available"]:
+        out.append(_fairness_finding(ctx["fairness"], f["model"], f["metric"]))
     dm = [d for d in ctx["robustness"]["most_damaging"] if d.get("model") == f["model"] and d.get("metric") == f["metric"]]
     if dm:
         d = max(dm, key=lambda d: abs(_num(d.get("delta")) or 0))

@@ -16,6 +16,7 @@ definitions"). Gates on "is there a gap" should read the permutation p-value.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -29,10 +30,18 @@ __all__ = [
     "percentile_interval",
     "bootstrap_mean_ci",
     "stratified_bootstrap_group_means",
-    "bootstrap_group_difference_ci",
-    "permuted_group_means",
-    "permutation_test_gap",
-    "permutation_test_two_groups",
+    "StudentizedTests",
+    "permutations",
+    "permuted_moments",
+    "studentized_permutation_tests",
+    "welch_t",
+    "welch_f",
+    "welch_df",
+    "welch_interval",
+    "t_quantile",
+    "mc_interval",
+    "exceedances",
+    "benjamini_hochberg",
     "abs_interval",
     "t_interval",
     "paired_comparison",
@@ -127,78 +136,17 @@ def stratified_bootstrap_group_means(
     return gv.labels, means, gv.counts
 
 
-def bootstrap_group_difference_ci(
-    a: Iterable[float], b: Iterable[float], *, n_boot: int = 1000, seed: int = 0,
-    level: float = 0.95,
-) -> tuple[float, float, float]:
-    """(mean(a) - mean(b), ci_low, ci_high), each sample resampled on its own (stratified)."""
-    a = np.asarray(a, dtype=float)
-    b = np.asarray(b, dtype=float)
-    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
-    if a.size == 0 or b.size == 0:
-        return (np.nan, np.nan, np.nan)
-    vals = np.concatenate([a, b])
-    grp = np.array(["a"] * a.size + ["b"] * b.size)
-    labels, means, _ = stratified_bootstrap_group_means(vals, grp, n_boot=n_boot, seed=seed)
-    d = means[:, labels.index("a")] - means[:, labels.index("b")]
-    lo, hi = percentile_interval(d, level)
-    return (float(a.mean() - b.mean()), float(lo), float(hi))
-
-
-def permuted_group_means(
-    gv: GroupedValues, *, n_perm: int = 1000, seed: int = 0
-) -> np.ndarray:
-    """Group means under ``n_perm`` random relabellings (shape (n_perm, G)).
-
-    Shuffling the labels keeps every group's size; group sums are one ``bincount`` per chunk.
-    """
-    rng = np.random.default_rng(seed)
-    N, G = gv.values.size, len(gv.labels)
-    out = np.empty((n_perm, G))
-    pos = 0
-    for c in _chunks(n_perm, N):
-        perm = rng.permuted(np.broadcast_to(gv.codes, (c, N)), axis=1)
-        flat = (np.arange(c)[:, None] * G + perm).ravel()
-        sums = np.bincount(flat, weights=np.tile(gv.values, c), minlength=c * G).reshape(c, G)
-        out[pos : pos + c] = sums / gv.counts
-        pos += c
-    return out
+def exceedances(t_obs: float, t_perm: np.ndarray) -> int:
+    """#{T_perm >= T_obs}; a tiny tolerance absorbs float noise (ties count as exceeding)."""
+    tol = 1e-12 * max(1.0, abs(t_obs))
+    return int(np.count_nonzero(t_perm >= t_obs - tol))
 
 
 def _perm_p(t_obs: float, t_perm: np.ndarray) -> float:
-    """p = (1 + #{T_perm >= T_obs}) / (1 + n_perm); a tiny tolerance absorbs float noise."""
+    """p = (1 + #{T_perm >= T_obs}) / (1 + n_perm)."""
     if not np.isfinite(t_obs):
         return np.nan
-    tol = 1e-12 * max(1.0, abs(t_obs))
-    return float((1 + np.count_nonzero(t_perm >= t_obs - tol)) / (1 + t_perm.size))
-
-
-def permutation_test_gap(
-    values: Iterable[float], groups: Iterable, *, n_perm: int = 1000, seed: int = 0
-) -> tuple[float, float]:
-    """(max - min of group means, permutation p-value); NaN p with fewer than two groups."""
-    gv = group_codes(values, groups)
-    if len(gv.labels) < 2:
-        return (np.nan, np.nan)
-    obs = np.bincount(gv.codes, weights=gv.values) / gv.counts
-    t_obs = float(obs.max() - obs.min())
-    pm = permuted_group_means(gv, n_perm=n_perm, seed=seed)
-    return t_obs, _perm_p(t_obs, pm.max(axis=1) - pm.min(axis=1))
-
-
-def permutation_test_two_groups(
-    a: Iterable[float], b: Iterable[float], *, n_perm: int = 1000, seed: int = 0
-) -> tuple[float, float]:
-    """(mean(a) - mean(b), two-sided permutation p-value on |mean(a) - mean(b)|)."""
-    a = np.asarray(a, dtype=float)
-    b = np.asarray(b, dtype=float)
-    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
-    if a.size == 0 or b.size == 0:
-        return (np.nan, np.nan)
-    gv = group_codes(np.concatenate([a, b]), ["a"] * a.size + ["b"] * b.size)
-    pm = permuted_group_means(gv, n_perm=n_perm, seed=seed)
-    d = float(a.mean() - b.mean())
-    return d, _perm_p(abs(d), np.abs(pm[:, 0] - pm[:, 1]))
+    return float((1 + exceedances(t_obs, t_perm)) / (1 + t_perm.size))
 
 
 def abs_interval(lo: float, hi: float) -> tuple[float, float]:
@@ -316,4 +264,206 @@ def seed_variance_share(matrix: np.ndarray | pd.DataFrame) -> dict:
     ss_user = float(k * ((x.mean(axis=1) - m) ** 2).sum())
     out.update(between_seed_share=ss_seed / ss_total, between_user_share=ss_user / ss_total,
                residual_share=(ss_total - ss_seed - ss_user) / ss_total)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Studentized permutation tests, Welch intervals, Monte-Carlo error, Benjamini-Hochberg
+# --------------------------------------------------------------------------------------------
+
+
+def welch_df(a1: np.ndarray, n1: np.ndarray, a2: np.ndarray, n2: np.ndarray) -> np.ndarray:
+    """Welch-Satterthwaite degrees of freedom from squared standard errors a = var / n."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (a1 + a2) ** 2 / (a1 ** 2 / (n1 - 1) + a2 ** 2 / (n2 - 1))
+
+
+def welch_t(m1, v1, n1, m2, v2, n2) -> np.ndarray:
+    """Welch t = (m1 - m2) / sqrt(v1/n1 + v2/n2), broadcast over any shape.
+
+    With both variances zero the statistic is 0 for equal means and +-inf otherwise, so a
+    permutation that separates two constant groups counts as extreme rather than as NaN.
+    """
+    d = np.asarray(m1, dtype=float) - m2
+    se = np.sqrt(np.maximum(v1, 0.0) / n1 + np.maximum(v2, 0.0) / n2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = d / se
+        return np.where(se > 0, t, np.where(d == 0, 0.0, np.sign(d) * np.inf))
+
+
+def t_quantile(level: float, df, m: int = 1) -> np.ndarray:
+    """Two-sided Student-t critical value at ``level``, Bonferroni-split over ``m`` intervals.
+
+    Each of m intervals gets level 1 - (1 - level) / m, so all m cover together with probability
+    at least ``level`` (why: the gap record reports the interval of a data-chosen pair, which is
+    only honest when every pair is covered at once).
+    """
+    q = 1.0 - (1.0 - level) / (2.0 * max(1, int(m)))
+    return _st.t.ppf(q, np.asarray(df, dtype=float))
+
+
+def welch_interval(d, a1, n1, a2, n2, level: float = 0.95, m: int = 1) -> tuple:
+    """d +- t(Welch df, Bonferroni over m) * sqrt(a1 + a2); a = squared standard errors.
+
+    Broadcasts, so the benchmark applies the audit's exact formula to thousands of draws.
+    """
+    q = t_quantile(level, welch_df(a1, n1, a2, n2), m)
+    half = q * np.sqrt(np.asarray(a1, dtype=float) + a2)
+    return d - half, d + half
+
+
+def _moments(V: np.ndarray, onehot: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group means and unbiased variances of ``V`` (..., N) for groups given as (N, G) one-hot."""
+    s1 = V @ onehot
+    s2 = (V * V) @ onehot
+    mean = s1 / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = np.maximum(s2 - n * mean * mean, 0.0) / (n - 1)
+    return mean, var
+
+
+def welch_f(mean: np.ndarray, var: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Welch's heteroscedastic one-way F over the last axis (Welch 1951); F = t^2 for two groups.
+
+    Weights w = n / var; a zero variance is floored at 1e-12 so constant groups stay finite.
+    """
+    w = n / np.maximum(var, 1e-12)
+    sw = w.sum(axis=-1, keepdims=True)
+    mw = (w * mean).sum(axis=-1, keepdims=True) / sw
+    k = mean.shape[-1]
+    between = (w * (mean - mw) ** 2).sum(axis=-1) / (k - 1)
+    lam = ((1.0 - w / sw) ** 2 / (n - 1)).sum(axis=-1)
+    return between / (1.0 + 2.0 * (k - 2) / (k * k - 1) * lam)
+
+
+def _studentized(mean: np.ndarray, var: np.ndarray, n: np.ndarray, N: int, tot1: np.ndarray,
+                 tot2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(Welch F over all groups, |Welch t| of each group against the rest pooled) per row."""
+    rn = N - n
+    r1 = tot1[..., None] - mean * n
+    r2 = tot2[..., None] - (var * (n - 1) + n * mean * mean)
+    rmean = r1 / rn
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rvar = np.maximum(r2 - rn * rmean * rmean, 0.0) / (rn - 1)
+    return welch_f(mean, var, n), np.abs(welch_t(mean, var, n, rmean, rvar, rn))
+
+
+@functools.lru_cache(maxsize=4)
+def permutations(n: int, n_perm: int, seed: int) -> np.ndarray:
+    """``n_perm`` random orderings of ``range(n)`` (read-only, cached).
+
+    Why cached: every test of a family over the same number of users can share one set of
+    relabellings (each test stays exact on its own), which removes the main cost of the stage.
+    """
+    rng = np.random.default_rng(seed)
+    out = rng.permuted(np.broadcast_to(np.arange(n, dtype=np.int32), (n_perm, n)), axis=1)
+    out.setflags(write=False)
+    return out
+
+
+def permuted_moments(V: np.ndarray, codes: np.ndarray, *, n_perm: int, seed: int):
+    """Yield (means, variances), each (D, c, G), of the groups under blocks of relabellings.
+
+    Relabelling users (``codes[perm]``) and summing by a matrix product, (D, N) @ (N, c * G)
+    one-hot, serves all D draws at once; this replaced gathering permuted values, which cost
+    D * c * N random reads per block.
+    """
+    D, N = V.shape
+    G = int(codes.max()) + 1
+    n = np.bincount(codes, minlength=G).astype(float)
+    perms = permutations(N, n_perm, seed)
+    V2 = V * V
+    pos = 0
+    for c in _chunks(n_perm, max(N, D) * G):
+        onehot = (codes[perms[pos : pos + c]].T[:, :, None] == np.arange(G)).reshape(N, c * G)
+        onehot = onehot.astype(float)
+        pos += c
+        pm = (V @ onehot).reshape(D, c, G) / n
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pv = np.maximum((V2 @ onehot).reshape(D, c, G) - n * pm * pm, 0.0) / (n - 1)
+        yield pm, pv
+
+
+@dataclass(frozen=True)
+class StudentizedTests:
+    """Permutation tests on studentized statistics for one or many draws of the same groups.
+
+    ``stat_max`` (D,): observed Welch F over all groups (the square of Welch t for two
+    groups, so the same test); ``stat_rest`` (D, G): observed |Welch t| of each group against the others
+    pooled. ``exceed_*``: how many of the ``n_perm`` relabellings reached the observed value;
+    ``p_*`` = (1 + exceed) / (1 + n_perm).
+    """
+
+    stat_max: np.ndarray
+    stat_rest: np.ndarray
+    exceed_max: np.ndarray
+    exceed_rest: np.ndarray
+    n_perm: int
+
+    @property
+    def p_max(self) -> np.ndarray:
+        return (1.0 + self.exceed_max) / (1.0 + self.n_perm)
+
+    @property
+    def p_rest(self) -> np.ndarray:
+        return (1.0 + self.exceed_rest) / (1.0 + self.n_perm)
+
+
+def studentized_permutation_tests(
+    values: np.ndarray, codes: np.ndarray, *, n_perm: int = 9999, seed: int = 0,
+) -> StudentizedTests:
+    """Permute users between groups and compare studentized statistics (Welch t).
+
+    ``values``: (N,) per-user values or (D, N) for D independent draws over the same users and
+    groups (the calibration benchmark); ``codes``: (N,) group codes 0..G-1, every group with at
+    least two users; relabellings come from ``permutations(N, n_perm, seed)``. Why studentized: permuting a raw difference of means tests "identical
+    distributions" and rejects too often when groups differ in spread; permuting Welch t is
+    exact under exchangeability and asymptotically valid for equal means (Janssen 1997; Chung &
+    Romano 2013). One set of relabellings serves the omnibus and every group-vs-rest test, and
+    the same relabellings serve all D draws.
+    """
+    V = np.atleast_2d(np.asarray(values, dtype=float))
+    codes = np.asarray(codes, dtype=np.int64)
+    D, N = V.shape
+    G = int(codes.max()) + 1
+    onehot = np.zeros((N, G))
+    onehot[np.arange(N), codes] = 1.0
+    n = onehot.sum(axis=0)
+    if G < 2 or n.min() < 2:
+        raise ValueError(f"studentized tests need at least two groups of two users (sizes {n.tolist()}).")
+    tot1, tot2 = V.sum(axis=1), (V * V).sum(axis=1)
+    m, v = _moments(V, onehot, n)
+    obs_max, obs_rest = _studentized(m, v, n, N, tot1, tot2)
+    tol_max = 1e-9 * np.maximum(1.0, obs_max)
+    tol_rest = 1e-9 * np.maximum(1.0, obs_rest)
+    ex_max = np.zeros(D, dtype=np.int64)
+    ex_rest = np.zeros((D, G), dtype=np.int64)
+    for pm, pv in permuted_moments(V, codes, n_perm=n_perm, seed=seed):
+        tmax, trest = _studentized(pm, pv, n, N, tot1[:, None], tot2[:, None])
+        ex_max += np.count_nonzero(tmax >= (obs_max - tol_max)[:, None], axis=1)
+        ex_rest += np.count_nonzero(trest >= (obs_rest - tol_rest)[:, None, :], axis=1)
+    return StudentizedTests(obs_max, obs_rest, ex_max, ex_rest, int(n_perm))
+
+
+def mc_interval(exceed, n_perm: int, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Clopper-Pearson interval for the p-value an infinite number of permutations would give.
+
+    ``exceed`` of ``n_perm`` relabellings reached the observed statistic; the interval says how
+    far Monte-Carlo error alone could move the p-value.
+    """
+    b = np.asarray(exceed, dtype=float)
+    a = (1.0 - level) / 2.0
+    with np.errstate(invalid="ignore"):
+        lo = np.where(b > 0, _st.beta.ppf(a, b, n_perm - b + 1), 0.0)
+        hi = np.where(b < n_perm, _st.beta.ppf(1.0 - a, b + 1, n_perm - b), 1.0)
+    return lo, hi
+
+
+def benjamini_hochberg(pvalues: Iterable[float]) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (scipy); NaN entries stay NaN and do not count in m."""
+    p = np.asarray(list(pvalues), dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        out[ok] = _st.false_discovery_control(p[ok], method="bh")
     return out

@@ -1,5 +1,11 @@
-"""DVC stage `fairness`: group metrics, gaps with bootstrap intervals and permutation p-values,
-UGF, parity, exposure, miscalibration, and the counterfactual test of each sensitive attribute."""
+"""DVC stage `fairness`: group metrics, gaps with simultaneous intervals and studentized
+permutation p-values (BH-adjusted per model and scenario), UGF, parity, exposure,
+miscalibration, and the counterfactual test of each sensitive attribute.
+
+Every kind except the counterfactual test uses all training seeds: per-user metrics are averaged
+over seeds, parity pools the predictions of every seed, exposure pools every seed's lists and
+miscalibration averages each user's C_KL over seeds. Groups are sized inside each scored
+population (audit.fairness), so the strata are derived here without a global minimum."""
 
 from __future__ import annotations
 
@@ -65,12 +71,22 @@ def _counterfactual(params: dict, data, strata, threshold: float) -> list[dict]:
 
 
 def _headline(records: list[dict], meta: str) -> dict:
-    """scenario -> attribute -> MAE gap and its permutation p-value, for the meta-learner."""
+    """scenario -> attribute -> MAE gap of the meta-learner with its simultaneous interval and raw
+    and BH-adjusted p-values; gaps that rest on fewer than two sufficient groups are left out."""
     out: dict = {}
     for r in records:
-        if r["kind"] == "gap" and r["model"] == meta and r["metric"] == "mae":
-            out.setdefault(r["scenario"], {})[r["attribute"]] = {"mae_gap": r["difference"], "p_value": r["p_value"]}
+        if r["kind"] == "gap" and r["model"] == meta and r["metric"] == "mae" and not r.get("insufficient"):
+            out.setdefault(r["scenario"], {})[r["attribute"]] = {
+                k: r.get(k) for k in ("difference", "diff_ci_low", "diff_ci_high", "interval", "p_value",
+                                      "p_adjusted", "adjustment", "significant", "max_group", "min_group")}
+            out[r["scenario"]][r["attribute"]]["mae_gap"] = r["difference"]
     return out
+
+
+def _all_seeds(kind: str, model: str, seeds: list[int]) -> pd.DataFrame:
+    """One model's predictions or rankings of every seed, with a seed column."""
+    return pd.concat([pd.read_parquet(f"{kind}/{model}/seed{s}.parquet").assign(seed=s) for s in seeds],
+                     ignore_index=True)
 
 
 @stage
@@ -80,41 +96,47 @@ def main() -> None:
     thr = float(ev["like_threshold"])
     data = load_prepared()
     strata = strata_for(data, params["strata"])
+    min_size = int(params["strata"]["min_group_size"])
+    raw = strata_for(data, {**params["strata"], "min_group_size": 1})
     per_user = pd.read_parquet("results/per_user.parquet")
     train = pd.read_parquet(TASKS / "train.parquet")
     items = item_table(data.items, train)
     support = pd.concat([pd.read_parquet(TASKS / f"{s}.parquet") for s in SCENARIOS], ignore_index=True)
     support = support[support.role == "support"][["user_id", "item_id", "rating", "scenario"]]
     counts = data.ratings.groupby("user_id").size()
-    seed0 = int(params["seeds"][0])
+    seeds = [int(s) for s in params["seeds"]]
+    present = set(zip(per_user.model, per_user.scenario))
     jobs = [(model, scenario) for model in params["fairness"]["models"] if model in params["models"]
-            for scenario in scenarios_present()]
-    frames = {model: (pd.read_parquet(f"predictions/{model}/seed{seed0}.parquet"),
-                      pd.read_parquet(f"rankings/{model}/seed{seed0}.parquet")) for model, _ in jobs}
+            for scenario in scenarios_present() if (model, scenario) in present]   # no users: skipped
+    frames = {model: (_all_seeds("predictions", model, seeds), _all_seeds("rankings", model, seeds))
+              for model, _ in jobs}
 
     def job(i: int) -> list[dict]:
         model, scenario = jobs[i]
         pred, ranks = frames[model]
         pu = per_user[(per_user.model == model) & (per_user.scenario == scenario)]
         return fairness_records(
-            model, scenario, pu[["user_id", "metric", "value"]], strata,
+            model, scenario, pu[["user_id", "seed", "metric", "value"]], raw,
             metrics=["mae", "rmse", "ndcg@3", "list_ndcg@10", "recall@10"], pred=pred, rankings=ranks,
             support=support, items=items, interaction_counts=counts, threshold=thr,
-            k=int(ev["catalogue_k"]), n_boot=int(ev["bootstrap"]), n_perm=int(ev["permutations"]),
-            seed=int(ev["seed"]))
+            k=int(ev["catalogue_k"]), n_perm=int(ev["permutations"]), test_alpha=float(ev["alpha"]),
+            min_group_size=min_size, seeds=seeds, seed=int(ev["seed"]))
 
     records = [r for recs in map_forked(job, len(jobs)) for r in recs]   # before any torch work (fork)
     records += _counterfactual(params, data, strata, thr)
     atomic_write_json("metrics/fairness.json", {
-        "meta_learner": params["meta_learner"], "min_group_size": params["strata"]["min_group_size"],
+        "meta_learner": params["meta_learner"], "min_group_size": min_size,
+        "group_sizing": "per (model, scenario, attribute, metric) population scored",
         "merged_groups": strata.merged, "group_counts": strata.counts().to_dict(orient="records"),
-        "parity_and_lists_seed": seed0, "headline": _headline(records, params["meta_learner"]), "records": records})
+        "seeds": seeds, "counterfactual_seed": seeds[0], "adjustment": "BH per model x scenario",
+        "alpha": float(ev["alpha"]), "headline": _headline(records, params["meta_learner"]), "records": records})
     gaps = pd.DataFrame([r for r in records if r["kind"] == "gap" and r["model"] == params["meta_learner"]])
     if len(gaps):
         gaps["label"] = gaps.scenario + " / " + gaps.attribute + " / " + gaps.metric
-        atomic_write_text("plots/fairness_gaps.csv", gaps[["label", "difference", "p_value"]].to_csv(index=False))
+        gaps = gaps[~gaps.insufficient.astype(bool)]
+        atomic_write_text("plots/fairness_gaps.csv", gaps[["label", "difference", "p_value", "p_adjusted"]].to_csv(index=False))
     else:
-        atomic_write_text("plots/fairness_gaps.csv", "label,difference,p_value\n")
+        atomic_write_text("plots/fairness_gaps.csv", "label,difference,p_value,p_adjusted\n")
     print(f"metrics/fairness.json: {len(records)} records")
 
 

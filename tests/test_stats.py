@@ -1,4 +1,4 @@
-"""Statistics: hand values, scipy cross-checks and Monte-Carlo calibration of the tests."""
+"""Statistics: hand values, scipy cross-checks, exact enumeration and Monte-Carlo calibration."""
 
 from __future__ import annotations
 
@@ -86,74 +86,96 @@ def test_stratified_bootstrap_keeps_groups_and_is_seeded():
     assert np.array_equal(a, b)
 
 
-def test_permutation_gap_matches_explicit_statistic():
+def _welch_f_by_hand(groups: list[np.ndarray]) -> float:
+    """Welch (1951) heteroscedastic F written out group by group."""
+    k = len(groups)
+    n = np.array([x.size for x in groups], float)
+    m = np.array([x.mean() for x in groups])
+    w = n / np.array([x.var(ddof=1) for x in groups])
+    mw = (w * m).sum() / w.sum()
+    num = (w * (m - mw) ** 2).sum() / (k - 1)
+    lam = sum((1 - wi / w.sum()) ** 2 / (ni - 1) for wi, ni in zip(w, n))
+    return num / (1 + 2 * (k - 2) / (k * k - 1) * lam)
+
+
+def test_studentized_statistics_match_scipy_and_welch_by_hand():
     rng = np.random.default_rng(2)
-    v = rng.normal(size=60)
-    g = np.repeat(["a", "b", "c"], 20)
-    t, p = S.permutation_test_gap(v, g, n_perm=999, seed=0)
-    means = [v[g == x].mean() for x in "abc"]
-    assert t == pytest.approx(max(means) - min(means))
-    assert 1 / 1000 <= p <= 1.0
-    # an enormous planted gap gives the smallest attainable p
-    v2 = v + np.where(g == "a", 10.0, 0.0)
-    assert S.permutation_test_gap(v2, g, n_perm=999, seed=0)[1] == pytest.approx(1 / 1000)
+    a, b = rng.normal(0.8, 0.256, 46), rng.normal(0.75, 0.198, 114)
+    codes = np.r_[np.zeros(46, int), np.ones(114, int)]
+    r = S.studentized_permutation_tests(np.r_[a, b], codes, n_perm=9999, seed=0)
+    ref = st.ttest_ind(a, b, equal_var=False)
+    assert r.stat_max[0] == pytest.approx(ref.statistic ** 2)  # Welch F = t^2 for two groups
+    assert r.stat_rest[0] == pytest.approx([abs(ref.statistic)] * 2)
+    assert r.p_max[0] == r.p_rest[0, 0] == r.p_rest[0, 1]  # one test, three views
+    lo, hi = S.mc_interval(r.exceed_max, 9999)
+    assert lo[0] <= ref.pvalue <= hi[0]  # the permutation p agrees with Welch's t-test
+    groups = [rng.gamma(2.0, s, n) for s, n in ((0.2, 5), (0.3, 9), (0.1, 14), (0.25, 30))]
+    codes = np.repeat(np.arange(4), [5, 9, 14, 30])
+    r = S.studentized_permutation_tests(np.concatenate(groups), codes, n_perm=99, seed=0)
+    assert r.stat_max[0] == pytest.approx(_welch_f_by_hand(groups))
+    rest = st.ttest_ind(groups[1], np.concatenate([groups[0], *groups[2:]]), equal_var=False)
+    assert r.stat_rest[0, 1] == pytest.approx(abs(rest.statistic))
+    with pytest.raises(ValueError, match="two groups of two users"):
+        S.studentized_permutation_tests(np.arange(5.0), np.array([0, 0, 0, 0, 1]))
 
 
-def test_permutation_gap_test_is_calibrated_under_null():
-    """No group effect, 3 unequal groups, skewed values: rejection rate <= 5% within MC error."""
+def test_permutation_p_is_exact_in_a_tiny_enumerable_case():
+    """3 + 3 users: 20 distinct splits; the Monte-Carlo p converges to the exact share."""
+    v = np.array([0.1, 0.5, 0.2, 0.9, 1.4, 1.1])
+    codes = np.array([0, 0, 0, 1, 1, 1])
+    r = S.studentized_permutation_tests(v, codes, n_perm=20000, seed=4)
+    t_obs = r.stat_max[0]
+    count = 0
+    for idx in itertools.combinations(range(6), 3):
+        mask = np.zeros(6, bool)
+        mask[list(idx)] = True
+        t = st.ttest_ind(v[mask], v[~mask], equal_var=False).statistic ** 2
+        count += t >= t_obs - 1e-9
+    lo, hi = S.mc_interval(r.exceed_max, 20000, level=0.999)
+    assert lo[0] <= count / 20 <= hi[0]
+    assert S.permutations(6, 50, 1) is S.permutations(6, 50, 1)  # cached, shared
+    p = S.permutations(6, 50, 1)
+    assert (np.sort(p, axis=1) == np.arange(6)).all() and not p.flags.writeable
+
+
+def test_mc_interval_is_clopper_pearson():
+    for b, n in ((0, 999), (37, 999), (999, 999), (480, 9999)):
+        lo, hi = S.mc_interval(b, n)
+        ci = st.binomtest(b, n).proportion_ci(0.95, method="exact")
+        assert (float(lo), float(hi)) == pytest.approx((ci.low, ci.high), abs=1e-9)
+    # near alpha with the default count the half-width is about 2 x 0.0022
+    lo, hi = S.mc_interval(int(0.05 * 9999), 9999)
+    assert 0.008 < float(hi - lo) < 0.0095
+
+
+def test_benjamini_hochberg_known_example():
+    p = [0.01, 0.04, 0.03, 0.005]
+    # sorted .005 .01 .03 .04 (m = 4): 4*.005/1=.02, 4*.01/2=.02, 4*.03/3=.04, 4*.04/4=.04
+    assert np.allclose(S.benjamini_hochberg(p), [0.02, 0.04, 0.04, 0.02])
+    out = S.benjamini_hochberg([0.01, np.nan, 0.04])  # NaN ignored: m = 2
+    assert np.isnan(out[1]) and np.allclose(out[[0, 2]], [0.02, 0.04])
+    assert np.all(np.isnan(S.benjamini_hochberg([np.nan])))
+
+
+def test_bonferroni_t_quantile_and_welch_df():
+    assert S.t_quantile(0.95, 10) == pytest.approx(st.t.ppf(0.975, 10))
+    assert S.t_quantile(0.95, 10, m=21) == pytest.approx(st.t.ppf(1 - 0.05 / 42, 10))
+    a, b = 0.256 ** 2 / 46, 0.198 ** 2 / 114
+    want = (a + b) ** 2 / (a ** 2 / 45 + b ** 2 / 113)
+    assert S.welch_df(a, 46, b, 114) == pytest.approx(want)
+
+
+def test_studentized_permutation_calibrated_under_null_with_unequal_spreads():
+    """Equal means, small group with the larger spread (the raw-difference test's worst case):
+    3 groups, skewed values, batched draws; rejection rate <= 5% within MC error."""
     rng = np.random.default_rng(11)
-    g = np.repeat(["a", "b", "c"], [15, 40, 65])
-    rej = 0
-    for i in range(N_MC):
-        v = rng.exponential(1.0, g.size)
-        rej += S.permutation_test_gap(v, g, n_perm=199, seed=i)[1] <= 0.05
-    assert rej / N_MC <= 0.05 + MC_TOL
-
-
-def test_two_group_permutation_calibrated_under_null():
-    rng = np.random.default_rng(12)
-    rej = 0
-    for i in range(N_MC):
-        a, b = rng.normal(size=12), rng.normal(size=150)  # UGF-like unbalanced split
-        rej += S.permutation_test_two_groups(a, b, n_perm=199, seed=i)[1] <= 0.05
-    assert rej / N_MC <= 0.05 + MC_TOL
-
-
-def test_planted_difference_covered_and_detected():
-    """Planted difference 0.8 sd between groups of 60: the bootstrap interval of the two-group
-    difference covers it in ~95% of draws and the permutation test detects it (high power)."""
-    rng = np.random.default_rng(13)
-    delta, cover, detect = 0.8, 0, 0
-    for i in range(N_MC):
-        a = rng.normal(delta, 1.0, 60)
-        b = rng.normal(0.0, 1.0, 60)
-        _, lo, hi = S.bootstrap_group_difference_ci(a, b, n_boot=400, seed=i)
-        cover += lo <= delta <= hi
-        detect += S.permutation_test_two_groups(a, b, n_perm=199, seed=i)[1] <= 0.05
-    # the percentile interval runs slightly narrow for n=60; allow 3 MC standard errors
-    assert cover / N_MC >= 0.95 - 3 * math.sqrt(0.05 * 0.95 / N_MC)
-    assert detect / N_MC >= 0.9
-
-
-def test_percentile_bootstrap_of_max_min_leans_away_from_zero_under_null():
-    """With equal groups the bootstrap interval of max - min almost never contains 0 (every
-    replicate is >= 0 and noisy), so 'interval excludes 0' is no test; the permutation test keeps
-    its level on the same data."""
-    rng = np.random.default_rng(14)
-    g = np.repeat(["a", "b", "c", "d"], 30)
-    excl, rej, shift = 0, 0, []
-    for i in range(100):
-        v = rng.normal(size=g.size)
-        labels, bm, _ = S.stratified_bootstrap_group_means(v, g, n_boot=300, seed=i)
-        diff = bm.max(1) - bm.min(1)
-        lo, _ = S.percentile_interval(diff)
-        excl += lo > 0
-        obs = S.permutation_test_gap(v, g, n_perm=199, seed=i)
-        shift.append(diff.mean() - obs[0])
-        rej += obs[1] <= 0.05
-    assert excl / 100 >= 0.8
-    assert np.mean(shift) > 0  # replicates sit above the observed gap on average
-    assert rej / 100 <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / 100)
+    sizes, scales = [8, 40, 72], [0.5, 0.25, 0.15]
+    V = np.concatenate([rng.gamma(4.0, s, (N_MC, n)) - 4.0 * s for s, n in zip(scales, sizes)],
+                       axis=1)
+    codes = np.repeat(np.arange(3), sizes)
+    r = S.studentized_permutation_tests(V, codes, n_perm=199, seed=5)
+    assert (r.p_max <= 0.05).mean() <= 0.05 + MC_TOL
+    assert (r.p_rest <= 0.05).mean(axis=0).max() <= 0.05 + MC_TOL
 
 
 def test_abs_interval():
