@@ -17,9 +17,9 @@ form (the accumulated update of the first layer's weights), which is cheaper the
 
 This is the same function as `network.inner_adapt` followed by `network.mlp` (the tests check it
 against that and against a per-task autograd loop), written batched over tasks with ordinary
-differentiable ops, so autograd can differentiate through it: exact second-order MAML. First
-order detaches everything on the support side (the inner gradients are constants; the support state is then
-updated in place) and keeps the query side live, exactly as first-order MAML prescribes.
+differentiable ops, so autograd can differentiate through it: exact second-order MAML. First order
+detaches everything on the support side (the inner gradients are constants; the support state is
+then updated in place) and keeps the query side live, exactly as first-order MAML prescribes.
 
 Layers are adapted whole (weight and bias together); `network.adapted_layers` finds them.
 """
