@@ -1,11 +1,9 @@
 """Milliseconds per MeLU meta-batch: the vectorised step over all the tasks of the batch, with the
-local update in closed form (`inner="gram"`: the support loop compiled from
-metarec/models/gram_step.c, both ways for second order, when a C compiler is found, else batched
-matmuls in Python; METAREC_NATIVE=0 forces the latter) and through `torch.func.grad` under `vmap`
-(`inner="autograd"`), against a plain
-per-task Python loop of the same math (`loop_meta_gradient`), each followed by the same Adam step.
-The speedup column compares the faster vectorised form with the loop. The three are timed in
-interleaved rounds and the medians printed, so that a shared machine's drift cannot favour one.
+local update in closed form (`inner="gram"`, MeLU's default: batched matmuls, `gram.py`) and through
+`torch.func.grad` under `vmap` (`inner="autograd"`, the reference form), against a plain per-task
+Python loop of the same math (`loop_meta_gradient`), each followed by the same Adam step. The
+ratio columns divide the loop's and the vmap form's time by the closed form's. The three are timed
+in interleaved rounds and the medians printed, so that a shared machine's drift cannot favour one.
 
 Two inputs:
 (a) tasks built straight from the ML-100K files (u.data, u.user, u.item) when they are found
@@ -37,8 +35,7 @@ if str(ROOT) not in sys.path:
 
 from metarec.data.schema import MOVIELENS_SPEC  # noqa: E402
 from metarec.features import FeatureEncoder  # noqa: E402
-from metarec.models import native  # noqa: E402
-from metarec.models.melu import default_groups, loop_meta_gradient, meta_gradient  # noqa: E402
+from metarec.models.melu import DEFAULT_GROUPS, loop_meta_gradient, meta_gradient  # noqa: E402
 from metarec.models.network import NetworkSpec, RatingNetwork, dense_names  # noqa: E402
 from metarec.models.training import slice_batch  # noqa: E402
 from metarec.seeding import seed_everything  # noqa: E402
@@ -151,18 +148,24 @@ def time_steps(fn: Callable, net: RatingNetwork, batches: list[Batch], n: int, s
 
 def interleaved(net: RatingNetwork, batches: list[Batch], steps: int, first_order: bool, groups: int,
                 args) -> tuple:
-    """(closed-form ms, torch.func vmap ms, loop ms, speedups): medians over `args.rounds` rounds,
-    each round timing all three back to back, so that drift in the machine's speed (a shared VM
-    can vary by a third within minutes) falls on all of them alike. The speedups are the rounds'
-    own ratios (loop over the faster vectorised form), so their spread shows how sure the figure is."""
+    """(closed-form ms, torch.func vmap ms, loop ms, loop/closed-form ratios, vmap/closed-form
+    ratios): medians over `args.rounds` rounds, each round timing all three back to back, so that
+    drift in the machine's speed (a shared VM can vary by a third within minutes) falls on all of
+    them alike. The ratios are the rounds' own, so their spread shows how sure each figure is."""
     times: list[list[float]] = [[], [], []]
     for _ in range(args.rounds):
         times[0].append(time_steps(meta_gradient, net, batches, args.batches, steps, first_order, groups, "gram"))
         times[1].append(time_steps(meta_gradient, net, batches, args.batches, steps, first_order, groups,
                                    "autograd"))
         times[2].append(time_steps(loop_meta_gradient, net, batches, args.batches, steps, first_order))
-    ratios = [loop / min(gram, auto) for gram, auto, loop in zip(*times)]
-    return (*(float(np.median(t)) for t in times), ratios)
+    over_loop = [loop / gram for gram, _, loop in zip(*times)]
+    over_vmap = [auto / gram for gram, auto, _ in zip(*times)]
+    return (*(float(np.median(t)) for t in times), over_loop, over_vmap)
+
+
+def _ratio(ratios: list[float]) -> str:
+    """Median ratio and its spread over the rounds, e.g. '9.1x (8.7..9.3)'."""
+    return f"{np.median(ratios):.1f}x ({min(ratios):.1f}..{max(ratios):.1f})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,17 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=int, default=8, help="timed meta-batches (the same ones for all three)")
     ap.add_argument("--groups", type=int, default=None,
-                    help="support-size groups of the vectorised step (default: MeLU's, `default_groups`)")
+                    help=f"support-size groups of the vectorised step (default: MeLU's, {DEFAULT_GROUPS})")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are printed")
     ap.add_argument("--only", choices=["ml100k", "synthetic"], default=None)
     args = ap.parse_args(argv)
     info = seed_everything(0, args.threads)
-    compiled = native.library() is not None
     print(f"torch {torch.__version__}, threads {info['torch_threads']}, deterministic algorithms on, "
           f"meta-batch {META_BATCH}, support {SUPPORT[0]}..{SUPPORT[1]}, query {QUERY}, "
-          f"support groups {args.groups or 'as MeLU picks'}; medians of {args.rounds} interleaved rounds")
-    print("closed form: local update " + ("compiled (metarec/models/gram_step.c)" if compiled else
-                                          "batched in Python (no compiled kernel: METAREC_NATIVE=0 or no C compiler)"))
+          f"support groups {args.groups or DEFAULT_GROUPS}; medians of {args.rounds} interleaved rounds")
 
     inputs: list[tuple[str, Callable[[int], tuple[RatingNetwork, list[Batch]]]]] = []
     path = ml100k_dir()
@@ -194,17 +194,17 @@ def main(argv: list[str] | None = None) -> int:
 
     n_batches = args.batches + 1
     header = (f"{'tasks':<24}{'order':<8}{'steps':>6}{'closed-form ms':>16}{'vmap autograd ms':>18}"
-              f"{'loop ms':>10}{'speedup':>9}  {'rounds: min..max':<16}")
+              f"{'loop ms':>10}{'loop/closed (min..max)':>24}{'vmap/closed (min..max)':>24}")
     rows = []
     for name, build in inputs:
         net, batches = build(n_batches)
-        groups = args.groups or default_groups(net.spec)
+        groups = args.groups or DEFAULT_GROUPS
         for order in ("first", "second"):
             for steps in (1, 5):
                 fo = order == "first"
-                gram, auto, loop, ratios = interleaved(net, batches, steps, fo, groups, args)
+                gram, auto, loop, over_loop, over_vmap = interleaved(net, batches, steps, fo, groups, args)
                 rows.append(f"{name:<24}{order:<8}{steps:>6}{gram:>16.1f}{auto:>18.1f}{loop:>10.1f}"
-                            f"{np.median(ratios):>8.1f}x  {min(ratios):.1f}..{max(ratios):.1f}x")
+                            f"{_ratio(over_loop):>24}{_ratio(over_vmap):>24}")
                 print(rows[-1] if len(rows) > 1 else header + "\n" + rows[-1], flush=True)
     return 0
 

@@ -11,7 +11,7 @@ import pandas as pd
 from audit.fingerprint import environment, file_hashes
 from audit.stats import seed_variance_share
 from metarec.io import atomic_write_json
-from metarec.models import native, registry
+from metarec.models import registry
 from metarec.predict import query_predictions
 from metarec.seeding import seed_everything
 from pipelines.common import load_encoder, load_params, load_prepared, load_split, scenarios_present, stage
@@ -50,7 +50,7 @@ def main() -> None:
     per_user = pd.read_parquet("results/per_user.parquet")
     data_files = sorted(glob.glob("data/prepared/*.parquet")) + ["data/prepared/meta.json"]
     atomic_write_json("metrics/reproducibility.json", {
-        "seeds": params["seeds"], "environment": {**environment("."), "melu_local_update": native.status()},
+        "seeds": params["seeds"], "environment": environment("."),
         "hashes": file_hashes(".", data_files + ["params.yaml", "dvc.yaml", "dvc.lock"]),
         "hashes_note": "dvc.lock as it stood when this stage ran; the signed bundle holds the final one",
         "records": [det] + variance(per_user)})

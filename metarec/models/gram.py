@@ -17,11 +17,9 @@ form (the accumulated update of the first layer's weights), which is cheaper the
 
 This is the same function as `network.inner_adapt` followed by `network.mlp` (the tests check it
 against that and against a per-task autograd loop), written batched over tasks with ordinary
-differentiable ops, so the outer gradient can differentiate through it: exact second-order MAML.
-When every layer is adapted in Gram form, second order takes the hand-written reverse pass of
-`gram_reverse.py` instead of autograd (same gradient, 30% less time). First order detaches
-everything on the support side (the inner gradients are constants; the support state is then
-updated in place) and keeps the query side live, exactly as first-order MAML prescribes.
+differentiable ops, so autograd can differentiate through it: exact second-order MAML. First order
+detaches everything on the support side (the inner gradients are constants; the support state is
+then updated in place) and keeps the query side live, exactly as first-order MAML prescribes.
 
 Layers are adapted whole (weight and bias together); `network.adapted_layers` finds them.
 """
@@ -34,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metarec.models import native
-from metarec.models.gram_reverse import bmm, second_order_gram, threshold_backward
+threshold_backward = torch.ops.aten.threshold_backward   # ReLU's backward: keep where the input was > 0
 
 # Past this many support rows per item input column, the S x S Gram step costs more than
 # updating the first layer's weights explicitly (2 x S x Da x H), so long supports (warm users)
@@ -68,15 +65,11 @@ def gram_adapt_predict(W: Sequence[Tensor], b: Sequence[Tensor], layers: tuple[i
         return _forward(zq, W, b, n_dense)
     if gram is None:
         gram = xs.shape[-2] <= GRAM_WIDTH_FACTOR * max(xs.shape[-1], 1)
-    whole = layers == tuple(range(n_dense))
-    if gram and not first_order and torch.is_grad_enabled() and whole:
-        return second_order_gram(W, b, u, xs, ys, ms, xq, lr, steps)     # same function, faster reverse
     ws, bs = [sg(w) for w in W], [sg(v) for v in b]
     # Nothing on the support side is differentiated (first order, or no gradient at all): update
     # the task's state in place instead of allocating and copying it every step.
     inplace = first_order or not torch.is_grad_enabled()
-    compiled = gram and inplace and whole and native.supports(W, xs, ms)   # the support loop in C
-    if inplace and not compiled:
+    if inplace:
         zs = zs.clone()
     if 0 in layers:
         us, xs_c = sg(u), sg(xs)
@@ -87,13 +80,10 @@ def gram_adapt_predict(W: Sequence[Tensor], b: Sequence[Tensor], layers: tuple[i
         else:                                                          # long support: accumulate the update
             acc_w = None                                               # lr * sum of delta^T xs, [B, H0, Da]
             acc_b = None                                               # lr * sum of delta row sums, [B, 1, H0]
-    if compiled:                                                       # the whole loop below, in C
-        w_new, b_new, acc, _ = native.local_update(zs, k_ss, ys, ms, W, b, lr, steps, save=False)
-        ws, bs = [ws[0], *w_new], [bs[0], *b_new]
-    else:   # d loss / d output = 2 / n_task * (out - y) on real rows, 0 on padding: one fused multiply-add
-        scale = torch.where(ms, 2.0 / ms.sum(-1, keepdim=True).clamp(min=1).to(zs.dtype), zs.new_zeros(()))[..., None]
-        target = -(ys.to(zs.dtype)[..., None] * scale)
-    for step in range(0 if compiled else int(steps)):
+    # d loss / d output = 2 / n_task * (out - y) on real rows, 0 on padding: one fused multiply-add
+    scale = torch.where(ms, 2.0 / ms.sum(-1, keepdim=True).clamp(min=1).to(zs.dtype), zs.new_zeros(()))[..., None]
+    target = -(ys.to(zs.dtype)[..., None] * scale)
+    for step in range(int(steps)):
         last = step == int(steps) - 1                                  # the last update of zs reaches nothing
         acts = [zs.relu()]                                             # acts[k]: the input of layer k + 1
         for k in range(1, n_dense - 1):
@@ -151,8 +141,12 @@ def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
 
 
 def _backward(delta: Tensor, w: Tensor) -> Tensor:
-    """delta [B, N, out] back through a shared or per-task weight: delta @ w."""
-    return delta @ w if w.dim() == 2 else bmm(delta, w)
+    """delta [B, N, out] back through a shared or per-task weight: delta @ w. Through a per-task
+    one-unit output layer (inner dimension 1) the product is an outer product, written as a
+    broadcast multiply (exact, and cheaper than a degenerate batched matmul)."""
+    if w.dim() == 2:
+        return delta @ w
+    return delta * w if delta.shape[-1] == 1 else torch.bmm(delta, w)
 
 
 def _forward(z0: Tensor, W: list[Tensor], b: list[Tensor], n_dense: int) -> Tensor:

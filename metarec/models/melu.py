@@ -4,15 +4,16 @@ Each user is a task. The local update adapts the decision layers on the user's s
 with a few SGD steps on the masked support MSE; the global update minimises the masked query MSE
 after adaptation, averaged over a meta-batch of tasks, with Adam. The tasks of a meta-batch are
 padded and computed together (no Python work per task); the embeddings do not adapt, so they are
-computed once per batch. The local update comes in two interchangeable forms (`inner`):
-"autograd", a `torch.func.grad` of the support loss vmapped over the tasks, and "gram" (the
-default), the same gradient derived by hand, written with batched matmuls and the first layer's
-update expressed through the support Gram matrix (`gram.py`); its exact second-order gradient
-comes from a hand-written reverse pass (`gram_reverse.py`). Either way, second-order MAML
-differentiates through the local update; first-order MAML detaches its gradients.
+computed once per batch. The local update runs in one form: "gram" (`inner`'s default), the
+support-loss gradient derived by hand, written with batched matmuls and the first layer's update
+expressed through the support Gram matrix (`gram.py`). "autograd", a `torch.func.grad` of the
+support loss vmapped over the tasks (`network.inner_adapt`), is the reference the tests hold it
+to. Either way, second-order MAML differentiates through the local update with autograd;
+first-order MAML detaches its gradients.
 
-`loop_meta_gradient` is the same math as a plain per-task Python loop with `torch.autograd`: the
-reference the tests compare against and the baseline the benchmark times.
+`loop_meta_gradient` is the same math as a plain per-task Python loop over unpadded tasks with
+`torch.autograd`: the independent check of both (no padding, no masks, no vmap) and the baseline
+the benchmark times.
 """
 
 from __future__ import annotations
@@ -26,16 +27,19 @@ from torch import Tensor
 
 from metarec.errors import ConfigError
 from metarec.features import FeatureEncoder
-from metarec.models import native
 from metarec.models.base import check_choice, check_number
-from metarec.models.network import (NetworkSpec, Params, adapt_and_rate, adapted_layers, embed, embed_sets, mlp,
-                                    split_params, task_mse)
+from metarec.models.network import (NetworkSpec, Params, adapt_and_rate, embed, embed_sets, mlp, split_params,
+                                    task_mse)
 from metarec.models.training import (EarlyStopping, History, NeuralRecommender, progress, slice_batch)
 from metarec.seeding import rng, seed_everything
 from metarec.tasks import Batch, Task, TaskSet, iterate_batches, make_batch
 
 Order = Literal["first", "second"]
 Inner = Literal["gram", "autograd"]
+
+# Support blocks per meta-batch when MeLU's `support_groups` is None: two was the closed form's
+# best on ML-100K and ML-1M-shaped batches (docs/PERFORMANCE.md; `benchmarks/meta_train.py --groups`).
+DEFAULT_GROUPS = 2
 
 
 # ------------------------------------------------------------------------------------------ meta objective
@@ -52,15 +56,6 @@ def _support_groups(batch: Batch, groups: int) -> tuple[Batch, list[slice]]:
     order = torch.argsort(batch.support_mask.sum(1), stable=True)
     batch = Batch(*(getattr(batch, f.name)[order] for f in fields(Batch)))
     return batch, [slice(int(block[0]), int(block[-1]) + 1) for block in np.array_split(np.arange(n), groups)]
-
-
-def default_groups(spec: NetworkSpec, adapt: Sequence[str] | None = None) -> int:
-    """Support blocks per meta-batch: one when the compiled local update runs (`native`: it
-    computes no padding, so more blocks only add fixed cost), else two, the batched form's best on
-    ML-100K and ML-1M-shaped batches (benchmarks/meta_train.py prints both forms). `adapt`: the
-    adapted parameter names (None: every dense layer); the kernel adapts whole networks only."""
-    whole = adapt is None or adapted_layers(adapt, spec.n_dense) == tuple(range(spec.n_dense))
-    return 1 if whole and native.handles(spec.hidden) else 2
 
 
 def meta_objective(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spec: NetworkSpec, batch: Batch,
@@ -102,7 +97,7 @@ def meta_gradient(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], s
 
     The outer gradient is reverse-mode autograd over the pure objective (the same value as
     `torch.func.grad_and_value(meta_objective)`, which the tests check, without its per-op
-    wrapper cost: about a fifth of a meta-batch's time on the closed-form path).
+    wrapper cost).
     """
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     loss = meta_objective(leaves, buffers, spec, batch, list(adapt), local_lr, local_steps, first_order, groups,
@@ -165,7 +160,7 @@ class MeLU(NeuralRecommender):
     negative indices count from the output). `max_support` keeps each task's latest ratings only.
     `support_groups`: a meta-batch runs as this many blocks of similar support size, each padded to
     its own longest support (the same gradient up to summation order, less padding computed; 1 =
-    one block); None picks `default_groups`.
+    one block); None picks `DEFAULT_GROUPS`.
     `resample`: every epoch, each training user's ratings are split afresh into support and query
     (same query size), so the meta-learner sees many tasks per user instead of memorising one
     split; `train_support` caps the support drawn during training (a random subset), which bounds
@@ -235,7 +230,7 @@ class MeLU(NeuralRecommender):
         buffers = net.buffers_dict()
         adapt, lr, steps = self._adaptation()
         first_order = self.order == "first"
-        groups = default_groups(net.spec, adapt) if self.support_groups is None else int(self.support_groups)
+        groups = DEFAULT_GROUPS if self.support_groups is None else int(self.support_groups)
         opt = torch.optim.AdamW(params.values(), lr=float(self.global_lr), weight_decay=float(self.weight_decay),
                                 fused=True)
         order_rng = rng(int(self.seed), "melu-task-order")

@@ -1,8 +1,10 @@
 """MeLU's rating network (Lee et al., KDD 2019), written functionally.
 
 The parameters are a flat dict of tensors and the forward is a pure function of (params, buffers,
-inputs), so the same code runs under `torch.func.functional_call`, `grad` and `vmap`: MeLU's local
-update is a `torch.func.grad` of a masked support loss, vectorised over the tasks of a batch.
+inputs), so the same code runs under `torch.func.functional_call`, `grad` and `vmap`: the reference
+form of MeLU's local update (`inner_adapt`) is a `torch.func.grad` of a masked support loss,
+vectorised over the tasks of a batch. What runs by default is the same update in closed form
+(`gram.gram_adapt_predict`), which the tests hold to this reference.
 
 Layout: one embedding table per user attribute and per single-valued item feature, and one per
 multi-label item feature, mean-pooled over the item's labels (gather + masked mean: padding index 0
@@ -252,10 +254,10 @@ def adapt_and_rate(dense: Mapping[str, Tensor], u: Tensor, xs: Tensor, ys: Tenso
     """Query predictions [B, Q] for a padded batch of tasks, each adapted on its own support set.
     u [B, Du], xs [B, S, Da], ys/ms [B, S], xq [B, Q, Da].
 
-    inner="gram" uses the closed-form local update (`gram.gram_adapt_predict`, written batched)
-    when whole layers are adapted; otherwise, and with inner="autograd", the update is
-    `torch.func.grad` of the support loss (`inner_adapt`), vmapped over tasks. Both compute the
-    same function.
+    inner="gram" (the default) uses the closed-form local update (`gram.gram_adapt_predict`,
+    written batched) when whole layers are adapted; otherwise, and with inner="autograd" (the
+    reference), the update is `torch.func.grad` of the support loss (`inner_adapt`), vmapped over
+    tasks. Both compute the same function.
     """
     layers = adapted_layers(adapt, n_dense) if inner == "gram" else None
     if layers is not None:

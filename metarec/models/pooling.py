@@ -1,16 +1,16 @@
 """Item embeddings as one table per batch: every item feature a sparse product, rows gathered.
 
 Why: gathering [rows, labels, d] embeddings and scatter-adding their gradient back was the largest
-fixed cost of a meta-batch (for MeLU's actor feature, 8,030 labels and up to ten per item, 1.7 ms
-of a 13 ms first-order step on ML-1M shapes; the sparse product below takes about 0.3 ms), and a
-meta-batch of 32 tasks rates about as many (user, item) rows as the catalogue has items. So the
-item part of the input is computed for every item once per batch and the rows are a gather of
-that table. Each multi-label feature is the product of a constant sparse matrix A (items x
-labels, 1 / label count at each of an item's labels: the mean over its labels, the padding label 0
-left out) with the embedding table, and its gradient is A^T times the incoming gradient: both are
-sparse-dense products over the nonzeros only. A single-valued feature is the same product with a
-one-hot A, so all features share one autograd function. A and A^T are built once per item table
-and cached. The rows' gradient goes back to the table through `index_add_` (`gather_rows`).
+fixed cost of a meta-batch (MeLU's actor feature has 8,030 labels and up to ten per item;
+docs/PERFORMANCE.md has the measurements), and a meta-batch of 32 tasks rates about as many (user,
+item) rows as the catalogue has items. So the item part of the input is computed for every item once
+per batch and the rows are a gather of that table. Each multi-label feature is the product of a
+constant sparse matrix A (items x labels, 1 / label count at each of an item's labels: the mean over
+its labels, the padding label 0 left out) with the embedding table, and its gradient is A^T times
+the incoming gradient: both are sparse-dense products over the nonzeros only. A single-valued
+feature is the same product with a one-hot A, so all features share one autograd function. A and A^T
+are built once per item table and cached. The rows' gradient goes back to the table through
+`index_add_` (`gather_rows`).
 
 The result is the same function as the per-row gather in `network.embed_parts` (the tests check
 values and gradients); that path stays for catalogues much larger than a batch.
@@ -48,7 +48,7 @@ class _Pooling:
 
 class _Gather(torch.autograd.Function):
     """table[index] for any index shape, with the gradient scattered back by `index_add_`:
-    `F.embedding`'s dense backward adds one row at a time through a generic kernel, about a tenth
+    `F.embedding`'s dense backward adds one row at a time through a generic kernel, which measured
     slower for a meta-batch's rows of the item table (where this is used). Same values and the same
     gradient (the tests compare both with `F.embedding`)."""
 
