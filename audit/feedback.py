@@ -84,6 +84,23 @@ def _pair_mean(j: np.ndarray, mask: np.ndarray | None = None) -> float:
     return float((sub.sum() - np.trace(sub)) / (len(idx) * (len(idx) - 1)))
 
 
+def _miscalibration(arrivals: pd.DataFrame, consumed: pd.DataFrame, shown: pd.DataFrame, genres: pd.Series,
+                    k: int) -> pd.DataFrame:
+    """Steck's C_KL of each round's list against the user's history at that round (the items the
+    user arrived with plus those accepted in earlier rounds), in one call of the audit's own
+    function: each (round, user) becomes one pseudo-user key."""
+    rounds = np.sort(shown["round"].unique())
+    hist = pd.concat([arrivals[["round", "user_id", "item_id"]], consumed.assign(round=consumed["round"] + 1)],
+                     ignore_index=True)
+    span = int(max(shown["user_id"].max(), hist["user_id"].max() if len(hist) else 0)) + 1
+    per_round = [hist[hist["round"] <= r].assign(user_id=lambda f, r=r: r * span + f["user_id"]) for r in rounds]
+    lists = shown.assign(user_id=shown["round"] * span + shown["user_id"])
+    m = miscalibration_per_user(pd.concat(per_round, ignore_index=True), lists[["user_id", "item_id", "rank"]],
+                                genres, k=k)
+    key = m.index.to_numpy()
+    return pd.DataFrame({"round": key // span, "user_id": key % span, "miscalibration": m.to_numpy()})
+
+
 def run_metrics(run: Run, popularity: pd.Series, genres: pd.Series, catalogue: np.ndarray, groups: pd.DataFrame,
                 decay: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-user long frame: round, user_id, metric, value; population long frame: round, attribute,
@@ -93,11 +110,12 @@ def run_metrics(run: Run, popularity: pd.Series, genres: pd.Series, catalogue: n
     w = attention_weights(k, decay)
     s = s.assign(w=w[s["rank"].to_numpy() - 1], acc_u=np.where(s["accepted"], s["utility"], 0.0),
                  pop=s["item_id"].map(popularity).fillna(0.0).to_numpy(float))
+    s["wu"] = s["w"] * s["utility"]
     g = s.groupby(["round", "user_id"], sort=True)
+    sums = g[["wu", "w", "acc_u"]].sum()
     wide = pd.DataFrame({
-        "utility_shown": g.apply(lambda f: float(np.average(f["utility"], weights=f["w"])), include_groups=False),
-        "utility_accepted": g["acc_u"].sum(), "accepted": g["accepted"].sum().astype(float),
-        "arp": g["pop"].mean()}).reset_index()
+        "utility_shown": sums["wu"] / sums["w"], "utility_accepted": sums["acc_u"],
+        "accepted": g["accepted"].sum().astype(float), "arp": g["pop"].mean()}).reset_index()
     wide["utility_cum"] = wide.groupby("user_id")["utility_accepted"].cumsum()
     acc = s[s["accepted"]]
     if s["score"].notna().any():
@@ -108,17 +126,15 @@ def run_metrics(run: Run, popularity: pd.Series, genres: pd.Series, catalogue: n
         wide = wide.merge(h.groupby(["round", "user_id"])["e"].mean().rename("mae_heldout").reset_index(),
                           on=["round", "user_id"], how="left")
     consumed_all = acc[["round", "user_id", "item_id"]]
-    history_all = pd.concat([run.arrivals[["round", "user_id", "item_id"]].assign(order=0),
-                             consumed_all.assign(round=consumed_all["round"] + 1, order=1)], ignore_index=True)
-    mis, jac, pop_rows = [], [], []
+    mis = _miscalibration(run.arrivals, consumed_all, s, genres, k)
+    jac, pop_rows = [], []
     group_cols = [c for c in groups.columns if c != "user_id"]
     gtab = groups.set_index("user_id")
-    cat = set(np.asarray(catalogue).tolist())
+    catalogue = np.asarray(catalogue)
+    s = s.assign(code=np.searchsorted(catalogue, s["item_id"].to_numpy()), e=1.0 / np.log2(1.0 + s["rank"]))
+    s = s[catalogue[np.minimum(s["code"], len(catalogue) - 1)] == s["item_id"]]   # catalogue items only
     for r, lists in s.groupby("round", sort=True):
         users = np.unique(lists["user_id"].to_numpy())
-        hist = history_all[history_all["round"] <= r]
-        m = miscalibration_per_user(hist, lists[["user_id", "item_id", "rank"]], genres, k=k)
-        mis.append(pd.DataFrame({"round": r, "user_id": m.index, "miscalibration": m.to_numpy()}))
         jm = _jaccard_matrix(consumed_all[consumed_all["round"] <= r], users)
         n = len(users)
         per = (jm.sum(axis=1) - np.diag(jm)) / max(n - 1, 1) if n > 1 else np.full(n, np.nan)
@@ -128,14 +144,15 @@ def run_metrics(run: Run, popularity: pd.Series, genres: pd.Series, catalogue: n
         for a in group_cols:
             for grp in sorted(labels[a].dropna().unique(), key=str):
                 scopes.append((a, str(grp), (labels[a] == grp).to_numpy()))
+        row_user = np.searchsorted(users, lists["user_id"].to_numpy())
+        codes, e = lists["code"].to_numpy(), lists["e"].to_numpy()
         for a, grp, mask in scopes:
-            sub = lists[lists["user_id"].isin(users[mask])]
-            exposure = sub.assign(e=1.0 / np.log2(1.0 + sub["rank"])).groupby("item_id")["e"].sum()
-            vec = exposure.reindex(list(cat)).fillna(0.0).to_numpy()
-            for metric, value in (("coverage", len(set(sub["item_id"]) & cat) / len(cat)),
-                                  ("exposure_gini", gini(vec)), ("jaccard_population", _pair_mean(jm, mask))):
+            inside = mask[row_user]
+            exposure = np.bincount(codes[inside], e[inside], len(catalogue))
+            for metric, value in (("coverage", float(np.mean(exposure > 0))), ("exposure_gini", gini(exposure)),
+                                  ("jaccard_population", _pair_mean(jm, mask))):
                 pop_rows.append({"round": r, "attribute": a, "group": grp, "metric": metric, "value": value})
-    wide = wide.merge(pd.concat(mis), on=["round", "user_id"], how="left").merge(pd.concat(jac), on=["round", "user_id"], how="left")
+    wide = wide.merge(mis, on=["round", "user_id"], how="left").merge(pd.concat(jac), on=["round", "user_id"], how="left")
     per_user = wide.melt(id_vars=["round", "user_id"], var_name="metric", value_name="value").dropna(subset=["value"])
     return per_user.assign(**_key(run)), pd.DataFrame(pop_rows).assign(**_key(run))
 

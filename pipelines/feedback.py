@@ -19,9 +19,8 @@ from metarec.splits import SplitConfig, partition
 from pipelines.common import load_params, load_prepared, load_split, stage
 
 
-@stage
-def main() -> None:
-    params = load_params()
+def run(params: dict) -> list[dict]:
+    """The whole stage for one params dict (benchmarks/feedback_cost.py varies it); returns the headline."""
     fp = params["feedback"]
     exp = Experiment.from_params(fp, params["seeds"], params["models"])
     seed_everything(exp.seed, torch_too=any(m not in registry.CLASSIC for m in exp.models))
@@ -55,7 +54,12 @@ def main() -> None:
                           and r["metric"] == "utility_shown" and r["oracle"] == exp.oracles[0]])
     curve["arm"] = curve["model"] + "/" + curve["policy"]
     atomic_write_text("plots/feedback.csv", curve[["round", "arm", "mean", "ci_low", "ci_high"]].to_csv(index=False))
-    for h in head:
+    return head
+
+
+@stage
+def main() -> None:
+    for h in run(load_params()):
         print(" ".join(f"{k}={v}" for k, v in h.items()))
 
 

@@ -199,3 +199,25 @@ def test_policies_respect_the_mask():
 def test_bad_loop_parameter_is_one_sentence():
     with pytest.raises(ConfigError, match=r"^params.yaml feedback.epsilon is 1.5; expected in \[0, 1\]$"):
         LoopConfig.from_params({"epsilon": 1.5})
+
+
+def test_report_section_renders_from_the_metrics_file(arms, world, tmp_path):
+    import json
+
+    from audit.feedback import headline
+    from audit.feedback_report import feedback_context
+    from audit.report import environment
+
+    _, per_user, population = arms
+    recs = audit_records(per_user, population, world["groups"], min_size=5, rounds=3, oracles=["nmf"])
+    head = headline(recs, ["bias"], ["greedy", "epsilon_greedy"], world["attr"], "F", 3)
+    cfg = {"oracles": ["nmf"], "models": ["bias"], "rounds": 3, "k": 5, "scenario": "user_cold", "seeds": [0, 1]}
+    path = tmp_path / "feedback.json"
+    path.write_text(json.dumps({"config": cfg, "oracles": [{"oracle": "nmf", "sigma": 1.0, "fit_rmse": 0.9}],
+                                "headline": head, "records": recs}))
+    ctx = feedback_context(path)
+    html = environment().get_template("feedback.html.j2").render(fb=ctx)
+    assert '<section id="feedback">' in html and html.count("<svg") == len(ctx["charts"]) == 5
+    g = head[0]["utility_shown@round3"]
+    assert f"{g[0]:.3f}" in html
+    assert feedback_context(tmp_path / "absent.json") is None

@@ -62,24 +62,29 @@ class Experiment:
 
     def arms(self) -> list[Arm]:
         out = []
-        for o in self.oracles:
-            for s in self.seeds:
-                out += [Arm(o, s, "reference", p) for p in self.policies if p in policies.REFERENCE_POLICIES]
-                out += [Arm(o, s, m, p) for m in self.models for p in self.policies if p in policies.MODEL_POLICIES]
+        for s in self.seeds:
+            for m in self.models:
+                out += [Arm(o, s, m, p) for o in self.oracles for p in self.policies if p in policies.MODEL_POLICIES]
+            out += [Arm(o, s, "reference", p) for o in self.oracles for p in self.policies
+                    if p in policies.REFERENCE_POLICIES]
         return out
 
 
 def run_all(exp: Experiment, population: Sequence[SimUser], catalogue: np.ndarray, oracles: Mapping[str, Oracle],
             choice: ChoiceModel, popularity: np.ndarray, load_model: Callable[[str, int], Recommender],
             acceptance: Mapping[int, float] | None = None) -> Iterator[tuple[Arm, SimulationLog]]:
-    """Simulate every arm; each model is loaded once per seed."""
+    """Simulate every arm; each model is loaded once per seed and its predictions for a given
+    history are shared by every policy and oracle of that seed (loop.simulate's cache)."""
     loaded: dict[tuple[str, int], Recommender] = {}
+    caches: dict[tuple[str, int], dict] = {}
     for arm in exp.arms():
         model = None
         if arm.model != "reference":
             model = loaded.get((arm.model, arm.seed))
             if model is None:
                 loaded.clear()
+                caches.clear()
                 model = loaded[(arm.model, arm.seed)] = load_model(arm.model, arm.seed)
         yield arm, simulate(arm.policy, population, catalogue, oracles[arm.oracle], choice, exp.loop, arm.seed,
-                            model=model, popularity=popularity, acceptance=acceptance)
+                            model=model, popularity=popularity, acceptance=acceptance,
+                            cache=caches.setdefault((arm.model, arm.seed), {}))

@@ -52,6 +52,7 @@ class LoopConfig:
     epsilon: float = 0.1
     ucb_c: float = 1.0              # UCB score = prediction + ucb_c x bootstrap standard deviation
     n_bootstrap: int = 4            # support-set resamples behind the uncertainty estimate
+    ucb_shortlist: int = 50         # UCB re-ranks the best-predicted items this many deep (only they need a bootstrap)
 
     @classmethod
     def from_params(cls, p: Mapping) -> "LoopConfig":
@@ -61,7 +62,8 @@ class LoopConfig:
                   (0.0 < cfg.initial_fraction <= 1.0, "initial_fraction", "in (0, 1]"),
                   (cfg.cohort_support >= 1, "cohort_support", "an integer >= 1"),
                   (0.0 <= cfg.epsilon <= 1.0, "epsilon", "in [0, 1]"), (cfg.ucb_c >= 0, "ucb_c", ">= 0"),
-                  (cfg.n_bootstrap >= 2, "n_bootstrap", "an integer >= 2")]
+                  (cfg.n_bootstrap >= 2, "n_bootstrap", "an integer >= 2"),
+                  (cfg.ucb_shortlist >= cfg.k, "ucb_shortlist", f"an integer >= k ({cfg.k})")]
         for ok, name, what in checks:
             if not ok:
                 raise ConfigError(f"params.yaml feedback.{name} is {getattr(cfg, name)!r}; expected {what}")
@@ -114,12 +116,15 @@ def arrival_rounds(n_users: int, cfg: LoopConfig, seed: int) -> np.ndarray:
 
 def simulate(policy: str, population: Sequence[SimUser], catalogue: np.ndarray, oracle: Oracle, choice: ChoiceModel,
              cfg: LoopConfig, seed: int, *, model: Recommender | None = None, popularity: np.ndarray | None = None,
-             acceptance: Mapping[int, float] | None = None) -> SimulationLog:
+             acceptance: Mapping[int, float] | None = None, cache: dict | None = None) -> SimulationLog:
     """Run one policy for rounds 0..R.
 
     `catalogue`: sorted item ids that may be shown; `popularity`: rating counts aligned with it
     (the popularity arm adds the simulation's accepted items as they come); `acceptance`: a
-    per-user factor on acceptance probabilities (a planted bias; 1 for absent users).
+    per-user factor on acceptance probabilities (a planted bias; 1 for absent users); `cache`: a
+    dict shared by runs of the same model (any policy or oracle) that reuses the prediction for a
+    task whose history was already scored (round 0 is the same for every policy, and a user who
+    accepted nothing keeps their history). Predictions depend only on the task, so reuse is exact.
     """
     if policy not in policies.MODEL_POLICIES + policies.REFERENCE_POLICIES:
         raise ConfigError(f"params.yaml feedback.policies: unknown policy {policy!r}; expected some of "
@@ -144,7 +149,7 @@ def simulate(policy: str, population: Sequence[SimUser], catalogue: np.ndarray, 
             allowed[row, [col[i] for i in (*state.history[u.user_id], *u.query_items.tolist()) if i in col]] = False
         preds = None
         if model is not None and policy in policies.MODEL_POLICIES:
-            preds, scored = _predict(model, present, state, catalogue)
+            preds, scored = _predict(model, present, state, catalogue, {} if cache is None else cache)
             heldout.append(_heldout_rows(r, present, scored, preds, col))
         lists, scores = _choose(policy, preds, allowed, present, state, catalogue, oracle, cfg, seed, r, model, popularity)
         shown.append(_react(r, present, lists, scores, catalogue, oracle, choice, seed, acceptance, state, col))
@@ -162,31 +167,45 @@ def _tasks(present: Sequence[SimUser], state: _State, catalogue: np.ndarray) -> 
     return out
 
 
-def _predict(model: Recommender, present: Sequence[SimUser], state: _State,
-             catalogue: np.ndarray) -> tuple[np.ndarray, list[Task]]:
-    """[users, catalogue] predictions (NaN on the history) and the tasks that produced them."""
+def _task_key(t: Task) -> tuple:
+    return (int(t.user_id), t.support_items.tobytes(), t.support_ratings.tobytes())
+
+
+def _predict(model: Recommender, present: Sequence[SimUser], state: _State, catalogue: np.ndarray,
+             cache: dict) -> tuple[np.ndarray, list[Task]]:
+    """[users, catalogue] predictions (NaN on the history) and the tasks that produced them.
+
+    A classic model folds every task of one call into one refit, so its answers depend on the
+    whole call: it is never served from the cache (`predict_chunk = None` marks such models)."""
     tasks = _tasks(present, state, catalogue)
+    joint = hasattr(model, "predict_chunk") and model.predict_chunk is None
+    todo = [t for t in tasks if joint or _task_key(t) not in cache]
+    fresh = dict(zip(map(_task_key, todo), predict_in_chunks(model, todo))) if todo else {}
+    if not joint:
+        cache.update(fresh)
     out = np.full((len(present), len(catalogue)), np.nan)
-    for row, (t, p) in enumerate(zip(tasks, predict_in_chunks(model, tasks))):
-        out[row, np.searchsorted(catalogue, t.candidates)] = p
+    for row, t in enumerate(tasks):
+        out[row, np.searchsorted(catalogue, t.candidates)] = fresh.get(_task_key(t), cache.get(_task_key(t)))
     return out, tasks
 
 
-def _bootstrap_std(model: Recommender, tasks: Sequence[Task], catalogue: np.ndarray, cfg: LoopConfig,
-                   seed: int, r: int) -> np.ndarray:
+def _bootstrap_std(model: Recommender, tasks: Sequence[Task], shortlist: np.ndarray, catalogue: np.ndarray,
+                   cfg: LoopConfig, seed: int, r: int) -> np.ndarray:
     """Std of the predictions over support sets resampled with replacement: how much the model's
-    adapted prediction for this user rests on which of their few ratings it happened to see."""
+    adapted prediction for this user rests on which of their few ratings it happened to see.
+    Computed for each user's shortlist (column indices) only; zero elsewhere."""
     boot = []
-    for t in tasks:
+    for t, cols in zip(tasks, shortlist):
         g = rng(seed, "bootstrap", r, int(t.user_id))
         for _ in range(cfg.n_bootstrap):
             pick = g.integers(0, len(t.support_items), len(t.support_items))
-            boot.append(t.replace(support_items=t.support_items[pick], support_ratings=t.support_ratings[pick]))
+            boot.append(t.replace(support_items=t.support_items[pick], support_ratings=t.support_ratings[pick],
+                                  candidates=catalogue[cols]))
     preds = predict_in_chunks(model, boot)
     out = np.zeros((len(tasks), len(catalogue)))
-    for row, t in enumerate(tasks):
+    for row, cols in enumerate(shortlist):
         stack = np.stack(preds[row * cfg.n_bootstrap:(row + 1) * cfg.n_bootstrap])
-        out[row, np.searchsorted(catalogue, t.candidates)] = stack.std(axis=0, ddof=1)
+        out[row, cols] = stack.std(axis=0, ddof=1)
     return out
 
 
@@ -203,8 +222,11 @@ def _choose(policy: str, preds: np.ndarray | None, allowed: np.ndarray, present:
     if policy == "epsilon_greedy":
         return policies.epsilon_greedy(masked(preds), cfg.k, cfg.epsilon, gens), score
     if policy == "ucb":
-        std = _bootstrap_std(model, _tasks(present, state, catalogue), catalogue, cfg, seed, r)
-        return policies.greedy(masked(preds + cfg.ucb_c * std), cfg.k), score
+        shortlist = policies.greedy(masked(preds), cfg.ucb_shortlist)
+        std = _bootstrap_std(model, _tasks(present, state, catalogue), shortlist, catalogue, cfg, seed, r)
+        on_list = np.zeros(allowed.shape, dtype=bool)
+        np.put_along_axis(on_list, shortlist, True, axis=1)
+        return policies.greedy(np.where(on_list, preds + cfg.ucb_c * std, -np.inf), cfg.k), score
     if policy == "popularity":
         base = np.zeros(len(catalogue)) if popularity is None else np.asarray(popularity, dtype=float)
         return policies.greedy(masked(np.broadcast_to(base + state.accepted_counts, allowed.shape)), cfg.k), score
@@ -239,10 +261,10 @@ def _react(r: int, present: Sequence[SimUser], lists: np.ndarray, scores: np.nda
 
 def _heldout_rows(r: int, present: Sequence[SimUser], tasks: Sequence[Task], preds: np.ndarray,
                   col: Mapping[int, int]) -> pd.DataFrame:
-    rows = []
+    rows, cols, users, items, truth = [], [], [], [], []
     for row, u in enumerate(present):
-        keep = np.array([i in col for i in u.query_items.tolist()], dtype=bool)
-        q = u.query_items[keep]
-        rows.append(pd.DataFrame({"round": r, "user_id": u.user_id, "item_id": q, "y_true": u.query_ratings[keep],
-                                  "y_pred": preds[row, [col[int(i)] for i in q]]}))
-    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+        for i, y in zip(u.query_items.tolist(), u.query_ratings.tolist()):
+            if i in col:
+                rows.append(row), cols.append(col[i]), users.append(u.user_id), items.append(i), truth.append(y)
+    return pd.DataFrame({"round": r, "user_id": np.asarray(users, dtype=np.int64), "item_id": np.asarray(items, dtype=np.int64),
+                         "y_true": np.asarray(truth, dtype=float), "y_pred": preds[rows, cols] if rows else np.zeros(0)})

@@ -19,6 +19,7 @@ depend on the choice of ground truth.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,6 +119,7 @@ def _biases(n_users: int, n_items: int, ui: np.ndarray, ii: np.ndarray, y: np.nd
 def _nmf_utility(n_users: int, n_items: int, ui: np.ndarray, ii: np.ndarray, y: np.ndarray,
                  rank: int, seed: int, iterations: int = 2) -> np.ndarray:
     from sklearn.decomposition import NMF
+    from sklearn.exceptions import ConvergenceWarning
 
     g, b_u, b_i = _biases(n_users, n_items, ui, ii, y)
     x = g + b_u[:, None] + b_i[None, :]
@@ -128,7 +130,9 @@ def _nmf_utility(n_users: int, n_items: int, ui: np.ndarray, ii: np.ndarray, y: 
     rec = x
     for _ in range(iterations):
         nmf = NMF(n_components=rank, init="nndsvda", random_state=seed, max_iter=200, tol=1e-4)
-        w = nmf.fit_transform(x)
+        with warnings.catch_warnings():   # each EM step is approximate by design; the next refines it
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            w = nmf.fit_transform(x)
         rec = w @ nmf.components_
         x = np.where(observed, x, rec)
     return rec
