@@ -221,3 +221,34 @@ def test_report_section_renders_from_the_metrics_file(arms, world, tmp_path):
     g = head[0]["utility_shown@round3"]
     assert f"{g[0]:.3f}" in html
     assert feedback_context(tmp_path / "absent.json") is None
+
+
+class _SupportMean:
+    """A per-task model (no joint refit): support mean plus a fixed per-item offset."""
+
+    def __init__(self, offsets: dict):
+        self.offsets = offsets
+        self.calls = 0
+
+    def predict(self, tasks):
+        self.calls += len(tasks)
+        return [np.full(len(t.candidates), float(np.mean(t.support_ratings)) if len(t.support_ratings) else 3.0)
+                + np.array([self.offsets.get(int(i), 0.0) for i in t.candidates]) for t in tasks]
+
+
+def test_shared_prediction_cache_is_exact_and_saves_calls(world):
+    cfg = LoopConfig(rounds=2, k=5)
+    offsets = {int(i): 0.01 * (int(i) % 37) for i in world["catalogue"]}
+    kw = dict(popularity=None)
+    plain = _SupportMean(offsets)
+    alone = simulate("greedy", world["population"], world["catalogue"], world["oracle"], world["choice"], cfg, 0,
+                     model=plain, **kw)
+    cached, cache = _SupportMean(offsets), {}
+    simulate("epsilon_greedy", world["population"], world["catalogue"], world["oracle"], world["choice"], cfg, 0,
+             model=cached, cache=cache, **kw)
+    before = cached.calls
+    shared = simulate("greedy", world["population"], world["catalogue"], world["oracle"], world["choice"], cfg, 0,
+                      model=cached, cache=cache, **kw)
+    pd.testing.assert_frame_equal(alone.shown, shared.shown)
+    pd.testing.assert_frame_equal(alone.heldout, shared.heldout)
+    assert cached.calls - before < plain.calls - len(world["population"]) // 2   # round 0 at least came from the cache
