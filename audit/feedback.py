@@ -231,8 +231,9 @@ def _bh(records: list[dict]) -> list[dict]:
 def _group_tests(values: pd.DataFrame, groups: pd.DataFrame, min_size: int) -> Iterable[tuple[str, str, dict]]:
     """(attribute, group, Welch result of group vs the rest) for one set of per-user values."""
     v = values.set_index("user_id")["value"]
-    for a in [c for c in groups.columns if c != "user_id"]:
-        lab = groups.set_index("user_id")[a].reindex(v.index)
+    indexed = groups.set_index("user_id").reindex(v.index)
+    for a in indexed.columns:
+        lab = indexed[a]
         for grp in sorted(lab.dropna().unique(), key=str):
             inside = (lab == grp).to_numpy()
             outside = lab.notna().to_numpy() & ~inside
@@ -356,9 +357,11 @@ def long_records(per_user: pd.DataFrame, population: pd.DataFrame, groups: pd.Da
         "metric": both["metric"].to_numpy(), "value": both["value"].astype(float).to_numpy()})
 
 
-def _pick(records: Sequence[dict], **where) -> dict | None:
-    hits = [r for r in records if all(r.get(k) == v for k, v in where.items())]
-    return hits[0] if hits else None
+_PICK_KEYS = ("kind", "oracle", "model", "policy", "round", "attribute", "group", "metric")
+
+
+def _pick(index: Mapping[tuple, dict], **where) -> dict | None:
+    return index.get(tuple(where.get(k) for k in _PICK_KEYS))
 
 
 def headline(records: Sequence[dict], models: Sequence[str], policies_: Sequence[str], attribute: str,
@@ -367,17 +370,21 @@ def headline(records: Sequence[dict], models: Sequence[str], policies_: Sequence
     homogenisation, coverage and `group`'s utility gap (each with its 95% interval)."""
     out = []
     oracles = sorted({r["oracle"] for r in records if "oracle" in r})
+    index: dict[tuple, dict] = {}
+    for rec in records:
+        if rec["kind"] in ("curve", "gap"):
+            index.setdefault(tuple(rec.get(k) for k in _PICK_KEYS), rec)
     for o in oracles:
         for m in models:
             for p in policies_:
                 row = {"oracle": o, "model": m, "policy": p, "attribute": attribute, "group": group}
                 for r in sorted({0, rounds}):
                     for metric in ("utility_shown", "homogenisation", "coverage"):
-                        c = _pick(records, kind="curve", oracle=o, model=m, policy=p, round=r, attribute="all",
-                                  metric=metric)
+                        c = _pick(index, kind="curve", oracle=o, model=m, policy=p, round=r, attribute="all",
+                                  group="all", metric=metric)
                         if c:
                             row[f"{metric}@round{r}"] = [c["mean"], c["ci_low"], c["ci_high"]]
-                    g = _pick(records, kind="gap", oracle=o, model=m, policy=p, round=r, attribute=attribute,
+                    g = _pick(index, kind="gap", oracle=o, model=m, policy=p, round=r, attribute=attribute,
                               group=group, metric="utility_shown")
                     if g:
                         row[f"utility_gap@round{r}"] = [g["diff"], g["ci_low"], g["ci_high"]]

@@ -209,7 +209,7 @@ def _gbdt_utility(data: RatingData, users: np.ndarray, items: np.ndarray, ui: np
         return np.column_stack([umat[u], imat[i], b_u[u], b_i[i], aff, log_count[i]])
 
     cat_mask = np.array(ucat + icat + [False] * 4, dtype=bool)
-    model = HistGradientBoostingRegressor(max_iter=100, learning_rate=0.1, max_leaf_nodes=31,
+    model = HistGradientBoostingRegressor(max_iter=50, learning_rate=0.2, max_leaf_nodes=31, early_stopping=False,
                                           categorical_features=cat_mask if cat_mask.any() else None,
                                           random_state=seed)
     x = features(ui, ii)
