@@ -160,6 +160,9 @@ def test_records_have_intervals_and_adjusted_p_values(arms, world):
     recs = audit_records(per_user, population, world["groups"], min_size=5, rounds=3, oracles=["nmf"])
     kinds = {r["kind"] for r in recs}
     assert {"curve", "gap", "gap_growth", "exploration"} <= kinds
+    from audit.registry import unregistered
+
+    assert unregistered(set(per_user.metric) | set(population.metric)) == []
     for r in recs:
         if r["kind"] in ("gap", "gap_growth"):
             assert 0 <= r["p_value"] <= r["p_adjusted"] <= 1 and r["adjustment"] == "benjamini-hochberg"
