@@ -31,7 +31,7 @@ class Metric:
     """One metric: ``name`` may hold ``{k}`` for a cut-off family."""
 
     name: str
-    family: str        # rating error | ranking | lists and exposure | fairness | robustness | count
+    family: str        # rating error | ranking | lists and exposure | fairness | robustness | feedback loop | count
     direction: str     # lower | higher | neither (which way is better)
     unit: str
     per: str           # user | list | scenario | group | attack: the unit one value describes
@@ -49,6 +49,7 @@ class Metric:
 
 _M = "audit.metrics"
 _F = "audit.fairness"
+_FB = "audit.feedback"
 METRICS: tuple[Metric, ...] = (
     # rating error within the query set (one value per user)
     Metric("mae", "rating error", LOWER, "rating points", "user",
@@ -146,6 +147,37 @@ METRICS: tuple[Metric, ...] = (
            "Shilling attack: share of (user, target item) pairs where the target enters the "
            "top-k list after the attack.", "Mobasher et al., TOIT 2007",
            "audit.shilling.attack_effect"),
+    # feedback loop (closed-loop simulation; the utility is the oracle's expected rating)
+    Metric("utility_shown", "feedback loop", HIGHER, "rating points", "user",
+           "True utility of the shown top-k list: the oracle's expected ratings averaged with the "
+           "rank-attention weights j^-0.8.", "Chaney, Stewart & Engelhardt, RecSys 2018",
+           f"{_FB}.run_metrics"),
+    Metric("utility_accepted", "feedback loop", HIGHER, "rating points", "user",
+           "Sum of the true utilities of the items the user accepted in the round.",
+           "Chaney, Stewart & Engelhardt, RecSys 2018", f"{_FB}.run_metrics"),
+    Metric("utility_cum", "feedback loop", HIGHER, "rating points", "user",
+           "Running total of utility_accepted from round 0 to the round.",
+           "Chaney, Stewart & Engelhardt, RecSys 2018", f"{_FB}.run_metrics"),
+    Metric("accepted", "count", NEITHER, "items", "user",
+           "Number of listed items the user accepted in the round (a count, not a quality measure).",
+           "choice model: rank attention x logistic acceptance", f"{_FB}.run_metrics"),
+    Metric("mae_new", "rating error", LOWER, "rating points", "user",
+           "MAE of the model's prediction against the simulated rating of each item the user "
+           "accepted in the round.", "standard", f"{_FB}.run_metrics"),
+    Metric("mae_heldout", "rating error", LOWER, "rating points", "user",
+           "MAE on the user's real held-out query ratings, the model adapted on the user's "
+           "current (grown) history; at round 0 the offline MAE.", "MeLU protocol (Lee et al., KDD 2019)",
+           f"{_FB}.run_metrics"),
+    Metric("jaccard", "feedback loop", LOWER, "0 to 1", "user",
+           "Mean Jaccard similarity of the items the user consumed in the simulation so far with "
+           "each other present user's.", "Chaney, Stewart & Engelhardt, RecSys 2018", f"{_FB}.run_metrics"),
+    Metric("jaccard_population", "feedback loop", LOWER, "0 to 1", "scenario",
+           "Mean Jaccard similarity of consumed-item sets over all pairs of present users (of one "
+           "group, for a group).", "Chaney, Stewart & Engelhardt, RecSys 2018", f"{_FB}.run_metrics"),
+    Metric("homogenisation", "feedback loop", LOWER, "ratio", "scenario",
+           "jaccard_population divided by the oracle arm's in the same oracle, seed and round "
+           "(1 = as homogeneous as the ideal recommender).", "Chaney, Stewart & Engelhardt, RecSys 2018",
+           f"{_FB}.collect"),
 )
 
 _BY_NAME = {m.name: m for m in METRICS}

@@ -1,0 +1,67 @@
+"""DVC stage `feedback`: closed-loop simulation of each audited model under greedy, epsilon-greedy
+and UCB policies (and the random, popularity and oracle arms) under two ground-truth oracles, and
+its audit per round and group (docs/FEEDBACK.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from audit.feedback import Run, audit_records, collect, headline, long_records
+from metarec.data.validate import group_labels
+from metarec.feedback.experiment import Experiment, run_all
+from metarec.feedback.loop import population_from
+from metarec.io import atomic_write_json, atomic_write_parquet, atomic_write_text
+from metarec.models import registry
+from metarec.predict import NEW_ITEM_SCENARIOS
+from metarec.seeding import seed_everything
+from metarec.splits import SplitConfig, partition
+from pipelines.common import load_params, load_prepared, load_split, stage
+
+
+def run(params: dict) -> list[dict]:
+    """The whole stage for one params dict (benchmarks/feedback_cost.py varies it); returns the headline."""
+    fp = params["feedback"]
+    exp = Experiment.from_params(fp, params["seeds"], params["models"])
+    seed_everything(exp.seed, torch_too=any(m not in registry.CLASSIC for m in exp.models))
+    data = load_prepared()
+    train, split = load_split("train", data), load_split(fp["scenario"], data)
+    population = population_from(split.tasks_with_truth())
+    new = partition(data, SplitConfig.from_params(params["tasks"])).new_items
+    items = np.sort(data.items["item_id"].to_numpy(np.int64))
+    catalogue = items[np.isin(items, list(new)) == (fp["scenario"] in NEW_ITEM_SCENARIOS)]
+    counts = train.all_ratings().groupby("item_id").size()
+    groups = pd.DataFrame({"user_id": data.users["user_id"].to_numpy(),
+                           **{a: group_labels(data.users, data.spec, a).to_numpy() for a in data.spec.sensitive}})
+    oracles = exp.fit_oracles(data, np.array([u.user_id for u in population]))
+    load = lambda name, seed: registry.load(name, f"models/{name}/seed{seed}", train=train)
+    runs = [Run(a.oracle, a.seed, a.model, a.policy, log.shown, log.heldout, log.arrivals)
+            for a, log in run_all(exp, population, catalogue, oracles, exp.choice(data),
+                                  counts.reindex(catalogue).fillna(0).to_numpy(float), load)]
+    genre = next(f.name for f in data.spec.item_features if f.kind == "multilabel")
+    per_user, pop = collect(runs, counts, data.items.set_index("item_id")[genre], catalogue, groups, exp.attention_decay)
+    records = audit_records(per_user, pop, groups, min_size=int(params["strata"]["min_group_size"]),
+                            rounds=exp.loop.rounds, oracles=exp.oracles)
+    attr = fp.get("headline_attribute") or data.spec.sensitive[0]
+    present = groups[groups.user_id.isin([u.user_id for u in population])][attr].value_counts()
+    head = headline(records, exp.models, [p for p in exp.policies if p in ("greedy", "epsilon_greedy", "ucb")],
+                    attr, str(present.idxmin()), exp.loop.rounds)
+    calibration = [{"oracle": o.family, "sigma": o.sigma, "fit_rmse": o.fit_rmse} for o in oracles.values()]
+    atomic_write_json("metrics/feedback.json", {"config": fp, "oracles": calibration, "headline": head,
+                                                "records": records})
+    atomic_write_parquet("results/feedback_long.parquet", long_records(per_user, pop, groups, fp["scenario"]))
+    curve = pd.DataFrame([r for r in records if r["kind"] == "curve" and r["attribute"] == "all"
+                          and r["metric"] == "utility_shown" and r["oracle"] == exp.oracles[0]])
+    curve["arm"] = curve["model"] + "/" + curve["policy"]
+    atomic_write_text("plots/feedback.csv", curve[["round", "arm", "mean", "ci_low", "ci_high"]].to_csv(index=False))
+    return head
+
+
+@stage
+def main() -> None:
+    for h in run(load_params()):
+        print(" ".join(f"{k}={v}" for k, v in h.items()))
+
+
+if __name__ == "__main__":
+    main()
