@@ -49,7 +49,7 @@ The context dict (all keys required; lists may be empty, numbers may be None):
     e.g. a demographic shift's group mixes, are a table, not a curve), most_damaging, shilling: [records]}
 - regression: {available, reason, verdict, baseline, accuracy: [accuracy_change], gaps: [gap_change],
     n_not_pass} from metrics/regression.json ("no baseline configured" when absent or baseline null)
-- feedback: None, or {records, columns} from metrics/feedback.json (its section shows only then)
+- feedback: None, or audit.feedback_report.feedback_context (its section shows only when the stage ran)
 - glossary: {metrics: registry.glossary rows, unregistered: [str], tests: [{anchor, name, definition, reference}]}
 - reproducibility: {seeds: [int], spread: [{model, values, mean, std, ci_low, ci_high}],
     determinism: [records], all_identical: bool|None, seed_variance: [records],
@@ -528,23 +528,6 @@ def _regression(metrics: dict[str, Any]) -> dict[str, Any]:
             "n_not_pass": sum(r.get("outcome") != "pass" for r in acc + gaps)}
 
 
-FEEDBACK_COLUMNS_MAX = 10
-
-
-def _feedback(metrics: dict[str, Any]) -> dict[str, Any] | None:
-    """The feedback-loop simulation (metrics/feedback.json) when its stage ran, else None.
-
-    The section's own layout belongs with the simulation; until it lands the report lists the
-    records under the columns they share, so nothing the stage writes goes unreported."""
-    doc = metrics.get("feedback")
-    if not doc:
-        return None
-    recs = [r for r in doc["records"] if isinstance(r, dict)] if isinstance(doc.get("records"), list) else []
-    cols = _ordered([k for r in recs for k in r if not isinstance(r[k], (dict, list))], ("kind", "round", "policy",
-                                                                                         "model", "group"))
-    return {"records": recs, "columns": cols[:FEEDBACK_COLUMNS_MAX]}
-
-
 TEST_GLOSSARY: tuple[dict[str, str], ...] = (
     {"anchor": "test-permutation", "name": "permutation test of a studentized statistic",
      "definition": "Group labels are shuffled and the statistic recomputed; for two groups the statistic is "
@@ -803,6 +786,7 @@ def _gate_metric(where: Any) -> str | None:
 
 def build_context(root: str | Path, params: dict[str, Any], data: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the template needs, as plain data (see the module docstring for the shape)."""
+    from audit.feedback_report import feedback_context
     from audit.signing import signature_context
     from metarec import __version__
 
@@ -837,7 +821,7 @@ def build_context(root: str | Path, params: dict[str, Any], data: dict[str, Any]
         "fairness": _fairness(metrics, focus),
         "robustness": _robustness(metrics, focus),
         "regression": _regression(metrics),
-        "feedback": _feedback(metrics),
+        "feedback": feedback_context(root / "metrics" / "feedback.json"),
         "signature": signature_context(root, params),
     }
     ctx["glossary"] = _glossary(metrics, ctx)

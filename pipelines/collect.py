@@ -12,7 +12,8 @@ COLUMNS = ["model", "seed", "scenario", "perturbation", "attribute", "group", "m
 
 @stage
 def main() -> None:
-    parts = [pd.read_parquet(p) for p in ("results/accuracy_long.parquet", "results/robustness_long.parquet")]
+    parts = [pd.read_parquet(p) for p in ("results/accuracy_long.parquet", "results/robustness_long.parquet",
+                                          "results/feedback_long.parquet")]
     long = pd.concat([p[COLUMNS] for p in parts], ignore_index=True)
     long = long.astype({"seed": "int64", "value": "float64"}).sort_values(COLUMNS[:-1], kind="stable")
     atomic_write_parquet("results/metrics_long.parquet", long.reset_index(drop=True))

@@ -37,7 +37,7 @@ def world():
     frames = build_splits(data, cfg)
     split = TaskSet(frames["user_cold"], data.users, data.items)
     train = TaskSet(frames["train"], data.users, data.items)
-    model = registry.fit(registry.build("bias", {}, 0), train, None, None)
+    model = registry.build("bias", {}, 0).fit(train, None, None)
     new = partition(data, cfg).new_items
     items = np.sort(data.items["item_id"].to_numpy(np.int64))
     catalogue = items[~np.isin(items, list(new))]

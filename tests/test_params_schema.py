@@ -148,7 +148,7 @@ def test_synthetic_schema_declares_every_generator_default() -> None:
 
 
 def test_metrics_files_come_from_dvc_yaml(tmp_path: Path) -> None:
-    assert metrics_files(REPO) == ("fairness", "regression", "reproducibility", "robustness", "summary")
+    assert metrics_files(REPO) == ("fairness", "feedback", "regression", "reproducibility", "robustness", "summary")
     (tmp_path / "dvc.yaml").write_text("stages:\n  extra:\n    cmd: x\n    metrics: [metrics/feedback.json]\n"
                                        "  gate:\n    cmd: y\n    metrics: [{metrics/gate.json: {cache: false}}]\n")
     assert metrics_files(tmp_path) == ("feedback",)

@@ -341,10 +341,22 @@ def test_last_release_section(tmp_path: Path) -> None:
 def test_feedback_section_only_when_its_file_exists(tmp_path: Path) -> None:
     root = write_fixture_project(tmp_path)
     assert "<h2>Feedback loop</h2>" not in _render(root)
-    _write(root, "feedback", {"records": [{"kind": "round", "round": 1, "policy": "greedy", "model": "melu",
-                                           "group": XSS_SCRIPT, "metric": "aplt", "value": 0.25}]})
+    curve = {"kind": "curve", "oracle": "gbdt", "model": "melu", "policy": "greedy", "metric": "utility_shown",
+             "attribute": "all", "group": "all", "ci_low": 3.9, "ci_high": 4.1, "n": 50}
+    growth = {"kind": "gap_growth", "oracle": "gbdt", "model": "melu", "policy": "greedy", "metric": "utility_shown",
+              "attribute": "gender", "group": XSS_SCRIPT, "gap_start": 0.05, "gap_end": 0.02, "growth": -0.03,
+              "ci_low": -0.06, "ci_high": 0.01, "p_adjusted": 0.4}
+    _write(root, "feedback", {
+        "config": {"oracles": ["gbdt"], "models": ["melu"], "rounds": 1, "k": 10, "scenario": "user_cold",
+                   "seeds": [0, 1]},
+        "oracles": [{"oracle": "gbdt", "sigma": 0.96, "fit_rmse": 0.83}],
+        "headline": [{"oracle": "gbdt", "model": "melu", "policy": "greedy", "attribute": "gender", "group": "F",
+                      "utility_shown@round0": [4.33, 4.28, 4.38], "utility_shown@round1": [4.27, 4.22, 4.32]}],
+        "records": [{**curve, "round": 0, "mean": 4.0}, {**curve, "round": 1, "mean": 4.1}, growth]})
     html = _render(root)
-    assert "<h2>Feedback loop</h2>" in html and 'href="#metric-aplt"' in _section(html, "Feedback loop")
+    part = _section(html, "Feedback loop")
+    assert "<h2>Feedback loop</h2>" in html and "4.27" in part and "[4.22, 4.32]" in part
+    assert "-0.03" in part
     _assert_only_escaped_script(html)
 
 
