@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from audit.gate import GATE_FILES
 from metarec.config import DataConfig, FeaturesConfig, OpenSection, TasksConfig, validated
 from metarec.data.schema import RatingData
 from metarec.errors import ConfigError, MetarecError
@@ -29,7 +30,7 @@ Scenario = Literal["warm", "user_cold", "item_cold", "user_item_cold"]
 Share = Annotated[float, Field(ge=0, le=1)]
 Positive = Annotated[int, Field(ge=1)]
 # Metrics files a gate may read when no dvc.yaml is at hand (metarec-audit data on a lone params file).
-DEFAULT_METRICS = ("summary", "fairness", "robustness", "reproducibility")
+DEFAULT_METRICS = GATE_FILES
 
 
 def builtin_models() -> tuple[str, ...]:
@@ -215,6 +216,10 @@ def validate_params(params: Any, workdir: str | Path = ".") -> Params:
                           "seeds, models and the audit sections")
     cfg = validated(Params, params)
     check_gates(params, Path(workdir))
+    if params.get("feedback"):   # the feedback stage's own reading of its section, here at prepare
+        from metarec.feedback.experiment import Experiment
+
+        Experiment.from_params(params["feedback"], params["seeds"], params["models"])
     return cfg
 
 

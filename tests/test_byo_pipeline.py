@@ -36,6 +36,7 @@ def trimmed_params(data: dict) -> dict:
     rob["demographic_shift"] = {"attribute": "plan", "mix": {"free": 0.5, "pro": 0.5}}
     rob["shilling"].update(models=["mean"], strategies=["random"], fractions=[0.05], n_targets=2, filler_size=5)
     params["determinism"] = {"model": "bias", "seed": 0}
+    params["feedback"].update(models=["bias"], seeds=[0], rounds=1, policies=["greedy", "random", "oracle"])
     params["gates"] = [
         {"name": "determinism_holds", "file": "reproducibility", "where": {"kind": "determinism"},
          "field": "identical", "op": "==", "threshold": True},

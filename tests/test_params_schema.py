@@ -95,6 +95,9 @@ CASES = [
     ("gate op (audit.gate's validator)", lambda p: p["gates"][0].update(op="=~"),
      "gate 'determinism_holds': op '=~' is not one of <, <=, >, >=, =="),
     ("no gates", lambda p: p.pop("gates"), "params.yaml: gates is missing; expected it to be set"),
+    ("feedback seed not trained", lambda p: p["feedback"].update(seeds=[0, 7]),
+     "params.yaml feedback.seeds: [7] not among [0, 1, 2, 3, 4] (models and seeds must be trained by the train "
+     "stage)"),
     ("unknown source", lambda p: p["data"].update(source="sql"),
      "params.yaml: data.source is 'sql'; expected 'movielens-100k', 'csv', 'parquet' or 'synthetic'"),
     ("csv without schema", lambda p: p.update(data={"source": "csv", "interactions": "a", "users": "b", "items": "c"}),
@@ -135,9 +138,9 @@ def test_each_rule_has_its_sentence(edit: Callable[[dict], Any], message: str) -
 
 
 def test_sections_other_stages_add_pass_through() -> None:
-    params = edited(lambda p: (p.update(feedback={"rounds": 3}), p["evaluation"].update(new_knob=1)))
+    params = edited(lambda p: (p.update(later_stage={"rounds": 3}), p["evaluation"].update(new_knob=1)))
     cfg = validate_params(params, REPO)
-    assert cfg.model_extra == {"feedback": {"rounds": 3}} and cfg.evaluation.model_extra == {"new_knob": 1}
+    assert cfg.model_extra["later_stage"] == {"rounds": 3} and cfg.evaluation.model_extra == {"new_knob": 1}
 
 
 def test_synthetic_schema_declares_every_generator_default() -> None:
