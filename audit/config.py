@@ -124,20 +124,13 @@ class Params(OpenSection):
     baseline: str | dict[str, Any] | None = None
     gates: list[Any]
 
-    @field_validator("seeds")
+    @field_validator("seeds", "models")
     @classmethod
-    def _distinct_seeds(cls, v: list[int]) -> list[int]:
-        twice = [s for i, s in enumerate(v) if s in v[:i]]
+    def _distinct(cls, v: list[Any], info: Any) -> list[Any]:
+        twice = [x for i, x in enumerate(v) if x in v[:i]]
         if twice:
-            raise ValueError(f"lists seed {twice[0]} twice; expected distinct integers")
-        return v
-
-    @field_validator("models")
-    @classmethod
-    def _distinct_models(cls, v: list[str]) -> list[str]:
-        twice = [n for i, n in enumerate(v) if n in v[:i]]
-        if twice:
-            raise ValueError(f"lists model {twice[0]!r} twice; expected each model once")
+            what = ("seed {0}", "distinct integers") if info.field_name == "seeds" else ("model {0!r}", "each model once")
+            raise ValueError(f"lists {what[0].format(twice[0])} twice; expected {what[1]}")
         return v
 
     @model_validator(mode="after")

@@ -546,9 +546,11 @@ TEST_GLOSSARY: tuple[dict[str, str], ...] = (
      "definition": "95% Student-t interval of the per-seed means, with the task split fixed: how much the result "
                    "moves when only the training randomness changes.", "reference": "Henderson et al., AAAI 2018"},
     {"anchor": "interval-users", "name": "interval over seeds and users",
-     "definition": "95% two-level bootstrap interval: seeds resampled, then users within each seed; what another "
-                   "sample of users would see. Pooled metrics (AUC, coverage, Gini) have no per-user values and "
-                   "so no such interval.", "reference": "Saravanan et al., NBDT 2020 (hierarchical bootstrap)"},
+     "definition": "95% interval with both sources of variation: the evaluated users bootstrapped (one draw shared "
+                   "by every seed and model, so comparisons stay paired) and the training seeds through the "
+                   "t-spread of their means, with Satterthwaite degrees of freedom; what another sample of users "
+                   "would see. Pooled metrics (AUC, coverage, Gini) have no per-user values and so no such "
+                   "interval.", "reference": "Saravanan et al., NBDT 2020 (hierarchical resampling)"},
     {"anchor": "test-gap", "name": "group gap",
      "definition": "Largest minus smallest group value of a metric among groups of sufficient size, with a 95% "
                    "interval; tested by the permutation test, not by its interval, which a max - min biases away "
