@@ -195,7 +195,7 @@ def test_policies_respect_the_mask():
     gens = [np.random.default_rng(0)]
     lists = policies.epsilon_greedy(scores, 4, 0.5, gens)
     assert sorted(lists[0].tolist()) == [0, 1, 3, 4]
-    with pytest.raises(ValueError, match="only 4 items left to show; k=5"):
+    with pytest.raises(ConfigError, match="only 4 items left to show; k=5"):
         policies.greedy(scores, 5)
 
 

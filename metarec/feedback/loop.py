@@ -222,7 +222,9 @@ def _choose(policy: str, preds: np.ndarray | None, allowed: np.ndarray, present:
     if policy == "epsilon_greedy":
         return policies.epsilon_greedy(masked(preds), cfg.k, cfg.epsilon, gens), score
     if policy == "ucb":
-        shortlist = policies.greedy(masked(preds), cfg.ucb_shortlist)
+        # a small catalogue may leave fewer items than the shortlist: re-rank all of them then
+        room = int(allowed.sum(axis=1).min()) if len(allowed) else cfg.k
+        shortlist = policies.greedy(masked(preds), max(cfg.k, min(cfg.ucb_shortlist, room)))
         std = _bootstrap_std(model, _tasks(present, state, catalogue), shortlist, catalogue, cfg, seed, r)
         on_list = np.zeros(allowed.shape, dtype=bool)
         np.put_along_axis(on_list, shortlist, True, axis=1)

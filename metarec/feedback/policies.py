@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from metarec.errors import ConfigError
+
 MODEL_POLICIES = ("greedy", "epsilon_greedy", "ucb")
 REFERENCE_POLICIES = ("random", "popularity", "oracle")
 
@@ -57,5 +59,5 @@ def epsilon_greedy(scores: np.ndarray, k: int, epsilon: float, gens: Sequence[np
 def _check_room(scores: np.ndarray, k: int) -> None:
     allowed = np.isfinite(scores).sum(axis=1) if scores.size else np.zeros(0)
     if len(allowed) and allowed.min() < k:
-        raise ValueError(f"a user has only {int(allowed.min())} items left to show; k={k} needs more "
-                         "(lower feedback.k or feedback.rounds)")
+        raise ConfigError(f"params.yaml feedback: a user has only {int(allowed.min())} items left to show; "
+                          f"k={k} needs more (lower feedback.k or feedback.rounds)")
