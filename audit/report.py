@@ -223,6 +223,10 @@ def _focus(params: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
 
 FAMILY_ORDER = ("rating error", "ranking", "lists and exposure")
 SUPERSEDED = {"mse": "rmse"}   # shown only in the full table when the metric on the right is present
+# Metrics that answer the same question as one the compact table shows (kept in the full table):
+# precision@k of a fixed-length list moves with recall@k; the pooled "liked" precision and recall
+# with the pooled AUC; ARP with APLT (popularity bias); diversity with novelty.
+SECONDARY = {"precision": "auc", "recall": "auc", "arp": "aplt", "diversity": "novelty"}
 ALPHA = 0.05
 
 
@@ -255,6 +259,9 @@ def _omission(name: str, means: list[float], present: set[str], focal_metric: st
         return "the same value for every model (constant by construction)"
     if SUPERSEDED.get(name) in present:
         return f"its root, {SUPERSEDED[name]}, is shown"
+    same = SECONDARY.get(name) or (name.replace("precision@", "recall@", 1) if name.startswith("precision@") else None)
+    if same in present:
+        return f"{same} is shown for the same question"
     shown = _cutoff_shown(name, present, focal_metric)
     if shown != name:
         return f"another cut-off of the same metric, {shown}, is shown"

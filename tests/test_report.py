@@ -187,7 +187,8 @@ def test_compact_accuracy_tables_omit_constant_metrics_and_say_so_once(tmp_path:
     item_cold, warm = _compact(html, "item_cold"), _compact(html, "warm")
     # APLT = 1 and ARP = 0 for every model in item_cold: out of that table, in the others
     assert 'href="#metric-aplt"' not in item_cold and 'href="#metric-arp"' not in item_cold
-    assert 'href="#metric-aplt"' in warm and 'href="#metric-arp"' in warm
+    assert 'href="#metric-aplt"' in warm and 'href="#metric-arp"' not in warm   # APLT answers for ARP
+    assert "arp in warm, user_cold, user_item_cold: aplt is shown for the same question" in acc
     assert "n_query" not in item_cold and "n_query" not in warm
     assert acc.count("n_query: a count") == 1  # the omission is said once, not per scenario
     assert "arp, aplt in item_cold: the same value for every model (constant by construction)" in html.replace(
@@ -203,7 +204,7 @@ def test_best_marks_follow_the_registry_direction(tmp_path: Path) -> None:
     root = write_fixture_project(tmp_path)
     ctx = build_context(root, _params(root))
     summary = json.loads((root / "metrics" / "summary.json").read_text())
-    for metric, pick in (("arp", min), ("novelty", max), ("mae", min), ("list_ndcg@10", max)):
+    for metric, pick in (("aplt", max), ("novelty", max), ("mae", min), ("list_ndcg@10", max)):
         recs = [r for r in summary["records"] if r["kind"] == "accuracy" and r["scenario"] == "warm"
                 and r["metric"] == metric]
         expected = pick(recs, key=lambda r: r["mean"])["model"]
@@ -211,9 +212,9 @@ def test_best_marks_follow_the_registry_direction(tmp_path: Path) -> None:
         row = next(r for fam in s["families"] for r in fam["metrics"] if r["metric"] == metric)
         assert [mod for mod, c in zip(s["models"], row["cells"]) if c["best"]] == [expected], metric
     html = render_report(ctx)
-    cell = _compact(html, "warm").split('href="#metric-arp"')[1].split("</tr>")[0]
+    cell = _compact(html, "warm").split('href="#metric-mae"')[1].split("</tr>")[0]
     best = min(r["mean"] for r in summary["records"] if r["kind"] == "accuracy" and r["scenario"] == "warm"
-               and r["metric"] == "arp")
+               and r["metric"] == "mae")
     assert f"<b>{best:.4g}</b>" in cell
 
 
