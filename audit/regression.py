@@ -19,7 +19,6 @@ from two audits of the same users:
 
 from __future__ import annotations
 
-import base64
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,13 +52,6 @@ class Baseline:
     audit_dir: Path
 
 
-def _signed_names(bundle: Path) -> set[str]:
-    env = json.loads(bundle.read_bytes())
-    payload = env["payload"].replace("-", "+").replace("_", "/")
-    statement = json.loads(base64.b64decode(payload + "=" * (-len(payload) % 4)))
-    return {s.get("name") for s in statement.get("subject", [])}
-
-
 def load_baseline(cfg: dict[str, Any], root: Path) -> Baseline:
     """Verify the baseline bundle and read the signed files this comparison uses."""
     from audit import signing
@@ -73,8 +65,7 @@ def load_baseline(cfg: dict[str, Any], root: Path) -> Baseline:
         verified = signing.verify(bundle, key, audit_dir)
     except (signing.VerificationFailed, signing.VerifyInputError) as exc:
         raise RegressionInputError(f"baseline bundle {cfg['bundle']} does not verify with {cfg['key']}: {exc}") from None
-    names = _signed_names(bundle)
-    unsigned = [n for n in USED_SUBJECTS if n not in names]
+    unsigned = [n for n in USED_SUBJECTS if n not in verified.names]
     if unsigned:
         raise RegressionInputError(f"baseline bundle {cfg['bundle']} does not sign {unsigned[0]}, which the "
                                    f"comparison needs")

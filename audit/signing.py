@@ -341,6 +341,7 @@ class Verified:
     result: str
     subjects: int
     development_key: bool
+    names: tuple[str, ...] = ()   # the subjects whose digests were checked
 
 
 def _b64(value: Any, what: str) -> bytes:
@@ -446,7 +447,8 @@ def verify(bundle_path: str | os.PathLike, pub_path: str | os.PathLike,
     predicate = statement.get("predicate") or {}
     signer = predicate.get("signer") or {}
     return Verified(keyid=kid, result=str(predicate.get("result")), subjects=len(subjects),
-                    development_key=bool(signer.get("development_key")))
+                    development_key=bool(signer.get("development_key")),
+                    names=tuple(str(subj.get("name")) for subj in subjects))
 
 
 def signature_context(root: Path, params: dict[str, Any]) -> dict[str, Any]:

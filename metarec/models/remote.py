@@ -24,7 +24,6 @@ Nothing is written by a failing stage, so there are no partial outputs.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Sequence
 
