@@ -1,7 +1,8 @@
 """Environment fingerprint: what a reviewer needs to know to re-run and compare numbers.
 
 Results are not guaranteed identical across library releases, thread counts or CPUs (PyTorch's
-reproducibility notes), so all of those are recorded next to the numbers.
+reproducibility notes), so all of those are recorded next to the numbers; nor across devices (a
+GPU's float32 results differ from the CPU's by rounding), so the CUDA devices present are too.
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ def _git_commit(root: Path) -> str | None:
         return None
 
 
+def accelerators() -> dict:
+    """The CUDA side of the machine: whether torch can use a GPU, which ones, the CUDA release torch
+    was built for, and the float32 matmul precision in force ("ieee" unless TF32 was let in)."""
+    import torch
+
+    available = torch.cuda.is_available()
+    return {"cuda_available": available, "cuda_version": torch.version.cuda,
+            "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if available else [],
+            "matmul_fp32_precision": torch.backends.cuda.matmul.fp32_precision}
+
+
 def environment(root: str | Path = ".") -> dict:
     import torch
 
@@ -48,7 +60,8 @@ def environment(root: str | Path = ".") -> dict:
             versions[name] = None
     return {
         "python": sys.version.split()[0], "platform": platform.platform(), "cpu": _cpu_model(),
-        "torch_threads": torch.get_num_threads(), "packages": versions, "git_commit": _git_commit(root),
+        "torch_threads": torch.get_num_threads(), "accelerators": accelerators(), "packages": versions,
+        "git_commit": _git_commit(root),
     }
 
 

@@ -24,7 +24,9 @@ Adam): the loss is the sum of per-learner mean losses and Adam is elementwise, s
 follows exactly the path it would follow alone (tests check this), while ML-100K's ~600 users
 train in seconds. Each learner early-stops on its own held-out slice (`holdout`) and keeps its
 best parameters. User attributes are used only for clustering; predictions depend on the
-support alone.
+support alone. `device` ("auto", "cpu" or "cuda"; `metarec.models.device`) is where the learners
+train and rate the catalogue; learners are initialised on the CPU, and everything after the
+catalogue table (the per-user combination) is NumPy.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from metarec.errors import ConfigError
 from metarec.features import PAD, FeatureEncoder
 from metarec.io import atomic_write_bytes, atomic_write_json
 from metarec.models.base import CONFIG, Estimator, check_choice, check_number
+from metarec.models.device import device_record, resolve_device, to_numpy
 from metarec.seeding import rng as named_rng
 from metarec.tasks import Task, TaskSet
 
@@ -143,11 +146,15 @@ class LearnerData:
         return cls(n, buckets)
 
     def train_means(self) -> torch.Tensor:
-        """Each learner's mean training rating (its starting output)."""
-        out = torch.zeros(self.n_learners)
+        """Each learner's mean training rating (its starting output), on the CPU."""
+        out = torch.zeros(self.n_learners, device="cpu")
         for idx, _, y, tm, _ in self.buckets:
             out[idx] = (y * tm).sum(1) / tm.sum(1).clamp(min=1)
         return out
+
+    def to(self, device: torch.device) -> "LearnerData":
+        """The same data with every bucket's tensors on `device`."""
+        return LearnerData(self.n_learners, [tuple(t.to(device) for t in b) for b in self.buckets])
 
 
 def train_learners(params: dict[str, torch.Tensor], item_x: torch.Tensor, item_ml: dict[str, torch.Tensor],
@@ -160,9 +167,11 @@ def train_learners(params: dict[str, torch.Tensor], item_x: torch.Tensor, item_m
     being elementwise, its whole trajectory) is what it would be if trained alone. A learner
     without held-out rows is judged on its training loss. Returns each learner's best parameters
     (those before the update of its best epoch), the history (mean losses over learners per
-    epoch) and each learner's best epoch.
+    epoch) and each learner's best epoch. Everything runs on the device of `item_x`, where the
+    parameters and `data` must already be.
     """
     n = data.n_learners
+    device = item_x.device
     # one set of leaf tensors per bucket: each bucket's gradient stays its own size (no scatter
     # into the full stacked tensors), and Adam, being elementwise, is unaffected by the split
     leaves = [{k: v.detach().index_select(0, b[0]).clone().requires_grad_(True) for k, v in params.items()}
@@ -170,9 +179,9 @@ def train_learners(params: dict[str, torch.Tensor], item_x: torch.Tensor, item_m
     best = [{k: v.detach().clone() for k, v in p.items()} for p in leaves]
     n_val = [b[4].sum(1).to(torch.float32) for b in data.buckets]
     has_val = [nv > 0 for nv in n_val]
-    best_loss = [torch.full((len(b[0]),), math.inf) for b in data.buckets]
-    best_epoch = [torch.zeros(len(b[0]), dtype=torch.long) for b in data.buckets]
-    bad = [torch.zeros(len(b[0]), dtype=torch.long) for b in data.buckets]
+    best_loss = [torch.full((len(b[0]),), math.inf, device=device) for b in data.buckets]
+    best_epoch = [torch.zeros(len(b[0]), dtype=torch.long, device=device) for b in data.buckets]
+    bad = [torch.zeros(len(b[0]), dtype=torch.long, device=device) for b in data.buckets]
     no_decay = {"bias", "b1", "b2"}  # L2 on output offsets would pull predictions toward rating 0
     opt = torch.optim.Adam(
         [{"params": [v for k, v in p.items() if k not in no_decay], "weight_decay": weight_decay} for p in leaves]
@@ -181,7 +190,7 @@ def train_learners(params: dict[str, torch.Tensor], item_x: torch.Tensor, item_m
     history: list[dict] = []
     for epoch in range(max_epochs):
         opt.zero_grad(set_to_none=True)
-        total = torch.zeros(())
+        total = torch.zeros((), device=device)
         t_all, v_all = [], []
         done = True
         for j, (idx, rows, y, tm, vm) in enumerate(data.buckets):
@@ -209,8 +218,8 @@ def train_learners(params: dict[str, torch.Tensor], item_x: torch.Tensor, item_m
         total.backward()
         opt.step()
     order = torch.cat([b[0] for b in data.buckets])
-    inverse = torch.empty(n, dtype=torch.long)
-    inverse[order] = torch.arange(n)
+    inverse = torch.empty(n, dtype=torch.long, device=device)
+    inverse[order] = torch.arange(n, device=device)
     out = {k: torch.cat([b[k] for b in best])[inverse] for k in params}
     return out, history, torch.cat(best_epoch)[inverse]
 
@@ -237,7 +246,8 @@ class SupportSetEnsemble(Estimator):
     hidden (0 = linear base learner, else MLP width), emb_dim (MLP embedding size), lr,
     weight_decay (Adam's L2), max_epochs, patience (early stopping, in epochs), holdout (fraction
     of each learner's rows held out for early stopping), min_ratings (groups with fewer training
-    ratings get no learner), combine ("weighted" | "stacking"), temperature, alpha (Ridge), seed.
+    ratings get no learner), combine ("weighted" | "stacking"), temperature, alpha (Ridge), seed,
+    device ("auto" | "cpu" | "cuda": where the learners train and rate the catalogue).
 
     Defaults were chosen on ML-100K validation users only (two random user splits, val-query
     MAE): 50 clusters + stacking (alpha 30) was best on average; per-user learners with
@@ -252,12 +262,13 @@ class SupportSetEnsemble(Estimator):
     encoder_: FeatureEncoder | None = None
     params_: dict[str, torch.Tensor] | None = None
     val_mae_: float | None = None
+    fitted_on_: dict[str, str | None] | None = None
     _item_pred: np.ndarray | None = None
 
     def __init__(self, group_by: str = "cluster", n_clusters: int = 50, hidden: int = 0, emb_dim: int = 8,
                  lr: float = 0.05, weight_decay: float = 1e-3, max_epochs: int = 200, patience: int = 10,
                  holdout: float = 0.2, min_ratings: int = 5, combine: str = "stacking", temperature: float = 0.03,
-                 alpha: float = 30.0, seed: int = 0) -> None:
+                 alpha: float = 30.0, seed: int = 0, device: str = "auto") -> None:
         self.group_by, self.n_clusters = group_by, n_clusters
         self.hidden, self.emb_dim = hidden, emb_dim
         self.lr, self.weight_decay = lr, weight_decay
@@ -265,8 +276,10 @@ class SupportSetEnsemble(Estimator):
         self.holdout, self.min_ratings = holdout, min_ratings
         self.combine, self.temperature, self.alpha = combine, temperature, alpha
         self.seed = seed
+        self.device = device
 
     def _check_params(self) -> None:
+        resolve_device(self.name, self.device)
         check_choice("ensemble", "group_by", self.group_by, GROUP_BY)
         check_choice("ensemble", "combine", self.combine, COMBINE)
         check_number("ensemble", "holdout", self.holdout, 0.0, 1.0, high_open=True)
@@ -331,9 +344,10 @@ class SupportSetEnsemble(Estimator):
         return [g for g in groups if len(g) and counts[g].sum() >= self.min_ratings]
 
     # -------------------------------------------------------------- fitting
-    def _item_tensors(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _item_tensors(self, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         enc = self.encoder_
-        return torch.from_numpy(enc.item_x), {n: torch.from_numpy(enc.item_ml[n]) for n in enc.item_multilabel}
+        return (torch.from_numpy(enc.item_x).to(device),
+                {n: torch.from_numpy(enc.item_ml[n]).to(device) for n in enc.item_multilabel})
 
     def _learner_data(self, ratings: pd.DataFrame) -> LearnerData:
         """Each learner's rows and the seeded held-out split of them."""
@@ -367,15 +381,19 @@ class SupportSetEnsemble(Estimator):
         self.groups_ = self._groups(ratings, train.users)
         if not self.groups_:
             raise ConfigError(f"ensemble: no training user/cluster has min_ratings={self.min_ratings} ratings.")
-        data = self._learner_data(ratings)
-        item_x, item_ml = self._item_tensors()
-        mean = data.train_means()
-        gen = torch.Generator().manual_seed(self.seed)
-        init = init_params(len(self.groups_), encoder.item_names, encoder.item_cardinalities(),
-                           encoder.item_multilabel, encoder.multilabel_cardinalities(), self.hidden, self.emb_dim,
-                           mean, gen)
+        device = resolve_device(self.name, self.device)
+        # Packed and initialised on the CPU (the CPU generator: one seed, the same learners on any
+        # device), then moved.
+        with torch.device("cpu"):
+            data = self._learner_data(ratings)
+            init = init_params(len(self.groups_), encoder.item_names, encoder.item_cardinalities(),
+                               encoder.item_multilabel, encoder.multilabel_cardinalities(), self.hidden,
+                               self.emb_dim, data.train_means(), torch.Generator().manual_seed(self.seed))
+        item_x, item_ml = self._item_tensors(device)
+        self.fitted_on_ = device_record(device)
         self.params_, self.history_, _ = train_learners(
-            init, item_x, item_ml, encoder.item_names, encoder.item_multilabel, data,
+            {k: v.to(device) for k, v in init.items()}, item_x, item_ml, encoder.item_names,
+            encoder.item_multilabel, data.to(device),
             lr=self.lr, weight_decay=self.weight_decay, max_epochs=self.max_epochs, patience=self.patience)
         self._item_pred = None
         self.val_mae_ = None
@@ -387,11 +405,14 @@ class SupportSetEnsemble(Estimator):
 
     # -------------------------------------------------------------- prediction
     def item_predictions(self) -> np.ndarray:
-        """[n_learners, n_items in the encoder's item table]: every learner's rating of every item."""
+        """[n_learners, n_items in the encoder's item table]: every learner's rating of every item,
+        computed on the device `device` resolves to now (the parameters move there once)."""
         if self.params_ is None or self.encoder_ is None:
             raise ConfigError("ensemble: call fit() (or load()) before predict().")
         if self._item_pred is None:
-            item_x, item_ml = self._item_tensors()
+            device = resolve_device(self.name, self.device)
+            self.params_ = {k: v.to(device) for k, v in self.params_.items()}
+            item_x, item_ml = self._item_tensors(device)
             n_items = len(self.encoder_.item_ids)
             names, ml = self.encoder_.item_names, self.encoder_.item_multilabel
             out = []
@@ -400,8 +421,8 @@ class SupportSetEnsemble(Estimator):
                 for start in range(0, len(self.groups_), step):
                     p = {k: v[start: start + step] for k, v in self.params_.items()}
                     n = next(iter(p.values())).shape[0]
-                    rows = torch.arange(n_items).expand(n, n_items)
-                    out.append(forward(p, item_x, item_ml, names, ml, rows).double().numpy())
+                    rows = torch.arange(n_items, device=device).expand(n, n_items)
+                    out.append(to_numpy(forward(p, item_x, item_ml, names, ml, rows).double()))
             self._item_pred = np.concatenate(out, axis=0)
         return self._item_pred
 
@@ -437,21 +458,22 @@ class SupportSetEnsemble(Estimator):
 
     # -------------------------------------------------------------- persistence
     def save(self, directory: str | Path) -> None:
-        """weights.safetensors (stacked learner parameters and group membership), config.json
-        (hyperparameters + encoder), history.json (per-epoch mean train/held-out loss)."""
+        """weights.safetensors (stacked learner parameters, as CPU tensors, and group membership),
+        config.json (hyperparameters, encoder, the device it was fitted on), history.json (per-epoch
+        mean train/held-out loss)."""
         from safetensors.torch import save as st_save
 
         if self.params_ is None or self.encoder_ is None:
             raise ConfigError("ensemble: nothing to save; call fit() first.")
         d = Path(directory)
         sizes = np.array([len(g) for g in self.groups_], dtype=np.int64)
-        tensors = {k: v.detach().contiguous() for k, v in self.params_.items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.params_.items()}
         tensors["groups.users"] = torch.from_numpy(np.concatenate(self.groups_).astype(np.int64))
         tensors["groups.sizes"] = torch.from_numpy(sizes)
         atomic_write_bytes(d / "weights.safetensors", st_save(tensors))
         atomic_write_json(d / CONFIG, {"model": self.name, "params": self.config_params(),
                                               "encoder": json.loads(self.encoder_.to_json()),
-                                              "val_mae": self.val_mae_})
+                                              "val_mae": self.val_mae_, "fitted_on": self.fitted_on_})
         atomic_write_json(d / "history.json", self.history_)
 
     @classmethod
@@ -467,6 +489,7 @@ class SupportSetEnsemble(Estimator):
         model.groups_ = [a.copy() for a in np.split(users, np.cumsum(sizes)[:-1])]
         model.params_ = tensors
         model.val_mae_ = config.get("val_mae")
+        model.fitted_on_ = config.get("fitted_on")
         history = d / "history.json"
         model.history_ = json.loads(history.read_text()) if history.exists() else []
         return model

@@ -28,6 +28,7 @@ from torch import Tensor
 from metarec.errors import ConfigError
 from metarec.features import FeatureEncoder
 from metarec.models.base import check_choice, check_number
+from metarec.models.device import batch_to
 from metarec.models.network import (NetworkSpec, Params, adapt_and_rate, embed, embed_sets, mlp, split_params,
                                     task_mse)
 from metarec.models.training import (EarlyStopping, History, NeuralRecommender, progress, slice_batch)
@@ -78,7 +79,7 @@ def meta_objective(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], 
                              constant=(first_order, False))
     ys, yq = batch.support_y.to(xq.dtype), batch.query_y.to(xq.dtype)
     _, dense = split_params(params)
-    total = torch.zeros((), dtype=xq.dtype)
+    total = xq.new_zeros(())
     for idx in blocks:
         ms = batch.support_mask[idx]
         width = max(int(ms.sum(1).max()), 1)
@@ -120,7 +121,7 @@ def loop_meta_gradient(params: Mapping[str, Tensor], buffers: Mapping[str, Tenso
     and the inner gradient is always autograd's)."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     n_dense = spec.n_dense
-    total = torch.zeros((), dtype=next(iter(leaves.values())).dtype)
+    total = next(iter(leaves.values())).new_zeros(())
     count = 0
     for b in range(len(batch)):
         ns, nq = int(batch.support_mask[b].sum()), int(batch.query_mask[b].sum())
@@ -165,6 +166,9 @@ class MeLU(NeuralRecommender):
     (same query size), so the meta-learner sees many tasks per user instead of memorising one
     split; `train_support` caps the support drawn during training (a random subset), which bounds
     the cost of a meta-batch. Neither applies at prediction time.
+    `device` ("auto", "cpu" or "cuda"; `metarec.models.device`): where meta-training and scoring
+    run. The network is initialised on the CPU, so one seed starts from the same weights anywhere;
+    a GPU's results are close to the CPU's but not bitwise equal (docs/PERFORMANCE.md, "GPU").
     """
 
     name = "melu"
@@ -177,7 +181,7 @@ class MeLU(NeuralRecommender):
                  patience: int = 5, order: Order = "first", adapt_layers: Sequence[int] | None = None,
                  seed: int = 0, threads: int = 2, max_support: int | None = None, support_groups: int | None = None,
                  resample: bool = True, train_support: int | None = 64, weight_decay: float = 0.0,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, device: str = "auto") -> None:
         self.embedding_dim = embedding_dim
         self.hidden = hidden
         self.local_lr = local_lr
@@ -196,8 +200,10 @@ class MeLU(NeuralRecommender):
         self.train_support = train_support
         self.weight_decay = weight_decay
         self.verbose = verbose
+        self.device = device
 
     def _check_params(self) -> None:
+        super()._check_params()
         check_choice("melu", "order", self.order, ("first", "second"))
         check_number("melu", "local_steps", self.local_steps, 0, 100, integer=True)
         for param in ("meta_batch_size", "patience", "threads"):
@@ -213,7 +219,8 @@ class MeLU(NeuralRecommender):
 
     def _fit(self, train: TaskSet, val: TaskSet | None, encoder: FeatureEncoder | None) -> "MeLU":
         """Meta-train on the training tasks; early-stop on validation MAE after adaptation and keep
-        the best weights. Everything random derives from `seed`."""
+        the best weights. Everything random derives from `seed`. The training tasks are padded on
+        the CPU and moved to the network's device once per epoch; meta-batches are cut there."""
         enc = self._require_encoder(encoder)
         seed_everything(int(self.seed), int(self.threads))
         net = self._build_network(enc, self.embedding_dim, self.hidden, self.seed)
@@ -222,6 +229,7 @@ class MeLU(NeuralRecommender):
         keep = np.flatnonzero(data.query_mask.any(dim=1).numpy())   # tasks without query rows teach nothing
         if len(keep) == 0:
             raise ConfigError("MeLU.fit: the training split has no task with query ratings")
+        data = batch_to(data, net.device)
         self.rating_mean_ = float(train.frame["rating"].mean())
         net.set_output_bias(self.rating_mean_)
         val_data = self._encode_split(val) if val is not None and len(val) else None
@@ -239,7 +247,7 @@ class MeLU(NeuralRecommender):
         for epoch in progress(range(1, int(self.epochs) + 1), self.verbose, desc="MeLU"):
             losses, weights = [], []
             if pooled is not None:
-                data = self._resampled_batch(pooled, order_rng)
+                data = batch_to(self._resampled_batch(pooled, order_rng), net.device)
             for block in iterate_batches(len(keep), int(self.meta_batch_size), order_rng):
                 batch = slice_batch(data, keep[block])
                 grads, loss = meta_gradient(params, buffers, net.spec, batch, adapt, lr, steps, first_order,

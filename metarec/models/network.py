@@ -140,7 +140,7 @@ def embed_sets(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spec
         u = torch.cat([F.embedding(user_x[:, j], params[f"user_emb.{j}.weight"])
                        for j in range(len(spec.user_cardinalities))], dim=-1)
     else:
-        u = torch.zeros(B, 0, dtype=dtype)
+        u = torch.zeros(B, 0, dtype=dtype, device=user_x.device)
     n_single, n_multi = len(spec.item_cardinalities), len(spec.multilabel_cardinalities)
     n_rows = sum(int(r.sum()) if r is not None else i.numel() for i, r in sets)
     use_table = bool(n_single + n_multi) and buffers["item_x"].shape[0] <= TABLE_FACTOR * max(n_rows, 1)
@@ -177,7 +177,7 @@ def _item_rows(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spec
         keep = (idx != 0).to(e.dtype)
         pooled = (e * keep[..., None]).sum(-2) / keep.sum(-1, keepdim=True).clamp(min=1.0)
         parts.append(pooled)
-    return torch.cat(parts, dim=-1) if parts else torch.zeros(B, N, 0, dtype=dtype)
+    return torch.cat(parts, dim=-1) if parts else torch.zeros(B, N, 0, dtype=dtype, device=items.device)
 
 
 def embed(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], spec: NetworkSpec,
@@ -216,7 +216,7 @@ def masked_mse(pred: Tensor, y: Tensor, mask: Tensor) -> Tensor:
 
 def task_mse(pred: Tensor, y: Tensor, mask: Tensor) -> Tensor:
     """`masked_mse` of each task of a batch [B, N]: [B]."""
-    diff = torch.where(mask, pred - y.to(pred.dtype), torch.zeros((), dtype=pred.dtype))
+    diff = torch.where(mask, pred - y.to(pred.dtype), pred.new_zeros(()))
     return (diff * diff).sum(-1) / mask.sum(-1).clamp(min=1).to(pred.dtype)
 
 
@@ -327,6 +327,11 @@ class RatingNetwork(nn.Module):
     def set_output_bias(self, value: float) -> None:
         """Start predictions near the training mean rating instead of near 0."""
         self.dense[-1].bias.fill_(float(value))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters and item tables live (`.to(device)` moves them all)."""
+        return self.item_x.device
 
     def params(self) -> Params:
         return dict(self.named_parameters())

@@ -112,20 +112,21 @@ def pooling_matrices(labels: Tensor, n_labels: int, dtype: torch.dtype, column: 
     if key in entry[1]:
         return entry[1][key]
     n_items, width = labels.shape
+    device = labels.device                    # A lives where the item table does (CPU or GPU)
     if column is None:
         keep = labels != 0
-        rows = torch.arange(n_items)[:, None].expand(n_items, width)[keep]
+        rows = torch.arange(n_items, device=device)[:, None].expand(n_items, width)[keep]
         cols = labels[keep].to(torch.long)
         vals = (1.0 / keep.sum(1).clamp(min=1).to(dtype))[rows]
     else:
-        rows, cols = torch.arange(n_items), labels[:, column].to(torch.long)
-        vals = torch.ones(n_items, dtype=dtype)
+        rows, cols = torch.arange(n_items, device=device), labels[:, column].to(torch.long)
+        vals = torch.ones(n_items, dtype=dtype, device=device)
     # Built outside any torch.func transform (under one, sparse layouts cannot be created): A is a
     # constant of the data, not a function of the parameters.
     with warnings.catch_warnings(), torch._C._DisableFuncTorch():
         warnings.simplefilter("ignore", UserWarning)   # "sparse CSR support is in beta": products only, tested
-        a = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n_items, n_labels)).coalesce()
-        a_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), vals, (n_labels, n_items)).coalesce()
+        a = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n_items, n_labels), device=device).coalesce()
+        a_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), vals, (n_labels, n_items), device=device).coalesce()
         pair = _Pooling(_csr32(a), _csr32(a_t))
     entry[1][key] = pair
     return pair
@@ -136,7 +137,7 @@ def _csr32(coo: Tensor) -> Tensor:
     every call (a copy of both index arrays per product)."""
     csr = coo.to_sparse_csr()
     return torch.sparse_csr_tensor(csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32),
-                                   csr.values(), csr.shape)
+                                   csr.values(), csr.shape, device=csr.device)
 
 
 def item_table(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], n_single: int, n_multi: int,

@@ -23,6 +23,7 @@ from metarec.errors import ConfigError, MetarecError
 from metarec.features import FeatureEncoder
 from metarec.io import atomic_write_bytes, atomic_write_json
 from metarec.models.base import CONFIG, Estimator
+from metarec.models.device import batch_to, device_record, resolve_device, to_numpy
 from metarec.models.network import NetworkSpec, RatingNetwork, batched_adapt_predict, dense_names
 from metarec.tasks import Batch, Task, TaskSet, make_batch
 
@@ -113,8 +114,9 @@ def truncate_support(tasks: Sequence[Task], max_support: int | None) -> list[Tas
 
 
 def slice_batch(batch: Batch, idx: np.ndarray | Sequence[int]) -> Batch:
-    """Rows idx of a padded batch, with padding trimmed to the longest support/query among them."""
-    ix = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+    """Rows idx of a padded batch, with padding trimmed to the longest support/query among them
+    (gathered on the batch's device)."""
+    ix = torch.as_tensor(np.asarray(idx, dtype=np.int64), device=batch.user_x.device)
     sm, qm = batch.support_mask[ix], batch.query_mask[ix]
     s = max(int(sm.sum(1).max()) if len(ix) else 0, 1)
     q = max(int(qm.sum(1).max()) if len(ix) else 0, 1)
@@ -149,13 +151,17 @@ def mae(preds: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> float:
 class NeuralRecommender(Estimator):
     """What the network-based models share once trained: adapt-then-predict, validation, persistence.
 
-    Subclasses define `__init__` (hyperparameters only, see `Estimator`), `_fit`, and
-    `_adaptation()` -> (adapted parameter names, step size, steps) used at predict time.
-    Fitted state: `network_`, `encoder_`, `history_`, `rating_mean_`, `best_epoch_`.
+    Subclasses define `__init__` (hyperparameters only, see `Estimator`; `device` among them,
+    `metarec.models.device`), `_fit`, and `_adaptation()` -> (adapted parameter names, step size,
+    steps) used at predict time. Fitted state: `network_`, `encoder_`, `history_`, `rating_mean_`,
+    `best_epoch_`, `fitted_on_` (the device training ran on, as `device.device_record` writes it).
+    Prediction runs wherever `device` resolves at the time of the call, so a model fitted on a GPU
+    predicts on a CPU-only machine once its `device` is auto or cpu.
     """
 
     network_: RatingNetwork | None = None
     encoder_: FeatureEncoder | None = None
+    fitted_on_: dict[str, str | None] | None = None
     rating_mean_: float = 0.0
     best_epoch_: int = 0
     predict_rows: int = 65536     # tasks x padded width per prediction chunk
@@ -169,20 +175,38 @@ class NeuralRecommender(Estimator):
         assert self.network_ is not None
         return dense_names(self.network_.spec, adapt_layers)
 
+    # -- hyperparameters shared by every network-based model
+    def _check_params(self) -> None:
+        self._resolved_device()
+
+    def _resolved_device(self) -> torch.device:
+        """`device` on this machine (ConfigError for a value other than auto, cpu or cuda, and for
+        cuda without a CUDA device). A subclass without the parameter runs on the CPU."""
+        return resolve_device(self.name, getattr(self, "device", "cpu"))
+
     # -- construction shared by fit and load
     def _build_network(self, encoder: FeatureEncoder, embedding_dim: int, hidden: Sequence[int],
                        seed: int | None) -> RatingNetwork:
+        """A freshly initialised network on the resolved device (initialised on the CPU, so a seed
+        draws the same weights whatever the device)."""
         spec = NetworkSpec.from_encoder(encoder, embedding_dim, hidden)
-        item_x, item_ml = encoder.item_tensors()
-        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        device = self._resolved_device()
         self.encoder_ = encoder
-        self.network_ = RatingNetwork(spec, item_x, item_ml, generator=gen)
+        self.network_ = _cpu_network(spec, encoder, seed).to(device)
+        self.fitted_on_ = device_record(device)
         return self.network_
 
     def _check_fitted(self) -> RatingNetwork:
         if self.network_ is None or self.encoder_ is None:
             raise MetarecError(f"{type(self).__name__} is not fitted: call fit() or load() first")
         return self.network_
+
+    def _placed_network(self) -> RatingNetwork:
+        """The fitted network on the device `device` resolves to now (moved there once, e.g. after
+        `load`, which reads weights onto the CPU)."""
+        net = self._check_fitted()
+        device = self._resolved_device()
+        return net if net.device == device else net.to(device)
 
     # -- prediction
     def _predict_batch(self, batch: Batch) -> Tensor:
@@ -195,11 +219,13 @@ class NeuralRecommender(Estimator):
                                          batch.query_items, adapt, lr, steps)
 
     def _predict_padded(self, batch: Batch, lengths: np.ndarray) -> list[np.ndarray]:
-        """Predictions from one big pre-padded batch (training-time validation), chunked."""
+        """Predictions from one big pre-padded batch (training-time validation, kept on the CPU),
+        chunked; each chunk is computed on the network's device."""
+        device = self._placed_network().device
         out: list[np.ndarray | None] = [None] * len(batch)
         for chunk in chunk_by_rows(lengths, self.predict_rows, self.predict_tasks):
             b = slice_batch(batch, chunk)
-            pred = self._predict_batch(b).numpy()
+            pred = to_numpy(self._predict_batch(batch_to(b, device)))
             for i, t in enumerate(chunk):
                 out[t] = pred[i, : int(b.query_mask[i].sum())]
         return self._clip(out)
@@ -213,9 +239,10 @@ class NeuralRecommender(Estimator):
         """Predicted ratings per task, aligned with task.candidates, clipped to the rating scale.
 
         Each task is adapted on its own support set (no-op for an empty one, or for a model without
-        adaptation); tasks are vectorised in chunks of similar support size.
+        adaptation); tasks are vectorised in chunks of similar support size, each chunk computed on
+        the resolved device and copied back.
         """
-        self._check_fitted()
+        device = self._placed_network().device
         torch.set_num_threads(int(getattr(self, "threads", torch.get_num_threads())))
         tasks = truncate_support(tasks, getattr(self, "max_support", None))
         out: list[np.ndarray | None] = [None] * len(tasks)
@@ -223,8 +250,8 @@ class NeuralRecommender(Estimator):
         lengths = np.array([len(t.support_items) + len(t.candidates) for t in tasks], dtype=np.int64)
         for chunk in chunk_by_rows(lengths, self.predict_rows, self.predict_tasks):
             sub = [tasks[i] for i in chunk]
-            batch = make_batch(sub, self.encoder_)
-            pred = self._predict_batch(batch).numpy()
+            batch = batch_to(make_batch(sub, self.encoder_), device)
+            pred = to_numpy(self._predict_batch(batch))
             for i, t in enumerate(chunk):
                 out[t] = pred[i, : len(tasks[t].candidates)]
         return self._clip(out)
@@ -264,8 +291,9 @@ class NeuralRecommender(Estimator):
         return {}
 
     def save(self, directory: str | Path) -> None:
-        """weights.safetensors (parameters), config.json (class, hyperparameters, network shapes,
-        encoder), history.json. Item tables are rebuilt from the encoder on load."""
+        """weights.safetensors (parameters, as CPU tensors whatever the device), config.json (class,
+        hyperparameters, network shapes, encoder, the device it was fitted on), history.json. Item
+        tables are rebuilt from the encoder on load."""
         net = self._check_fitted()
         assert self.encoder_ is not None
         d = Path(directory)
@@ -274,20 +302,20 @@ class NeuralRecommender(Estimator):
         atomic_write_json(d / CONFIG, {
             "model": self.name, "params": self.config_params(), "network": net.spec.to_dict(),
             "rating_mean": self.rating_mean_, "best_epoch": self.best_epoch_,
-            "encoder": json.loads(self.encoder_.to_json()), **self._extra_config(),
+            "encoder": json.loads(self.encoder_.to_json()), "fitted_on": self.fitted_on_, **self._extra_config(),
         })
         atomic_write_json(d / HISTORY, list(getattr(self, "history_", [])))
 
     @classmethod
     def load(cls, directory: str | Path, train: TaskSet | None = None) -> "NeuralRecommender":
-        """Rebuild a fitted model from `save`'s directory (train is unused: all state is on disk)."""
+        """Rebuild a fitted model from `save`'s directory (train is unused: all state is on disk).
+        The weights are read onto the CPU; the first prediction moves them to the device `device`
+        resolves to, so a model saved on a GPU loads on a machine without one."""
         d = Path(directory)
         cfg = cls.read_config(d)
         model = cls.from_config_params(cfg["params"])
         enc = FeatureEncoder.from_json(json.dumps(cfg["encoder"]))
-        spec = NetworkSpec.from_dict(cfg["network"])
-        item_x, item_ml = enc.item_tensors()
-        net = RatingNetwork(spec, item_x, item_ml)
+        net = _cpu_network(NetworkSpec.from_dict(cfg["network"]), enc, None)
         weights = load_tensors(d / WEIGHTS)
         missing = set(net.params()) ^ set(weights)
         if missing:
@@ -298,6 +326,16 @@ class NeuralRecommender(Estimator):
         model.network_, model.encoder_ = net, enc
         model.rating_mean_ = float(cfg.get("rating_mean", 0.0))
         model.best_epoch_ = int(cfg.get("best_epoch", 0))
+        model.fitted_on_ = cfg.get("fitted_on")
         hist = d / HISTORY
         model.history_ = History(json.loads(hist.read_text()) if hist.exists() else [])
         return model
+
+
+def _cpu_network(spec: NetworkSpec, encoder: FeatureEncoder, seed: int | None) -> RatingNetwork:
+    """The network on the CPU, initialised from the CPU generator under `seed` (None: torch's global
+    generator, which `load` overwrites anyway), whatever torch's default device is."""
+    with torch.device("cpu"):
+        item_x, item_ml = encoder.item_tensors()
+        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        return RatingNetwork(spec, item_x, item_ml, generator=gen)

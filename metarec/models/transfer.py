@@ -24,7 +24,8 @@ from metarec.tasks import TaskSet, iterate_batches
 
 
 class GlobalModel(NeuralRecommender):
-    """One network for everybody: rates (user attributes, item features) pairs, no adaptation."""
+    """One network for everybody: rates (user attributes, item features) pairs, no adaptation.
+    `device` ("auto", "cpu" or "cuda"): where training and scoring run (`metarec.models.device`)."""
 
     name = "global"
     description = ("one rating network (user-attribute and item-feature embeddings, dense layers) trained on all "
@@ -32,7 +33,8 @@ class GlobalModel(NeuralRecommender):
 
     def __init__(self, embedding_dim: int = 32, hidden: Sequence[int] = (64, 64), global_lr: float = 1e-3,
                  batch_size: int = 256, epochs: int = 30, patience: int = 5, weight_decay: float = 0.0,
-                 seed: int = 0, threads: int = 2, max_support: int | None = None, verbose: bool = False) -> None:
+                 seed: int = 0, threads: int = 2, max_support: int | None = None, verbose: bool = False,
+                 device: str = "auto") -> None:
         self.embedding_dim = embedding_dim
         self.hidden = hidden
         self.global_lr = global_lr
@@ -44,8 +46,10 @@ class GlobalModel(NeuralRecommender):
         self.threads = threads
         self.max_support = max_support
         self.verbose = verbose
+        self.device = device
 
     def _check_params(self) -> None:
+        super()._check_params()
         for param in ("batch_size", "patience", "threads"):
             check_number(self.name, param, getattr(self, param), 1, integer=True)
         check_number(self.name, "epochs", self.epochs, 0, integer=True)
@@ -70,7 +74,8 @@ class GlobalModel(NeuralRecommender):
                 torch.from_numpy(frame["rating"].to_numpy(np.float32)))
 
     def _fit(self, train: TaskSet, val: TaskSet | None, encoder: FeatureEncoder | None) -> "GlobalModel":
-        """Minibatch Adam on all training ratings (MSE); early stopping on validation MAE."""
+        """Minibatch Adam on all training ratings (MSE); early stopping on validation MAE. The rating
+        rows move to the network's device once; minibatches are gathered there."""
         enc = self._require_encoder(encoder)
         seed_everything(int(self.seed), int(self.threads))
         net = self._build_network(enc, self.embedding_dim, self.hidden, self.seed)
@@ -79,6 +84,7 @@ class GlobalModel(NeuralRecommender):
             raise ConfigError(f"{type(self).__name__}.fit: the training split has no ratings")
         self.rating_mean_ = float(y.double().mean())
         net.set_output_bias(self.rating_mean_)
+        user_x, items, y = (t.to(net.device) for t in (user_x, items, y))
         val_data = self._encode_split(val) if val is not None and len(val) else None
         params = net.params()
         buffers = net.buffers_dict()
@@ -90,7 +96,7 @@ class GlobalModel(NeuralRecommender):
         for epoch in progress(range(1, int(self.epochs) + 1), self.verbose, desc=type(self).__name__):
             total, n = 0.0, 0
             for block in iterate_batches(len(y), int(self.batch_size), order_rng):
-                ix = torch.from_numpy(block)
+                ix = torch.from_numpy(block).to(net.device)
                 x = embed(params, buffers, net.spec, user_x[ix], items[ix][:, None])
                 pred = mlp(split_params(params)[1], x, net.spec.n_dense)[:, 0]
                 loss = ((pred - y[ix]) ** 2).mean()
@@ -119,10 +125,11 @@ class FineTune(GlobalModel):
     def __init__(self, embedding_dim: int = 32, hidden: Sequence[int] = (64, 64), global_lr: float = 1e-3,
                  batch_size: int = 256, epochs: int = 30, patience: int = 5, weight_decay: float = 0.0,
                  steps: int = 5, lr: float = 0.05, adapt_layers: Sequence[int] | None = None, seed: int = 0,
-                 threads: int = 2, max_support: int | None = None, verbose: bool = False) -> None:
+                 threads: int = 2, max_support: int | None = None, verbose: bool = False,
+                 device: str = "auto") -> None:
         super().__init__(embedding_dim=embedding_dim, hidden=hidden, global_lr=global_lr, batch_size=batch_size,
                          epochs=epochs, patience=patience, weight_decay=weight_decay, seed=seed, threads=threads,
-                         max_support=max_support, verbose=verbose)
+                         max_support=max_support, verbose=verbose, device=device)
         self.steps = steps
         self.lr = lr
         self.adapt_layers = adapt_layers
