@@ -22,7 +22,8 @@ from metarec.predict import catalogue_tasks
 from metarec.seeding import seed_everything
 from metarec.splits import SplitConfig, partition
 from metarec.tasks import SCENARIOS
-from pipelines.common import TASKS, load_params, load_prepared, load_split, map_forked, scenarios_present, stage
+from pipelines.common import (TASKS, load_evaluation_split, load_params, load_prepared, load_split, map_forked,
+                              scenarios_present, stage)
 
 def _counterfactual(params: dict, data, strata, threshold: float) -> list[dict]:
     """Counterfactual records for every sensitive attribute, from the models of every training seed.
@@ -47,7 +48,7 @@ def _counterfactual(params: dict, data, strata, threshold: float) -> list[dict]:
     k = int(params["evaluation"]["catalogue_k"])
     inputs = []
     for scenario in [s for s in fp.get("counterfactual_scenarios", []) if s in scenarios_present()]:
-        split = load_split(scenario, data)
+        split = load_evaluation_split(scenario, data)
         if not len(split):
             print(f"counterfactual: scenario {scenario} skipped (data/tasks/{scenario}.parquet holds no tasks)")
             continue
