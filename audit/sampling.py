@@ -55,6 +55,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as _st
 
+from audit.strata import strata_for
 from metarec.data.schema import RatingData
 from metarec.prepared import SAMPLE_FILE
 from metarec.tasks import SCENARIOS
@@ -199,8 +200,6 @@ def sample_evaluation_users(data: RatingData, splits: Mapping[str, pd.DataFrame]
     rule = SampleRule.from_params(evaluation, strata)
     if rule is None:
         return None
-    from audit.evaluation import strata_for
-
     raw = strata_for(data, {**(strata or {}), "min_group_size": 1}).frame   # unmerged: "other" is a union
     seed = int(evaluation.get("seed", 0))
     frames, records = [], {}
