@@ -204,3 +204,111 @@ def test_every_scoring_stage_reads_the_same_sampled_users(tmp_path) -> None:
                   "weight": [2.0, 0.0, 1.0, 1.0]}).to_parquet(tmp_path / SAMPLE_FILE)
     part = load_evaluation_split("user_cold", data, root=tmp_path)
     assert part.frame.user_id.tolist() == [5, 5, 9] and part.frame.index.tolist() == [0, 1, 2]
+
+
+# --------------------------------------------------------------------------------------------
+# params validation (audit/config.py) and the stages on a small synthetic audit
+# --------------------------------------------------------------------------------------------
+
+import copy  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+from audit.config import validate_params  # noqa: E402
+from metarec.errors import ConfigError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+@pytest.mark.parametrize("sample, message", [
+    ({"half_width": 0}, "evaluation.sample.half_width is 0; expected a value greater than 0"),
+    ({"half_width": "0.01"}, "evaluation.sample.half_width is '0.01'; expected a number"),
+    ({"max_per_group": 0}, "evaluation.sample.max_per_group is 0; expected a value greater than or equal to 1"),
+    ({"max_per_group": 2.5}, "evaluation.sample.max_per_group is 2.5; expected an integer"),
+    ({"max_per_group": 5}, "evaluation.sample.max_per_group is 5, below strata.min_group_size (10); expected at "
+                           "least that floor (no group is sampled below it)"),
+    ({"per_group": 50}, "evaluation.sample.per_group is not a known setting; expected only the documented keys "
+                        "(check the spelling)"),
+    (7, "evaluation.sample is 7; expected a mapping"),
+])
+def test_bad_sample_settings_are_one_sentence(sample, message: str) -> None:
+    params = copy.deepcopy(BASE)
+    params["evaluation"]["sample"] = sample
+    with pytest.raises(ConfigError) as exc:
+        validate_params(params, REPO)
+    assert str(exc.value) == f"params.yaml: {message}"
+    for good in (None, {"half_width": 0.01}, {"max_per_group": 10, "half_width": None}):
+        params["evaluation"]["sample"] = good
+        validate_params(params, REPO)
+
+
+def _project(root: Path, sample: dict | None) -> dict[str, str]:
+    for rel in ("metarec", "audit", "pipelines"):
+        os.symlink(REPO / rel, root / rel)
+    params = copy.deepcopy(BASE)
+    params["data"].update(source="synthetic", synthetic={"seed": 0, "n_users": 900, "n_items": 300,
+                                                           "n_ratings": 30000})
+    params.update(seeds=[0, 1], models=["mean", "bias"], meta_learner="bias", model_params={"mean": {}, "bias": {}})
+    params["strata"].update(attributes=["gender", "activity"], intersections=[])
+    params["evaluation"].update(bootstrap=100, sample=sample)
+    params["robustness"].update(models=["bias"], seed=0)
+    params["robustness"]["shilling"]["models"] = ["mean"]
+    params["fairness"].update(models=["bias"], counterfactual_models=[])
+    params["determinism"] = {"model": "bias", "seed": 0}
+    params["feedback"].update(models=["bias"], seeds=[0])
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=root, env=env, capture_output=True,  # noqa: E731
+                                       text=True, timeout=600)
+    for args in [("pipelines.prepare",), ("pipelines.tasks",),
+                 *[("pipelines.train", "--model", m, "--seed", s) for m in ("mean", "bias") for s in ("0", "1")],
+                 ("pipelines.evaluate",)]:
+        done = run(*args)
+        assert done.returncode == 0, done.stderr[-2000:]
+    return {"tasks": run("pipelines.tasks").stdout}
+
+
+@pytest.mark.slow
+def test_stages_score_the_same_sampled_users_for_every_model_and_seed(tmp_path: Path) -> None:
+    import json
+
+    on, off = tmp_path / "on", tmp_path / "off"
+    on.mkdir(), off.mkdir()
+    _project(on, {"max_per_group": 40})
+    _project(off, {"max_per_group": None, "half_width": None})
+    design = pd.read_parquet(on / "data/tasks" / SAMPLE_FILE)
+    first = (on / "data/tasks" / SAMPLE_FILE).read_bytes()
+    users = {}
+    for m in ("mean", "bias"):
+        for s in (0, 1):
+            for kind in ("predictions", "rankings"):
+                f = pd.read_parquet(on / f"{kind}/{m}/seed{s}.parquet")
+                users[(kind, m, s)] = {sc: set(g.user_id) for sc, g in f.groupby("scenario")}
+    sampled = {sc: set(g.user_id[g.sampled]) for sc, g in design.groupby("scenario")}
+    assert all(u == {sc: sampled[sc] for sc in u} for u in users.values())   # same users everywhere
+    assert sum(map(len, sampled.values())) < len(design)                     # and fewer than everyone
+    # the tasks stage re-run (in _project) drew the same sample, byte for byte
+    assert (on / "data/tasks" / SAMPLE_FILE).read_bytes() == first
+    summary = json.loads((on / "metrics/summary.json").read_text())
+    acc = [r for r in summary["records"] if r["kind"] == "accuracy" and r["metric"] == "mae"]
+    assert acc and all(r["sample"]["n_sampled"] == r["n_users"] for r in acc)
+    # the stratified mean of the per-user MAE of one seed, recomputed from the design weights
+    pu = pd.read_parquet(on / "results/per_user.parquet")
+    cell = pu[(pu.model == "bias") & (pu.seed == 0) & (pu.scenario == "user_cold") & (pu.metric == "mae")]
+    cell = cell.merge(design[design.scenario == "user_cold"], on="user_id")
+    pop = design[design.scenario == "user_cold"].groupby("stratum").size()
+    est = stratified_mean(cell.value.to_numpy(), cell.stratum.to_numpy(), pop)["estimate"]
+    seed0 = next(r for r in acc if r["model"] == "bias" and r["scenario"] == "user_cold")["values"][0]
+    assert seed0 == pytest.approx(est, rel=1e-12)
+    # sampling off: no sample file, no sample fields, every evaluation user scored
+    assert not (off / "data/tasks" / SAMPLE_FILE).exists()
+    off_summary = json.loads((off / "metrics/summary.json").read_text())
+    assert "sample" not in off_summary and not any("sample" in r for r in off_summary["records"])
+    pred = pd.read_parquet(off / "predictions/bias/seed0.parquet")
+    for sc, g in pred.groupby("scenario"):
+        assert set(g.user_id) == set(pd.read_parquet(off / f"data/tasks/{sc}.parquet").user_id)
