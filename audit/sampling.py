@@ -251,19 +251,31 @@ class Design:
 POOLED = ("auc", "precision", "recall", "coverage", "gini")
 
 
-def sample_note(design: Design, scenario: str, metric: str = "") -> dict:
+# Record kinds of fairness.json whose group means are stratified (audit.fairness.group_comparison).
+STRATIFIED_KINDS = ("group_metric", "gap", "gap_to_rest")
+UNWEIGHTED = {"estimator": "over the sampled users as they are, without design weights",
+              "interval": "as without sampling, over the sampled users"}
+
+
+def sample_note(design: Design, scenario: str, metric: str = "", kind: str = "accuracy") -> dict:
     """The `sample` field of a record on a sampled scenario: population and sample sizes, the rule,
-    and what the estimate and its interval account for."""
+    and what the estimate, its interval and its test account for."""
     rec = design.record["scenarios"].get(scenario, {})
-    pooled = metric in POOLED
-    return {"n_population": rec.get("population"), "n_sampled": rec.get("sampled"), "n_strata": rec.get("n_strata"),
-            "rule": design.record["rule"], "seed": design.record["seed"],
-            "estimator": ("over the sampled users' pooled predictions or lists, without design weights" if pooled else
-                          "stratified mean over the sampled users (design weights N_h / n_h)"),
-            "interval": ("users bootstrap resampled within sampling strata with design weights: the interval covers "
-                         "the population the users represent (design variance with the finite population "
-                         "correction plus the population part)" if not pooled else
-                         "over training seeds only")}
+    note = {"n_population": rec.get("population"), "n_sampled": rec.get("sampled"), "n_strata": rec.get("n_strata"),
+            "rule": design.record["rule"], "seed": design.record["seed"]}
+    stratified = "stratified mean over the sampled users (design weights N_h / n_h)"
+    if kind in ("accuracy", "comparison", "best_baseline_comparison", "winner") and metric not in POOLED:
+        return {**note, "estimator": stratified,
+                "interval": "users bootstrap resampled within sampling strata with design weights: it covers the "
+                            "population the users represent (the design variance with the finite population "
+                            "correction plus the population part)"}
+    if kind in STRATIFIED_KINDS:
+        return {**note, "estimator": f"group means: {stratified}",
+                "interval": "Student t / Welch with stratified standard errors (about the population the users "
+                            "represent)",
+                "test": "permutation of the sampled users' group labels, valid conditionally on the sample; n counts "
+                        "sampled users"}
+    return {**note, **UNWEIGHTED}
 
 
 def stratified_mean(values, strata, population: Mapping | pd.Series, level: float = 0.95) -> dict:

@@ -54,7 +54,7 @@ def main() -> None:
     extra = {}
     if design is not None:
         for r in records:
-            r["sample"] = sample_note(design, r["scenario"], r.get("metric", ""))
+            r["sample"] = sample_note(design, r["scenario"], r.get("metric", ""), r["kind"])
         extra["sample"] = design.record
     atomic_write_parquet("results/per_user.parquet", with_original_ids(per_user, data))
     atomic_write_parquet("results/accuracy_long.parquet", long)

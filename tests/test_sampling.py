@@ -312,3 +312,34 @@ def test_stages_score_the_same_sampled_users_for_every_model_and_seed(tmp_path: 
     pred = pd.read_parquet(off / "predictions/bias/seed0.parquet")
     for sc, g in pred.groupby("scenario"):
         assert set(g.user_id) == set(pd.read_parquet(off / f"data/tasks/{sc}.parquet").user_id)
+
+
+def test_group_comparison_with_a_design() -> None:
+    """With one stratum and unit weights the design changes nothing; with unequal weights each group's
+    value is its stratified mean and the permutation test is the unweighted one on the sampled users."""
+    from audit.fairness import group_comparison
+
+    rng = np.random.default_rng(5)
+    uid = np.arange(200)
+    values = pd.Series(rng.gamma(2.0, 0.4, 200), index=uid)
+    groups = pd.Series(np.where(uid % 3 == 0, "F", "M"), index=uid)
+    plain = group_comparison(values, groups, n_perm=199, min_size=10)
+    flat = pd.DataFrame({"stratum": 0, "weight": 1.0}, index=uid)
+    same = group_comparison(values, groups, n_perm=199, min_size=10, design=flat)
+    pd.testing.assert_frame_equal(plain.table, same.table, rtol=1e-10)
+    assert same.p_value == plain.p_value and same.difference == pytest.approx(plain.difference)
+
+    stratum = (uid % 3 == 0) * 2 + (uid < 60)          # F/M crossed with a second attribute
+    weight = np.where(uid < 60, 1.0, 4.0)               # the second attribute's users sampled 1 in 4
+    design = pd.DataFrame({"stratum": stratum, "weight": weight}, index=uid)
+    got = group_comparison(values, groups, n_perm=199, min_size=10, design=design)
+    for grp in ("F", "M"):
+        m = (groups == grp).to_numpy()
+        pop = pd.Series(weight[m]).groupby(stratum[m]).sum()
+        ref = stratified_mean(values.to_numpy()[m], stratum[m], pop)
+        row = got.table.set_index("group").loc[grp]
+        assert row.value == pytest.approx(ref["estimate"], rel=1e-12)
+        half = ref["ci_high"] - ref["estimate"]
+        assert (row.ci_low, row.ci_high) == pytest.approx((ref["estimate"] - half, ref["estimate"] + half))
+    assert got.p_value == plain.p_value                   # the test relabels the same sampled users
+    assert got.overall == pytest.approx(np.average(values, weights=weight))
