@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from audit.hierarchical import SeedValues, seed_values, seed_values_from_sums, two_level_interval, user_weights
+from audit.sampling import stratified_user_weights
 from audit.stats import holm, t_interval
 
 LOWER_IS_BETTER = {"mae", "mse", "rmse", "arp", "gini"}
@@ -32,16 +33,30 @@ def lower_is_better(metric: str) -> bool:
     return metric in LOWER_IS_BETTER
 
 
-def seed_level(per_user: pd.DataFrame) -> pd.DataFrame:
-    """[model, seed, scenario, metric, value]: per-seed means over users (RMSE from MSE)."""
+def _means(frame: pd.DataFrame, keys: list[str], weights: pd.DataFrame | None) -> pd.DataFrame:
+    """Mean of `value` per keys; with `weights` (scenario, user_id, weight: a sampled evaluation's
+    design weights, audit.sampling) the weighted, i.e. stratified, mean over the finite values."""
+    if weights is None:
+        return frame.groupby(keys, sort=True)["value"].mean().reset_index()
+    f = frame.merge(weights, on=["scenario", "user_id"], how="left")
+    w = f["weight"].where(f["value"].notna(), 0.0)
+    f = f.assign(_wv=w * f["value"].fillna(0.0), _w=w)
+    sums = f.groupby(keys, sort=True)[["_wv", "_w"]].sum()
+    return (sums["_wv"] / sums["_w"]).rename("value").reset_index()
+
+
+def seed_level(per_user: pd.DataFrame, weights: pd.DataFrame | None = None) -> pd.DataFrame:
+    """[model, seed, scenario, metric, value]: per-seed means over users (RMSE from MSE); stratified
+    means when `weights` holds a sampled evaluation's design weights."""
     keys = ["model", "seed", "scenario", "metric"]
-    means = per_user.groupby(keys, sort=True)["value"].mean().reset_index()
+    means = _means(per_user, keys, weights)
     mse = means[means.metric == "mse"].assign(metric="rmse", value=lambda f: np.sqrt(f["value"]))
     means = means[means.metric != "rmse"]
     return pd.concat([means, mse], ignore_index=True).sort_values(keys, kind="stable").reset_index(drop=True)
 
 
-def group_level(per_user: pd.DataFrame, strata: pd.DataFrame, attributes: Sequence[str]) -> pd.DataFrame:
+def group_level(per_user: pd.DataFrame, strata: pd.DataFrame, attributes: Sequence[str],
+                weights: pd.DataFrame | None = None) -> pd.DataFrame:
     """[model, seed, scenario, attribute, group, metric, value]: per-seed group means.
 
     A group's RMSE is the root of the group's mean squared error (issue 12: one definition per name),
@@ -50,7 +65,7 @@ def group_level(per_user: pd.DataFrame, strata: pd.DataFrame, attributes: Sequen
     parts = []
     for a in attributes:
         f = per_user.merge(strata[["user_id", a]], on="user_id", how="left").rename(columns={a: "group"})
-        g = f.groupby(["model", "seed", "scenario", "group", "metric"], sort=True)["value"].mean().reset_index()
+        g = _means(f, ["model", "seed", "scenario", "group", "metric"], weights)
         mse = g[g.metric == "mse"].assign(metric="rmse", value=lambda x: np.sqrt(x["value"]))
         g = pd.concat([g[g.metric != "rmse"], mse], ignore_index=True)
         parts.append(g.assign(attribute=a))
@@ -60,13 +75,19 @@ def group_level(per_user: pd.DataFrame, strata: pd.DataFrame, attributes: Sequen
 class UserSeedCube:
     """Per-user values as users x seeds matrices per (scenario, model, metric), with one shared
     bootstrap draw of the scenario's evaluated users (audit.hierarchical). Every matrix of a scenario
-    goes through the draw in one matrix product."""
+    goes through the draw in one matrix product.
 
-    def __init__(self, per_user: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> None:
+    `design` (scenario, user_id, stratum, weight; audit.sampling.Design.sampled rows): the evaluated
+    users are a stratified sample, so the draw resamples within strata with design weights and the
+    per-seed values are stratified means. None: every user counts once (the unsampled audit)."""
+
+    def __init__(self, per_user: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0,
+                 design: pd.DataFrame | None = None) -> None:
         self.n_boot = int(n_boot)
         self.seeds = sorted(per_user["seed"].unique().tolist())
         self.users: dict[str, pd.Index] = {}
         self.weights: dict[str, np.ndarray] = {}
+        self.unit: dict[str, np.ndarray | None] = {}
         self._cells: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
         for i, (scenario, f) in enumerate(per_user.groupby("scenario", sort=True)):
             wide = f.groupby(["user_id", "model", "metric", "seed"], sort=True)["value"].mean().unstack(
@@ -77,9 +98,18 @@ class UserSeedCube:
             x = wide.to_numpy(np.float64)
             ok = np.isfinite(x)
             x0 = np.where(ok, x, 0.0)
-            w = user_weights(len(wide.index), self.n_boot, [int(seed), i])
+            unit = None
+            if design is None:
+                w = user_weights(len(wide.index), self.n_boot, [int(seed), i])
+            else:
+                d = design[design.scenario == scenario].set_index("user_id").reindex(wide.index)
+                if d["weight"].isna().any():
+                    raise ValueError(f"scenario {scenario}: user {d.index[d['weight'].isna()][0]} has predictions "
+                                     f"but is not in the drawn sample")
+                unit = d["weight"].to_numpy(np.float64)
+                w = stratified_user_weights(d["stratum"].to_numpy(), unit, self.n_boot, [int(seed), i])
             sums, counts = w @ x0, w @ ok.astype(np.float64)
-            self.users[scenario], self.weights[scenario] = wide.index, w
+            self.users[scenario], self.weights[scenario], self.unit[scenario] = wide.index, w, unit
             n = len(self.seeds)
             for j, (model, metric) in enumerate(cells):
                 c = slice(j * n, (j + 1) * n)
@@ -98,8 +128,8 @@ class UserSeedCube:
             return None
         x, ok, sums, counts = cell
         if mask is None or np.array_equal(mask & ok, ok):
-            return seed_values_from_sums(np.where(ok, x, 0.0), ok, sums, counts, transform)
-        return seed_values(x, self.weights[scenario], transform, mask)
+            return seed_values_from_sums(np.where(ok, x, 0.0), ok, sums, counts, transform, self.unit[scenario])
+        return seed_values(x, self.weights[scenario], transform, mask, self.unit[scenario])
 
 
 def accuracy_records(seed_values_frame: pd.DataFrame, cube: UserSeedCube | None = None) -> list[dict]:

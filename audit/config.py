@@ -21,7 +21,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from audit.gate import GATE_FILES
-from metarec.config import DataConfig, FeaturesConfig, OpenSection, TasksConfig, validated
+from metarec.config import DataConfig, FeaturesConfig, OpenSection, Section, TasksConfig, validated
 from metarec.data.schema import RatingData
 from metarec.errors import ConfigError, MetarecError
 
@@ -40,6 +40,13 @@ def builtin_models() -> tuple[str, ...]:
     return tuple(NAMES) + tuple(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
 
 
+class SampleConfig(Section):
+    """`evaluation.sample` (audit.sampling): null keys evaluate everyone."""
+
+    half_width: Annotated[float, Field(gt=0)] | None = None   # target 95% half-width of each group's mean MAE
+    max_per_group: Positive | None = None
+
+
 class EvaluationConfig(OpenSection):
     like_threshold: float
     ndcg_k: list[Positive] = [1, 3, 5]
@@ -48,6 +55,7 @@ class EvaluationConfig(OpenSection):
     permutations: Positive
     alpha: Annotated[float, Field(gt=0, lt=1)]
     seed: int = 0
+    sample: SampleConfig | None = None
 
 
 class StrataConfig(OpenSection):
@@ -162,6 +170,11 @@ class Params(OpenSection):
         if self.determinism.model not in audited:
             raise ValueError(f"determinism.model is {self.determinism.model!r}, which is not in models "
                              f"({', '.join(audited)}); expected a model the pipeline trains")
+        sample = self.evaluation.sample
+        if sample and sample.max_per_group is not None and sample.max_per_group < self.strata.min_group_size:
+            raise ValueError(f"evaluation.sample.max_per_group is {sample.max_per_group}, below strata.min_group_size "
+                             f"({self.strata.min_group_size}); expected at least that floor (no group is sampled "
+                             f"below it)")
         for where, seed in (("determinism", self.determinism.seed), ("robustness", self.robustness.seed)):
             if seed not in self.seeds:
                 raise ValueError(f"{where}.seed is {seed}, which is not in seeds {self.seeds}; expected a "

@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
 
 import pandas as pd
 
 from audit.metrics import beyond_accuracy, per_user_metrics, pooled_metrics
-from audit.strata import Strata, derive_strata, plan_strata
-from metarec.data.schema import RatingData
-
-
-def strata_for(data: RatingData, cfg: Mapping | None) -> Strata:
-    """Strata columns per user from params `strata`, resolved against the data's declared schema
-    (`audit.strata.plan_strata`: defaults, and one clear error for a name the data lacks).
-
-    Activity is the user's number of ratings in the dataset (only a label, never a model input).
-    """
-    plan = plan_strata(cfg, data.spec)
-    counts = data.ratings.groupby("user_id").size()
-    return derive_strata(data.users, plan.names, spec=data.spec, counts=counts, min_size=plan.min_group_size)
+from audit.strata import strata_for  # noqa: F401  (the stages' one entry to the strata)
 
 
 def item_table(items: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:

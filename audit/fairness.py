@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from audit import stats
 from audit.metrics import gini, short_head
+from audit.sampling import stratified_mean
 from audit.strata import Strata, merge_small_groups
 
 __all__ = [
@@ -136,11 +137,26 @@ class GroupComparison:
     rest_tests: list
 
 
+def _aligned(values: pd.Series, groups: pd.Series) -> pd.DataFrame:
+    """user_id-indexed v, g: users with both a finite value and a group."""
+    df = pd.DataFrame({"v": values.astype(float)}).join(groups.rename("g"), how="inner")
+    return df[np.isfinite(df["v"]) & df["g"].notna()]
+
+
 def _align(values: pd.Series, groups: pd.Series) -> tuple[np.ndarray, pd.Series]:
     """Join user-indexed values and groups; drop users without a finite value or a group."""
-    df = pd.DataFrame({"v": values.astype(float)}).join(groups.rename("g"), how="inner")
-    df = df[np.isfinite(df["v"]) & df["g"].notna()]
+    df = _aligned(values, groups)
     return df["v"].to_numpy(), df["g"].astype(str).reset_index(drop=True)
+
+
+def _stratified(v: np.ndarray, h: np.ndarray, w: np.ndarray) -> tuple[float, float, float]:
+    """(mean, standard error, df) of sampled users' values from their strata and design weights
+    (audit.sampling.stratified_mean; N_h = the weights of the stratum's users scored here). The
+    error is about the population the users represent, as the unsampled Student-t one is."""
+    if v.size == 0:
+        return np.nan, np.nan, np.nan
+    r = stratified_mean(v, h, pd.Series(w).groupby(h).sum())
+    return r["estimate"], math.sqrt(r["variance"]) if r["variance"] >= 0 else np.nan, r["df"]
 
 
 def _transform(mean: np.ndarray, se: np.ndarray, root: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -160,14 +176,20 @@ def _welch_interval(d, a1, n1, a2, n2, level: float, m: int) -> tuple[float, flo
 def group_comparison(
     values: pd.Series, groups: pd.Series, *, n_perm: int = 9999, seed: int = 0,
     level: float = 0.95, min_size: int = 2, other: str = "other", root: bool = False,
+    design: pd.DataFrame | None = None,
 ) -> GroupComparison:
     """Compare groups on one per-user metric (both Series indexed by user_id).
 
     ``root``: the values are per-user squared errors and the reported value is the root of the
     group's mean (group RMSE); tests and intervals are computed on the mean squared error and
     carried to the root scale (monotone for group intervals, delta method for differences).
+    ``design`` (user_id-indexed stratum, weight): the users are a stratified sample
+    (audit.sampling); group, rest and overall means are then stratified means with stratified
+    standard errors, while the permutation tests relabel the sampled users as they are (valid
+    conditionally on the sample; audit.sampling says why) and ``n`` counts sampled users.
     """
-    v, g = _align(values, groups)
+    df = _aligned(values, groups)
+    v, g = df["v"].to_numpy(), df["g"].astype(str).reset_index(drop=True)
     if v.size == 0:
         raise ValueError("no user has both a finite metric value and a group.")
     sg = size_groups(g, min_size, other)
@@ -175,13 +197,21 @@ def group_comparison(
     labels = sorted(sg.counts.index.tolist())
     codes = pd.Categorical(g, categories=labels).codes
     n = np.bincount(codes, minlength=len(labels)).astype(float)
-    mean = np.bincount(codes, weights=v, minlength=len(labels)) / n
-    sd = np.array([v[(g == x).to_numpy()].std(ddof=1) if c > 1 else np.nan
-                   for x, c in zip(labels, n)])
-    se = sd / np.sqrt(n)
+    if design is None:
+        mean = np.bincount(codes, weights=v, minlength=len(labels)) / n
+        sd = np.array([v[(g == x).to_numpy()].std(ddof=1) if c > 1 else np.nan
+                       for x, c in zip(labels, n)])
+        se = sd / np.sqrt(n)
+        df_mean = n - 1
+        w = h = None
+    else:
+        d = design.reindex(df.index)
+        w, h = d["weight"].to_numpy(np.float64), d["stratum"].to_numpy()
+        est = [_stratified(v[codes == j], h[codes == j], w[codes == j]) for j in range(len(labels))]
+        mean, se, df_mean = (np.array(x, dtype=float) for x in zip(*est))
     value, _ = _transform(mean, se, root)
     with np.errstate(invalid="ignore"):
-        half = stats.t_quantile(level, n - 1) * se
+        half = stats.t_quantile(level, df_mean) * se
     lo_m, hi_m = mean - half, mean + half
     ci_low = np.sqrt(np.maximum(lo_m, 0.0)) if root else lo_m
     ci_high = np.sqrt(np.maximum(hi_m, 0.0)) if root else hi_m
@@ -209,8 +239,12 @@ def group_comparison(
         tval, tse = _transform(mean[idx], se[idx], root)
         for j, gi in enumerate(idx):
             rv = sv[codes != j]
-            rmean, rse = _transform(np.array([rv.mean()]),
-                                    np.array([rv.std(ddof=1) / math.sqrt(rv.size)]), root)
+            if design is None:
+                r_mean, r_se = rv.mean(), rv.std(ddof=1) / math.sqrt(rv.size)
+            else:
+                rest = np.flatnonzero(keep)[codes != j]
+                r_mean, r_se, _ = _stratified(v[rest], h[rest], w[rest])
+            rmean, rse = _transform(np.array([r_mean]), np.array([r_se]), root)
             gap[gi] = tval[j] - rmean[0]
             gap_lo[gi], gap_hi[gi] = _welch_interval(gap[gi], tse[j] ** 2, n[gi], rse[0] ** 2,
                                                      rv.size, level, S)
@@ -232,7 +266,7 @@ def group_comparison(
         "n": n.astype(int), "merged": [bool(sg.merged) and x == other for x in labels],
         "insufficient": ~suff, "gap": gap, "gap_ci_low": gap_lo, "gap_ci_high": gap_hi,
     })
-    overall = float(v.mean())
+    overall = float(v.mean()) if design is None else float((w * v).sum() / w.sum())
     return GroupComparison(
         table=table, overall=math.sqrt(max(overall, 0.0)) if root else overall,
         difference=diff, diff_ci_low=dlo, diff_ci_high=dhi, ratio=ratio, ratio_ci_low=rlo,
@@ -525,6 +559,7 @@ def fairness_records(
     min_group_size: int = 10,
     seeds: Iterable[int] = (),
     seed: int = 0,
+    design: pd.DataFrame | None = None,
 ) -> list[dict]:
     """fairness.json records (DESIGN.md) for one (model, scenario), which is one test family.
 
@@ -538,7 +573,8 @@ def fairness_records(
     interaction_counts); parity (with pred); exposure (with rankings and items[popularity]);
     miscalibration (with rankings, support and items[genres]). Every record names the seeds it
     averages (``seeds``); every test carries raw and BH-adjusted p-values with Monte-Carlo
-    intervals. Non-finite numbers are written as None (valid JSON).
+    intervals. Non-finite numbers are written as None (valid JSON). ``design``: the scenario's
+    sampled users (user_id-indexed stratum, weight; audit.sampling) for stratified group means.
     """
     frame, premerged, other = _strata_frame(users_strata)
     attributes = [a for a in (attributes or [c for c in frame.columns if c != "user_id"])]
@@ -566,8 +602,8 @@ def fairness_records(
             raise ValueError(f"metric {source!r} is not in per_user ({list(wide.columns)}).")
         vals = wide[source]
         for a in attributes:
-            gc = group_comparison(vals, strata[a], n_perm=n_perm, seed=perm_seed,
-                                  level=level, min_size=min_group_size, other=other, root=root)
+            gc = group_comparison(vals, strata[a], n_perm=n_perm, seed=perm_seed, level=level,
+                                  min_size=min_group_size, other=other, root=root, design=design)
             folded = sorted(set(premerged.get(a, [])) | set(gc.merged))
             for r, rt in zip(gc.table.itertuples(index=False), gc.rest_tests):
                 is_m = bool(folded) and r.group == other

@@ -59,7 +59,7 @@ class SeedValues:
 
 
 def seed_values(matrix: np.ndarray, weights: np.ndarray, transform: Transform | None = None,
-                mask: np.ndarray | None = None) -> SeedValues:
+                mask: np.ndarray | None = None, unit_weights: np.ndarray | None = None) -> SeedValues:
     """Per-seed transform(mean over users) of a users x seeds matrix, and its bootstrap replicates.
 
     Non-finite cells (and cells outside `mask`) are left out of the means, so a user missing under
@@ -68,16 +68,22 @@ def seed_values(matrix: np.ndarray, weights: np.ndarray, transform: Transform | 
     x = np.asarray(matrix, dtype=np.float64)
     ok = np.isfinite(x) if mask is None else (mask & np.isfinite(x))
     x0 = np.where(ok, x, 0.0)
-    return seed_values_from_sums(x0, ok, weights @ x0, weights @ ok.astype(np.float64), transform)
+    return seed_values_from_sums(x0, ok, weights @ x0, weights @ ok.astype(np.float64), transform, unit_weights)
 
 
 def seed_values_from_sums(x0: np.ndarray, ok: np.ndarray, boot_sums: np.ndarray, boot_counts: np.ndarray,
-                          transform: Transform | None = None) -> SeedValues:
+                          transform: Transform | None = None, unit_weights: np.ndarray | None = None) -> SeedValues:
     """`seed_values` from precomputed replicate sums (weights @ x0) and counts (weights @ ok), so a
-    caller can project many matrices through one draw of users in a single product."""
+    caller can project many matrices through one draw of users in a single product.
+
+    `unit_weights` (one per user): the design weights of a sampled evaluation (audit.sampling), so
+    the per-seed value is the stratified mean; None: every user counts once."""
     g = transform or (lambda v: v)
     with np.errstate(invalid="ignore", divide="ignore"):
-        per_seed = g(x0.sum(axis=0) / ok.sum(axis=0))
+        if unit_weights is None:
+            per_seed = g(x0.sum(axis=0) / ok.sum(axis=0))
+        else:
+            per_seed = g((unit_weights @ x0) / (unit_weights @ ok.astype(np.float64)))
         reps = g(boot_sums / boot_counts)
     return SeedValues(per_seed, reps, int(np.count_nonzero(ok.any(axis=1))))
 

@@ -333,7 +333,23 @@ def _accuracy(metrics: dict[str, Any], focus: dict[str, Any]) -> dict[str, Any]:
                     "families": [{"family": f, "metrics": families[f]} for f in fam_order],
                     "omitted": omitted, "comparisons": comps,
                     "n_significant": sum(c["winner"] != "tie" for c in comps), "summary": summary})
-    return {"scenarios": out, "omitted_note": _omitted_note(omitted_all, len(out))}
+    return {"scenarios": out, "omitted_note": _omitted_note(omitted_all, len(out)),
+            "sample": _sample(metrics.get("summary"))}
+
+
+def _sample(summary: dict | None) -> dict | None:
+    """The sampled evaluation (audit.sampling) in words: the rule and users per scenario; None when
+    everyone was evaluated."""
+    sample = (summary or {}).get("sample")
+    if not sample:
+        return None
+    rule = sample["rule"]
+    parts = ([f"target half-width {rule['half_width']} of each group's mean MAE"] if rule.get("half_width") else []) + \
+        ([f"at most {rule['max_per_group']} users per group"] if rule.get("max_per_group") else [])
+    sizes = [f"{s}: {r['sampled']} of {r['population']} users in {r['n_strata']} strata"
+             for s, r in sample["scenarios"].items()]
+    return {"rule": f"{' and '.join(parts)}, never fewer than {rule['min_group_size']} per group; seed {sample['seed']}",
+            "sizes": "; ".join(sizes)}
 
 
 def _metric_sort_key(name: str) -> tuple[int, int, str]:

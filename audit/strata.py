@@ -24,7 +24,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from metarec.data.schema import AttrSpec, DataSpec
+from metarec.data.schema import AttrSpec, DataSpec, RatingData
 from metarec.errors import ConfigError
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "derive_strata",
     "merge_small_groups",
     "plan_strata",
+    "strata_for",
 ]
 
 ACTIVITY = "activity"
@@ -233,3 +234,14 @@ def derive_strata(
         if small:
             merged[name] = small
     return Strata(frame=frame, merged=merged, min_size=min_size, other_label=other_label)
+
+
+def strata_for(data: RatingData, cfg: Mapping | None) -> Strata:
+    """Strata columns per user from params `strata`, resolved against the data's declared schema
+    (`plan_strata`: defaults, and one clear error for a name the data lacks).
+
+    Activity is the user's number of ratings in the dataset (only a label, never a model input).
+    """
+    plan = plan_strata(cfg, data.spec)
+    counts = data.ratings.groupby("user_id").size()
+    return derive_strata(data.users, plan.names, spec=data.spec, counts=counts, min_size=plan.min_group_size)

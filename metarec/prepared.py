@@ -17,6 +17,9 @@ PREPARED = Path("data/prepared")
 TASKS = Path("data/tasks")
 # The mapping tables from internal codes to the ids as the data owner wrote them (metarec.data.ids).
 ID_TABLES = {"user_id": "user_ids.parquet", "item_id": "item_ids.parquet"}
+# The evaluation users drawn when params `evaluation.sample` is set (audit.sampling writes it at the
+# tasks stage): scenario, user_id, stratum, sampled, weight. Absent: every user is evaluated.
+SAMPLE_FILE = "sample.parquet"
 
 
 def load_prepared(root: Path = PREPARED) -> RatingData:
@@ -61,6 +64,23 @@ def empty_scenarios(root: Path = TASKS) -> dict[str, str]:
 def load_split(name: str, data: RatingData | None = None, root: Path = TASKS) -> TaskSet:
     data = data or load_prepared()
     return TaskSet.read(root / f"{name}.parquet", data.users, data.items)
+
+
+def load_evaluation_split(name: str, data: RatingData | None = None, root: Path = TASKS) -> TaskSet:
+    """A scenario's split restricted to its sampled users when a sample was drawn (else all of it).
+
+    Why one loader: every stage that scores a scenario (train, the counterfactual test, robustness,
+    the determinism re-run) must score the same users, so that every model and seed is evaluated on
+    the same sample and paired comparisons stay paired.
+    """
+    split = load_split(name, data, root)
+    path = root / SAMPLE_FILE
+    if not path.is_file():
+        return split
+    design = pd.read_parquet(path, columns=["scenario", "user_id", "sampled"])
+    keep = design.loc[(design["scenario"] == name) & design["sampled"], "user_id"]
+    frame = split.frame[split.frame["user_id"].isin(keep)].reset_index(drop=True)
+    return TaskSet(frame, split.users, split.items)
 
 
 def load_encoder(root: Path = TASKS) -> FeatureEncoder:

@@ -12,8 +12,9 @@ from typing import Callable, TypeVar
 import yaml
 
 from metarec.errors import MetarecError
-from metarec.prepared import (ID_TABLES, PREPARED, TASKS, empty_scenarios, load_encoder, load_prepared,  # noqa: F401
-                              load_split, scenarios_present, with_original_ids)
+from metarec.prepared import (ID_TABLES, PREPARED, TASKS, empty_scenarios, load_encoder,  # noqa: F401
+                              load_evaluation_split, load_prepared, load_split, scenarios_present,
+                              with_original_ids)
 from metarec.seeding import keep_freed_memory
 
 

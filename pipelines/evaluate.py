@@ -1,6 +1,8 @@
 """DVC stage `evaluate`: per-user metrics for every model and seed, accuracy with intervals over
 seeds and over seeds and users, and paired, Holm-corrected comparisons of the meta-learner with every
-other model. A scenario without evaluated users has no rows and is skipped."""
+other model. A scenario without evaluated users has no rows and is skipped. When `evaluation.sample`
+drew a sample of users (audit.sampling), means are stratified and the users bootstrap resamples
+within strata; every record says so in its `sample` field."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import pandas as pd
 from audit.accuracy import (UserSeedCube, accuracy_records, best_baseline_records, comparison_records, group_level,
                             seed_level, winner_records)
 from audit.evaluation import evaluate_run, item_table, read_run, strata_for
+from audit.sampling import Design, sample_note
 from metarec.io import atomic_write_json, atomic_write_parquet, atomic_write_text
 from metarec.splits import SplitConfig, partition
 from pipelines.common import TASKS, load_params, load_prepared, map_forked, stage, with_original_ids
@@ -27,6 +30,8 @@ def main() -> None:
              for s in ("warm", "user_cold", "item_cold", "user_item_cold")}
     strata = strata_for(data, params["strata"])
     runs = [(model, seed) for model in params["models"] for seed in params["seeds"]]
+    design = Design.load(TASKS)
+    weights = design.weights() if design is not None else None
 
     def run(i: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         model, seed = runs[i]
@@ -36,21 +41,27 @@ def main() -> None:
     done = map_forked(run, len(runs))
     per_user, listwise = [pu for pu, _ in done], [lw for _, lw in done]
     per_user = pd.concat(per_user, ignore_index=True)[["model", "seed", "scenario", "user_id", "metric", "value"]]
-    seeds = pd.concat([seed_level(per_user), pd.concat(listwise, ignore_index=True)], ignore_index=True)
-    groups = group_level(per_user, strata.frame, strata.attributes)
+    seeds = pd.concat([seed_level(per_user, weights), pd.concat(listwise, ignore_index=True)], ignore_index=True)
+    groups = group_level(per_user, strata.frame, strata.attributes, weights)
     long = pd.concat([seeds.assign(attribute="all", group="all"), groups], ignore_index=True)
     long["perturbation"] = "none"
     meta = params["meta_learner"]
-    cube = UserSeedCube(per_user, n_boot=int(ev["bootstrap"]), seed=int(ev["seed"]))
+    cube = UserSeedCube(per_user, n_boot=int(ev["bootstrap"]), seed=int(ev["seed"]),
+                        design=design.frame[design.frame.sampled] if design is not None else None)
     acc = accuracy_records(seeds, cube)
     comp = comparison_records(cube, meta, params["models"], alpha=float(ev["alpha"]))
     records = acc + comp + best_baseline_records(acc, comp, meta) + winner_records(acc)
+    extra = {}
+    if design is not None:
+        for r in records:
+            r["sample"] = sample_note(design, r["scenario"], r.get("metric", ""), r["kind"])
+        extra["sample"] = design.record
     atomic_write_parquet("results/per_user.parquet", with_original_ids(per_user, data))
     atomic_write_parquet("results/accuracy_long.parquet", long)
     atomic_write_json("metrics/summary.json", {
         "meta_learner": meta, "models": params["models"], "seeds": params["seeds"],
         "like_threshold": ev["like_threshold"], "strata": strata.counts().to_dict(orient="records"),
-        "headline": _headline(acc), "records": records})
+        "headline": _headline(acc), "records": records, **extra})
     mae = seeds[seeds.metric == "mae"].groupby(["model", "scenario"])["value"].mean().reset_index()
     atomic_write_text("plots/accuracy.csv", mae.assign(model=mae.model + " / " + mae.scenario)
                       .rename(columns={"value": "mae"})[["model", "mae"]].to_csv(index=False))

@@ -15,6 +15,7 @@ from audit.counterfactual import (counterfactual_changes, counterfactual_records
                                   substitutes)
 from audit.evaluation import item_table, strata_for
 from audit.fairness import fairness_records
+from audit.sampling import Design, sample_note
 from metarec.errors import ConfigError
 from metarec.io import atomic_write_json, atomic_write_text
 from metarec.models import registry
@@ -22,7 +23,8 @@ from metarec.predict import catalogue_tasks
 from metarec.seeding import seed_everything
 from metarec.splits import SplitConfig, partition
 from metarec.tasks import SCENARIOS
-from pipelines.common import TASKS, load_params, load_prepared, load_split, map_forked, scenarios_present, stage
+from pipelines.common import (TASKS, load_evaluation_split, load_params, load_prepared, load_split, map_forked,
+                              scenarios_present, stage)
 
 def _counterfactual(params: dict, data, strata, threshold: float) -> list[dict]:
     """Counterfactual records for every sensitive attribute, from the models of every training seed.
@@ -47,7 +49,7 @@ def _counterfactual(params: dict, data, strata, threshold: float) -> list[dict]:
     k = int(params["evaluation"]["catalogue_k"])
     inputs = []
     for scenario in [s for s in fp.get("counterfactual_scenarios", []) if s in scenarios_present()]:
-        split = load_split(scenario, data)
+        split = load_evaluation_split(scenario, data)
         if not len(split):
             print(f"counterfactual: scenario {scenario} skipped (data/tasks/{scenario}.parquet holds no tasks)")
             continue
@@ -110,6 +112,7 @@ def main() -> None:
             for scenario in scenarios_present() if (model, scenario) in present]   # no users: skipped
     frames = {model: (_all_seeds("predictions", model, seeds), _all_seeds("rankings", model, seeds))
               for model, _ in jobs}
+    design = Design.load(TASKS)   # None: everyone was evaluated
 
     def job(i: int) -> list[dict]:
         model, scenario = jobs[i]
@@ -120,10 +123,15 @@ def main() -> None:
             metrics=["mae", "rmse", "ndcg@3", "list_ndcg@10", "recall@10"], pred=pred, rankings=ranks,
             support=support, items=items, interaction_counts=counts, threshold=thr,
             k=int(ev["catalogue_k"]), n_perm=int(ev["permutations"]), test_alpha=float(ev["alpha"]),
-            min_group_size=min_size, seeds=seeds, seed=int(ev["seed"]))
+            min_group_size=min_size, seeds=seeds, seed=int(ev["seed"]),
+            design=None if design is None else design.sampled(scenario).set_index("user_id"))
 
     records = [r for recs in map_forked(job, len(jobs)) for r in recs]   # before any torch work (fork)
     records += _counterfactual(params, data, strata, thr)
+    if design is not None:
+        for r in records:
+            if r.get("scenario") in design.record["scenarios"]:
+                r["sample"] = sample_note(design, r["scenario"], r.get("metric", ""), r["kind"])
     atomic_write_json("metrics/fairness.json", {
         "meta_learner": params["meta_learner"], "min_group_size": min_size,
         "group_sizing": "per (model, scenario, attribute, metric) population scored",

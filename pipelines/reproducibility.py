@@ -16,7 +16,8 @@ from metarec.models import registry
 from metarec.models.device import saved_device
 from metarec.predict import query_predictions
 from metarec.seeding import seed_everything
-from pipelines.common import load_encoder, load_params, load_prepared, load_split, scenarios_present, stage
+from pipelines.common import (load_encoder, load_evaluation_split, load_params, load_prepared, load_split,
+                              scenarios_present, stage)
 
 
 def determinism(params: dict) -> dict:
@@ -31,7 +32,7 @@ def determinism(params: dict) -> dict:
     data = load_prepared()
     model = registry.build(name, params.get("model_params", {}).get(name) or {}, seed)
     model.fit(load_split("train", data), load_split("val", data), load_encoder())
-    fresh = pd.concat([query_predictions(model, load_split(s, data)) for s in scenarios_present()], ignore_index=True)
+    fresh = pd.concat([query_predictions(model, load_evaluation_split(s, data)) for s in scenarios_present()], ignore_index=True)
     stored = pd.read_parquet(f"predictions/{name}/seed{seed}.parquet")
     same_rows = fresh[["user_id", "item_id", "scenario"]].equals(stored[["user_id", "item_id", "scenario"]])
     diff = np.abs(fresh["y_pred"].to_numpy() - stored["y_pred"].to_numpy()) if same_rows else np.array([np.inf])

@@ -17,7 +17,8 @@ from metarec.predict import catalogue_rankings
 from metarec.seeding import seed_everything
 from metarec.splits import SplitConfig, partition
 from metarec.tasks import TaskSet
-from pipelines.common import load_encoder, load_params, load_prepared, load_split, map_forked, stage
+from pipelines.common import (load_encoder, load_evaluation_split, load_params, load_prepared, load_split, map_forked,
+                              stage)
 
 
 LONG_COLUMNS = ["model", "seed", "scenario", "perturbation", "attribute", "group", "metric", "value"]
@@ -58,7 +59,7 @@ def _curves(params: dict, data, groups: pd.DataFrame, plan: AttributePerturbatio
             continue
         model = registry.load(name, f"models/{name}/seed{seed}", train=train)
         for scenario in scenarios:
-            pairs = load_split(scenario, data).tasks_with_truth()
+            pairs = load_evaluation_split(scenario, data).tasks_with_truth()
             tasks, truth = [t for t, _ in pairs], [y for _, y in pairs]
             kw = dict(evaluate=_evaluate, groups=groups, seed=seed, model_name=name)
             recs += robustness_curve(model, tasks, truth, "support_size", [None, *rp["support_size"]], **kw)
@@ -77,7 +78,7 @@ def _shilling(params: dict, data, scenario: str) -> list[dict]:
     train = load_split("train", data)
     encoder = load_encoder()
     new = partition(data, SplitConfig.from_params(params["tasks"])).new_items
-    evaluation = load_split(scenario, data)
+    evaluation = load_evaluation_split(scenario, data)
     val = load_split("val", data)
     users = evaluation.user_ids.tolist()
     real = train.all_ratings()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from audit.sampling import SAMPLE_JSON, sample_evaluation_users
 from metarec.features import FeatureEncoder
+from metarec.prepared import SAMPLE_FILE
 from metarec.io import atomic_write_json, atomic_write_parquet, atomic_write_text
 from metarec.splits import SplitConfig, build_splits, check_coverage, coverage, coverage_lines, summary_table
 from metarec.tasks import SCENARIOS
@@ -32,6 +34,12 @@ def main() -> None:
     for name, frame in splits.items():
         atomic_write_parquet(TASKS / f"{name}.parquet", frame)
     atomic_write_text(TASKS / "encoder.json", encoder.to_json())
+    sample = sample_evaluation_users(data, splits, params.get("evaluation") or {}, params.get("strata"))
+    if sample is not None:   # evaluation.sample off: no file, everyone is evaluated
+        atomic_write_parquet(TASKS / SAMPLE_FILE, sample[0])
+        atomic_write_json(TASKS / SAMPLE_JSON, sample[1])
+        for scenario, rec in sample[1]["scenarios"].items():
+            print(f"sample: {scenario}: {rec['sampled']} of {rec['population']} users in {rec['n_strata']} strata")
     empty = {s: c.empty for s, c in cov.items() if s in SCENARIOS and c.empty}
     atomic_write_json(TASKS / "summary.json", {
         "config": cfg.to_dict(), "rows": table.to_dict(orient="records"), "empty": empty,

@@ -12,8 +12,8 @@ from metarec.models import registry
 from metarec.predict import catalogue_rankings, query_predictions
 from metarec.seeding import seed_everything
 from metarec.splits import SplitConfig, partition
-from pipelines.common import (load_encoder, load_params, load_prepared, load_split, scenarios_present, stage,
-                              with_original_ids)
+from pipelines.common import (load_encoder, load_evaluation_split, load_params, load_prepared, load_split,
+                              scenarios_present, stage, with_original_ids)
 
 
 def _args() -> argparse.Namespace:
@@ -46,7 +46,7 @@ def main() -> None:
     k = int(params["evaluation"]["catalogue_k"])
     preds, ranks = [], []
     for scenario in scenarios_present():
-        split = load_split(scenario, data)
+        split = load_evaluation_split(scenario, data)
         preds.append(query_predictions(model, split))
         ranks.append(catalogue_rankings(model, split, new_items, k, seed=int(params["evaluation"]["seed"])))
     atomic_write_parquet(f"predictions/{args.model}/seed{args.seed}.parquet",
