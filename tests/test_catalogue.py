@@ -51,7 +51,8 @@ def world():
     splits = build_splits(data, cfg)
     sets = {name: TaskSet(f, data.users, data.items) for name, f in splits.items()}
     train = splits["train"]
-    encoder = FeatureEncoder.fit(data.spec, data.users, data.items, train["user_id"].unique(), train["item_id"].unique())
+    encoder = FeatureEncoder.fit(data.spec, data.users, data.items, train["user_id"].unique(),
+                                 train["item_id"].unique())
     return data, sets, partition(data, cfg).new_items, encoder
 
 

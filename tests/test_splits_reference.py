@@ -43,7 +43,8 @@ def _reference_splits(data: RatingData, cfg: SplitConfig) -> dict[str, pd.DataFr
     frames: dict[str, list[pd.DataFrame]] = {s: [] for s in ("train", "val", *SCENARIOS)}
     next_id = 0
     for uid, g_all in ratings.groupby("user_id", sort=True):
-        for new_items, g in ((False, g_all[~is_new_item.loc[g_all.index]]), (True, g_all[is_new_item.loc[g_all.index]])):
+        new_here = is_new_item.loc[g_all.index]
+        for new_items, g in ((False, g_all[~new_here]), (True, g_all[new_here])):
             if not (len(g) >= cfg.min_ratings and (cfg.max_ratings is None or len(g) <= cfg.max_ratings)):
                 continue
             rest, query = _split_query(g, cfg.query_size, cfg.query_selection, gen)
@@ -60,7 +61,8 @@ def _reference_splits(data: RatingData, cfg: SplitConfig) -> dict[str, pd.DataFr
                 next_id += 1
                 t_support, t_query = _split_query(rest, min(cfg.query_size, max(1, len(rest) // 2)),
                                                   cfg.query_selection, gen)
-                frames["train"] += [_rows(t_support, "support", next_id, "train"), _rows(t_query, "query", next_id, "train")]
+                frames["train"] += [_rows(t_support, "support", next_id, "train"),
+                                    _rows(t_query, "query", next_id, "train")]
                 next_id += 1
                 continue
             frames[scenario] += [_rows(rest, "support", next_id, scenario), _rows(query, "query", next_id, scenario)]
