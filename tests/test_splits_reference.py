@@ -15,7 +15,8 @@ import pytest
 
 from metarec.data.schema import RatingData
 from metarec.seeding import rng
-from metarec.splits import SplitConfig, build_splits, partition
+from metarec.errors import LeakageError
+from metarec.splits import SplitConfig, build_splits, check_leakage, partition
 from metarec.tasks import SCENARIOS, TASK_COLUMNS
 from tests.test_splits import random_data
 
@@ -109,3 +110,16 @@ def test_same_tables_on_random_data_with_empty_splits(seed: int) -> None:
     assert_same_splits(data, SplitConfig(new_user_fraction=0.0, val_fraction=0.3, min_ratings=11, query_size=5,
                                          seed=seed))
     assert_same_splits(data, SplitConfig(new_item_year=3000, min_ratings=11, query_size=5, seed=seed))
+
+
+def test_a_warm_query_pair_in_training_is_named() -> None:
+    data = random_data(4)
+    cfg = SplitConfig(min_ratings=11, query_size=5, seed=4)
+    splits, part = build_splits(data, cfg), partition(data, cfg)
+    warm = splits["warm"]
+    leak = warm[warm.role == "query"].iloc[[3]]
+    leaked = {**splits, "train": pd.concat([splits["train"], leak.assign(scenario="train", task_id=10**6)],
+                                           ignore_index=True)}
+    with pytest.raises(LeakageError, match=rf"split warm: query pair \(user {int(leak.user_id.iloc[0])}, "
+                                           rf"item {int(leak.item_id.iloc[0])}\) is in the training split"):
+        check_leakage(leaked, part)
