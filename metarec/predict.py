@@ -99,7 +99,7 @@ def candidate_counts(split: TaskSet, new_items: set[int]) -> pd.DataFrame:
     support = f.loc[f["role"] == "support", ["task_id", "item_id", "scenario"]].drop_duplicates(["task_id", "item_id"])
     item = support["item_id"].to_numpy(np.int64)
     in_pool = np.where(support["scenario"].isin(NEW_ITEM_SCENARIOS).to_numpy(),
-                       np.isin(item, pools[True]), np.isin(item, pools[False]))
+                       pd.Series(item).isin(pools[True]).to_numpy(), pd.Series(item).isin(pools[False]).to_numpy())
     rated = pd.Series(in_pool.astype(np.int64)).groupby(support["task_id"].to_numpy()).sum()
     size = np.where(on_new, len(pools[True]), len(pools[False]))
     n = size - rated.reindex(tasks.index, fill_value=0).to_numpy(np.int64)

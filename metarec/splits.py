@@ -217,10 +217,17 @@ def build_splits(data: RatingData, cfg: SplitConfig) -> dict[str, pd.DataFrame]:
     ids: dict[str, list[np.ndarray]] = {s: [] for s in rows}
     queries: dict[str, list[np.ndarray]] = {s: [] for s in rows}
 
-    def add(split: str, task_rows: np.ndarray, query: np.ndarray, task_id: int) -> None:
+    marked = np.zeros(len(r), dtype=bool)  # scratch: the query rows of the task being added
+
+    def add(split: str, task_rows: np.ndarray, query: np.ndarray, task_id: int) -> np.ndarray:
+        """Record one task; returns its support rows."""
+        marked[query] = True
+        is_query = marked[task_rows]
+        marked[query] = False
         rows[split].append(task_rows)
         ids[split].append(np.full(len(task_rows), task_id, dtype=np.int64))
-        queries[split].append(np.isin(task_rows, query))
+        queries[split].append(is_query)
+        return task_rows[~is_query]
 
     next_id = 0
     for a, b in zip(starts.tolist(), ends.tolist()):
@@ -233,11 +240,10 @@ def build_splits(data: RatingData, cfg: SplitConfig) -> dict[str, pd.DataFrame]:
         if who == "val" and new_items:
             continue  # validation users only serve early stopping on existing items
         scenario = scenario_of[(who, new_items)]
-        add(scenario, group, query, next_id)
+        rest = add(scenario, group, query, next_id)
         next_id += 1
         if scenario == "warm":
             # Existing user, existing items: the held-out query is the warm test; the rest trains.
-            rest = group[~np.isin(group, query)]
             add("train", rest, pick(rest, min(q, max(1, len(rest) // 2))), next_id)
             next_id += 1
 
@@ -283,8 +289,8 @@ def check_leakage(splits: dict[str, pd.DataFrame], part: Partition) -> None:
     for name in ("val", *SCENARIOS):
         q = splits[name]
         q = q[q["role"] == "query"]
-        hit = np.flatnonzero(np.isin(q["user_id"].to_numpy(np.int64) * width + q["item_id"].to_numpy(np.int64),
-                                     train_pairs))
+        keys = pd.Series(q["user_id"].to_numpy(np.int64) * width + q["item_id"].to_numpy(np.int64))
+        hit = np.flatnonzero(keys.isin(train_pairs).to_numpy())  # a hash table: np.isin sorts both sides
         if len(hit):
             raise LeakageError(f"split {name}: query pair (user {int(q['user_id'].iloc[hit[0]])}, "
                                f"item {int(q['item_id'].iloc[hit[0]])}) is in the training split")
