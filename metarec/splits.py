@@ -12,7 +12,7 @@ query ratings are held out before the training task is built, so the warm query 
 from __future__ import annotations
 
 from dataclasses import dataclass, asdict
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import pandas as pd
@@ -170,7 +170,7 @@ def _group_bounds(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, np.r_[starts[1:], len(keys)].astype(np.int64)
 
 
-def _query_picker(r: pd.DataFrame, how: str, gen: np.random.Generator):
+def _query_picker(r: pd.DataFrame, how: str, gen: np.random.Generator) -> Callable[[np.ndarray, int], np.ndarray]:
     """`pick(rows, q)` -> the q query rows among `rows` (row positions of one user's ratings within
     one item partition, in item order).
 
