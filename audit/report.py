@@ -329,9 +329,11 @@ def _accuracy(metrics: dict[str, Any], focus: dict[str, Any]) -> dict[str, Any]:
         rows = [{"model": model, "focal": model == focus["model"], "cells": [table[m][i] for m in names]}
                 for i, model in enumerate(models)]
         omitted_all += [{**o, "scenario": scenario} for o in omitted]
+        excluded = next((r for r in (metrics.get("summary") or {}).get("excluded", [])
+                         if r.get("scenario") == scenario and r.get("n_users")), None)
         out.append({"scenario": scenario, "models": models, "metrics": names, "rows": rows,
                     "families": [{"family": f, "metrics": families[f]} for f in fam_order],
-                    "omitted": omitted, "comparisons": comps,
+                    "omitted": omitted, "comparisons": comps, "excluded": excluded,
                     "n_significant": sum(c["winner"] != "tie" for c in comps), "summary": summary})
     return {"scenarios": out, "omitted_note": _omitted_note(omitted_all, len(out)),
             "sample": _sample(metrics.get("summary"))}

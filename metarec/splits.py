@@ -12,7 +12,7 @@ query ratings are held out before the training task is built, so the warm query 
 from __future__ import annotations
 
 from dataclasses import dataclass, asdict
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import pandas as pd
@@ -164,65 +164,99 @@ def coverage_lines(cov: dict[str, Coverage], cfg: SplitConfig) -> list[str]:
     return lines
 
 
-def _split_query(g: pd.DataFrame, q: int, how: str, gen: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split one user's ratings into (rest, query) with q query rows."""
+def _group_bounds(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end row of each run of equal keys in an array sorted by key."""
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, np.int64)
+    return starts, np.r_[starts[1:], len(keys)].astype(np.int64)
+
+
+def _query_picker(r: pd.DataFrame, how: str, gen: np.random.Generator) -> Callable[[np.ndarray, int], np.ndarray]:
+    """`pick(rows, q)` -> the q query rows among `rows` (row positions of one user's ratings within
+    one item partition, in item order).
+
+    "random" draws `gen.permutation(len(rows))` and takes its first q positions, one draw per call
+    in call order, which is what keeps the split a function of the seed alone. "latest" takes the
+    q newest rows (by timestamp, then item id), and draws nothing.
+    """
     if how == "latest":
-        g = g.sort_values(["timestamp", "item_id"], kind="stable")
-        return g.iloc[:-q], g.iloc[-q:]
-    g = g.sort_values("item_id", kind="stable")
-    idx = gen.permutation(len(g))
-    return g.iloc[np.sort(idx[q:])], g.iloc[np.sort(idx[:q])]
+        # rank of each row in (timestamp, item_id) order: the newest q of any subset are its top ranks
+        rank = np.empty(len(r), dtype=np.int64)
+        rank[np.lexsort((r["item_id"].to_numpy(), r["timestamp"].to_numpy()))] = np.arange(len(r))
 
-
-def _rows(g: pd.DataFrame, role: str, task_id: int, scenario: str) -> pd.DataFrame:
-    out = g[["user_id", "item_id", "rating", "timestamp"]].copy()
-    out["role"] = role
-    out["task_id"] = task_id
-    out["scenario"] = scenario
-    return out
+        def pick(rows: np.ndarray, q: int) -> np.ndarray:
+            return rows[np.argsort(rank[rows])[len(rows) - q:]]
+    else:
+        def pick(rows: np.ndarray, q: int) -> np.ndarray:
+            return rows[gen.permutation(len(rows))[:q]]
+    return pick
 
 
 def build_splits(data: RatingData, cfg: SplitConfig) -> dict[str, pd.DataFrame]:
-    """All splits as long tables (train, val and the four test scenarios)."""
+    """All splits as long tables (train, val and the four test scenarios).
+
+    Each user's ratings within one item partition (existing or new items) form a group; groups are
+    visited in (user, partition) order. An eligible group becomes a task of its scenario with
+    `query_size` query rows; an existing user's existing-item group becomes a warm task and, from
+    its support rows, a training task. Why the loop only draws row positions and every table is
+    built once at the end: building small frames per user cost milliseconds per user.
+    """
     part = partition(data, cfg)
-    ratings = data.ratings.sort_values(["user_id", "item_id"], kind="stable")
-    is_new_item = ratings["item_id"].isin(part.new_items)
-    gen = rng(cfg.seed, "queries")
-    frames: dict[str, list[pd.DataFrame]] = {s: [] for s in ("train", "val", *SCENARIOS)}
+    r = data.ratings.sort_values(["user_id", "item_id"], kind="stable")
+    r = r.assign(_new=r["item_id"].isin(part.new_items)).sort_values(["user_id", "_new"], kind="stable")
+    r = r.reset_index(drop=True)
+    users = r["user_id"].to_numpy(np.int64)
+    is_new = r["_new"].to_numpy(bool)
+    starts, ends = _group_bounds(users * 2 + is_new)
+    pick = _query_picker(r, cfg.query_selection, rng(cfg.seed, "queries"))
+    q = cfg.query_size
+    upper = np.inf if cfg.max_ratings is None else cfg.max_ratings
+    scenario_of = {("new", False): "user_cold", ("new", True): "user_item_cold", ("val", False): "val",
+                   ("train", True): "item_cold", ("train", False): "warm"}
+    # per split: the row positions of its tasks, their task ids and whether each row is a query row
+    rows: dict[str, list[np.ndarray]] = {s: [] for s in ("train", "val", *SCENARIOS)}
+    ids: dict[str, list[np.ndarray]] = {s: [] for s in rows}
+    queries: dict[str, list[np.ndarray]] = {s: [] for s in rows}
+
+    marked = np.zeros(len(r), dtype=bool)  # scratch: the query rows of the task being added
+
+    def add(split: str, task_rows: np.ndarray, query: np.ndarray, task_id: int) -> np.ndarray:
+        """Record one task; returns its support rows."""
+        marked[query] = True
+        is_query = marked[task_rows]
+        marked[query] = False
+        rows[split].append(task_rows)
+        ids[split].append(np.full(len(task_rows), task_id, dtype=np.int64))
+        queries[split].append(is_query)
+        return task_rows[~is_query]
+
     next_id = 0
-
-    def eligible(n: int) -> bool:
-        return n >= cfg.min_ratings and (cfg.max_ratings is None or n <= cfg.max_ratings)
-
-    for uid, g_all in ratings.groupby("user_id", sort=True):
-        uid = int(uid)
-        for new_items, g in ((False, g_all[~is_new_item.loc[g_all.index]]), (True, g_all[is_new_item.loc[g_all.index]])):
-            if not eligible(len(g)):
-                continue
-            rest, query = _split_query(g, cfg.query_size, cfg.query_selection, gen)
-            if uid in part.new_users:
-                scenario = "user_item_cold" if new_items else "user_cold"
-            elif uid in part.val_users:
-                if new_items:
-                    continue  # validation users only serve early stopping on existing items
-                scenario = "val"
-            elif new_items:
-                scenario = "item_cold"
-            else:
-                # Existing user, existing items: held-out query is the warm test; the rest trains.
-                frames["warm"] += [_rows(rest, "support", next_id, "warm"), _rows(query, "query", next_id, "warm")]
-                next_id += 1
-                q_train = min(cfg.query_size, max(1, len(rest) // 2))
-                t_support, t_query = _split_query(rest, q_train, cfg.query_selection, gen)
-                frames["train"] += [_rows(t_support, "support", next_id, "train"), _rows(t_query, "query", next_id, "train")]
-                next_id += 1
-                continue
-            frames[scenario] += [_rows(rest, "support", next_id, scenario), _rows(query, "query", next_id, scenario)]
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        if not cfg.min_ratings <= b - a <= upper:
+            continue
+        group = np.arange(a, b)
+        query = pick(group, q)
+        uid, new_items = int(users[a]), bool(is_new[a])
+        who = "new" if uid in part.new_users else "val" if uid in part.val_users else "train"
+        if who == "val" and new_items:
+            continue  # validation users only serve early stopping on existing items
+        scenario = scenario_of[(who, new_items)]
+        rest = add(scenario, group, query, next_id)
+        next_id += 1
+        if scenario == "warm":
+            # Existing user, existing items: the held-out query is the warm test; the rest trains.
+            add("train", rest, pick(rest, min(q, max(1, len(rest) // 2))), next_id)
             next_id += 1
 
     out = {}
-    for name, parts in frames.items():
-        f = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(TASK_COLUMNS))
+    for name in rows:
+        if rows[name]:
+            at = np.concatenate(rows[name])
+            f = r.iloc[at][["user_id", "item_id", "rating", "timestamp"]].reset_index(drop=True)
+            f["role"] = np.where(np.concatenate(queries[name]), "query", "support").astype(object)
+            f["task_id"] = np.concatenate(ids[name])
+            f["scenario"] = name
+        else:
+            f = pd.DataFrame(columns=list(TASK_COLUMNS))
         f = f[list(TASK_COLUMNS)].astype({"task_id": "int64", "user_id": "int64", "item_id": "int64",
                                           "rating": "float64", "timestamp": "int64"})
         out[name] = f.sort_values(["task_id", "role", "item_id"], kind="stable").reset_index(drop=True)
@@ -249,13 +283,17 @@ def check_leakage(splits: dict[str, pd.DataFrame], part: Partition) -> None:
         bad = train[train["user_id"].isin(users)]
         if len(bad):
             raise LeakageError(f"split train: {who} {int(bad.user_id.iloc[0])} appears in training")
-    train_pairs = set(zip(train.user_id.to_numpy().tolist(), train.item_id.to_numpy().tolist()))
+    # (user, item) pairs as one int64 each, compared with isin: a set of tuples costs ~100 bytes a rating
+    width = 1 + max([int(f["item_id"].max()) for f in splits.values() if len(f)] + [0])
+    train_pairs = train["user_id"].to_numpy(np.int64) * width + train["item_id"].to_numpy(np.int64)
     for name in ("val", *SCENARIOS):
         q = splits[name]
         q = q[q["role"] == "query"]
-        hit = [p for p in zip(q.user_id.to_numpy().tolist(), q.item_id.to_numpy().tolist()) if p in train_pairs]
-        if hit:
-            raise LeakageError(f"split {name}: query pair (user {hit[0][0]}, item {hit[0][1]}) is in the training split")
+        keys = pd.Series(q["user_id"].to_numpy(np.int64) * width + q["item_id"].to_numpy(np.int64))
+        hit = np.flatnonzero(keys.isin(train_pairs).to_numpy())  # a hash table: np.isin sorts both sides
+        if len(hit):
+            raise LeakageError(f"split {name}: query pair (user {int(q['user_id'].iloc[hit[0]])}, "
+                               f"item {int(q['item_id'].iloc[hit[0]])}) is in the training split")
     expect = {"val": (part.val_users, False), "user_cold": (part.new_users, False),
               "user_item_cold": (part.new_users, True), "item_cold": (part.train_users, True),
               "warm": (part.train_users, False)}

@@ -13,8 +13,10 @@ from audit.accuracy import (UserSeedCube, accuracy_records, best_baseline_record
 from audit.evaluation import evaluate_run, item_table, read_run, strata_for
 from audit.sampling import Design, sample_note
 from metarec.io import atomic_write_json, atomic_write_parquet, atomic_write_text
+from metarec.predict import catalogue_exclusions
 from metarec.splits import SplitConfig, partition
-from pipelines.common import TASKS, load_params, load_prepared, map_forked, stage, with_original_ids
+from pipelines.common import (TASKS, load_params, load_prepared, load_split, map_forked, scenarios_present, stage,
+                              with_original_ids)
 
 
 @stage
@@ -58,10 +60,17 @@ def main() -> None:
         extra["sample"] = design.record
     atomic_write_parquet("results/per_user.parquet", with_original_ids(per_user, data))
     atomic_write_parquet("results/accuracy_long.parquet", long)
+    # users with k or fewer catalogue candidates have no top-k lists (metarec.predict): count them
+    excluded = [r for s in scenarios_present() for r in catalogue_exclusions(load_split(s, data), new,
+                                                                              int(ev["catalogue_k"]))]
     atomic_write_json("metrics/summary.json", {
         "meta_learner": meta, "models": params["models"], "seeds": params["seeds"],
         "like_threshold": ev["like_threshold"], "strata": strata.counts().to_dict(orient="records"),
-        "headline": _headline(acc), "records": records, **extra})
+        "headline": _headline(acc), "records": records, "excluded": excluded, **extra})
+    for r in excluded:
+        if r["n_users"]:
+            print(f"{r['scenario']}: {r['n_users']} of {r['of_users']} users left out of the catalogue metrics "
+                  f"({r['reason']})")
     mae = seeds[seeds.metric == "mae"].groupby(["model", "scenario"])["value"].mean().reset_index()
     atomic_write_text("plots/accuracy.csv", mae.assign(model=mae.model + " / " + mae.scenario)
                       .rename(columns={"value": "mae"})[["model", "mae"]].to_csv(index=False))

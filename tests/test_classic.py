@@ -109,7 +109,7 @@ def test_svd_vectorised_scoring_equals_surprise_predict(data):
     # an unknown user and an unknown item fall back to the known biases / global mean
     state, _ = model._fitted(tasks)
     est = classic._bias_score(state, "nobody", np.array([999, int(tasks[0].candidates[0])]), factors=True)
-    assert est[0] == pytest.approx(state.trainset.global_mean)
+    assert est[0] == pytest.approx(state.algo.trainset.global_mean)
     assert est[1] == pytest.approx(algo.predict("nobody", int(tasks[0].candidates[0])).est)
 
 
@@ -221,3 +221,59 @@ def test_tune_uses_validation_and_returns_best(data):
     assert best == min(scores, key=lambda s: s[1])[0]
     with pytest.raises(Exception):
         build("pop", {"nonsense": 1})
+
+
+def _per_pair_bias_score(algo, user_key: str, items: np.ndarray, factors: bool) -> np.ndarray:
+    """The scoring this module replaced: one dictionary lookup per (user, item) pair."""
+    ts = algo.trainset
+    est = np.full(len(items), ts.global_mean, dtype=np.float64)
+    try:
+        u = ts.to_inner_uid(user_key)
+    except ValueError:
+        u = None
+    inner = np.array([ts._raw2inner_id_items.get(int(i), -1) for i in items], dtype=np.int64)
+    known = inner >= 0
+    if u is not None:
+        est += algo.bu[u]
+    est[known] += np.asarray(algo.bi)[inner[known]]
+    if factors and u is not None and known.any():
+        est[known] += np.asarray(algo.qi)[inner[known]] @ np.asarray(algo.pu)[u]
+    return est
+
+
+@pytest.mark.parametrize("name", ["bias", "svd", "itemknn", "pop"])
+def test_index_array_scoring_is_bitwise_the_per_pair_scoring(data, name):
+    """Catalogue-sized candidates (every item, plus ids nobody rated) scored through the index
+    arrays give exactly the numbers of the per-pair lookups, for known and unknown users."""
+    train, cold = data
+    tasks = cold.tasks()
+    model = build(name, {"n_epochs": 4} if name != "pop" else {}, seed=5).fit(train)
+    state, keys = model._fitted(tasks)
+    catalogue = np.r_[np.arange(1, 31), [0, 77, 1_000_000]].astype(np.int64)
+    for key in [*keys, "nobody"]:
+        got = model._score(state, key, catalogue)
+        if name == "pop":
+            mu, _, _ = state
+            rows, _, _ = fold_in(model.train_ratings_, tasks)
+            g = rows.groupby("item_id")["rating"].agg(["sum", "count"])
+            want = ((g["sum"] + 5.0 * mu) / (g["count"] + 5.0)).reindex(catalogue).fillna(mu).to_numpy()
+        elif name == "itemknn":
+            want = np.array([state.algo.predict(key, int(i), clip=False).est for i in catalogue])
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+            continue
+        else:
+            want = _per_pair_bias_score(state.algo, key, catalogue, factors=name == "svd")
+        np.testing.assert_array_equal(got, want)
+
+
+def test_scorer_scores_chunks_of_the_fitted_tasks_and_refuses_strangers(data):
+    train, cold = data
+    tasks = cold.tasks()
+    model = SVDRecommender(n_epochs=4).fit(train)
+    whole = model.predict(tasks)
+    score = model.scorer(tasks)
+    parts = score(tasks[:4]) + score(tasks[4:])
+    np.testing.assert_array_equal(np.concatenate(parts), np.concatenate(whole))
+    stranger = tasks[0].replace(support_ratings=np.full(len(tasks[0].support_ratings), 5.0, np.float32))
+    with pytest.raises(ValueError, match=rf"svd: user {stranger.user_id} \(user_cold\) was not among the tasks"):
+        score([stranger])

@@ -30,8 +30,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -117,6 +118,46 @@ def _surprise_trainset(rows: pd.DataFrame, scale: tuple[float, float]):
     return data.build_full_trainset()
 
 
+@dataclass(frozen=True)
+class IdIndex:
+    """Raw item ids -> positions (surprise inner ids, or rows of a table), as sorted arrays.
+
+    Built once per fit, so that scoring a catalogue maps every candidate with one `searchsorted`
+    rather than one dictionary lookup per (user, item) pair.
+    """
+
+    raw: np.ndarray       # sorted raw ids
+    position: np.ndarray  # position of raw[j]
+
+    @classmethod
+    def of(cls, mapping: Mapping[Any, int]) -> "IdIndex":
+        raw = np.fromiter((int(k) for k in mapping), dtype=np.int64, count=len(mapping))
+        position = np.fromiter(mapping.values(), dtype=np.int64, count=len(mapping))
+        order = np.argsort(raw, kind="stable")
+        return cls(raw[order], position[order])
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """Position of each id, -1 for an id the index does not hold."""
+        ids = np.asarray(ids, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self.raw, ids), max(len(self.raw) - 1, 0))
+        hit = (self.raw[at] == ids) if len(self.raw) else np.zeros(len(ids), dtype=bool)
+        return np.where(hit, self.position[at] if len(self.raw) else -1, -1)
+
+
+@dataclass(frozen=True)
+class SurpriseFit:
+    """A fitted surprise algorithm and its item index (raw item id -> inner id)."""
+
+    algo: Any
+    items: IdIndex
+
+    def inner_user(self, user_key: str) -> int | None:
+        try:
+            return self.algo.trainset.to_inner_uid(user_key)
+        except ValueError:
+            return None
+
+
 # ---------------------------------------------------------------------------------------- base class
 class ClassicRecommender(Estimator):
     """Shared fit/predict/save logic; subclasses say how to fit on the folded rows and score.
@@ -187,12 +228,35 @@ class ClassicRecommender(Estimator):
     def predict(self, tasks: Sequence[Task]) -> list[np.ndarray]:
         """Fold the supports in, fit (or reuse the cached fit), and score each task's candidates."""
         tasks = list(tasks)
-        if not tasks:
-            return []
+        return self.scorer(tasks)(tasks) if tasks else []
+
+    def _task_key(self, task: Task) -> str:
+        return task_user_key(task)
+
+    def scorer(self, tasks: Sequence[Task]) -> Callable[[Sequence[Task]], list[np.ndarray]]:
+        """Fit once on the supports of all `tasks` (the fold-in), and return a function that scores
+        any of these tasks with whatever candidates it is given, a chunk of tasks at a time.
+
+        Why: predictions depend on every support folded in together, so the fit must see the whole
+        split, but a catalogue of candidates per task need not be held for all tasks at once.
+        Scoring a task that was not among `tasks` is refused (it would silently be a stranger).
+        """
+        tasks = list(tasks)
         state, keys = self._fitted(tasks)
+        known = set(keys)
         lo, hi = self.scale_
-        return [np.clip(np.asarray(self._score(state, key, np.asarray(t.candidates, dtype=np.int64)), dtype=np.float64),
-                        lo, hi) for key, t in zip(keys, tasks)]
+
+        def score(chunk: Sequence[Task]) -> list[np.ndarray]:
+            out = []
+            for t in chunk:
+                key = self._task_key(t)
+                if key not in known:
+                    raise ValueError(f"{self.name}: user {t.user_id} ({t.scenario}) was not among the tasks this "
+                                     "scorer was fitted on; expected one of them (same user and support)")
+                p = self._score(state, key, np.asarray(t.candidates, dtype=np.int64))
+                out.append(np.clip(np.asarray(p, dtype=np.float64), lo, hi))
+            return out
+        return score
 
     # subclass hooks
     def _fit_rows(self, rows: pd.DataFrame) -> Any:
@@ -227,6 +291,9 @@ class GlobalMean(ClassicRecommender):
     description = ("the global mean: every prediction is the mean of all training ratings, for every user and item "
                    "(support ratings are ignored)")
 
+    def _task_key(self, task: Task) -> str:
+        return ""
+
     def _fitted(self, tasks: Sequence[Task]) -> tuple[Any, list[str]]:
         return float(self._train()["rating"].mean()), ["" for _ in tasks]
 
@@ -257,16 +324,17 @@ class Popularity(ClassicRecommender):
         if not float(self.shrinkage) >= 0:
             raise ConfigError(f"pop: shrinkage must be >= 0, got {self.shrinkage!r}.")
 
-    def _fit_rows(self, rows: pd.DataFrame) -> tuple[float, pd.Series]:
+    def _fit_rows(self, rows: pd.DataFrame) -> tuple[float, IdIndex, np.ndarray]:
         mu = float(rows["rating"].mean())
         g = rows.groupby("item_id")["rating"].agg(["sum", "count"])
         k = float(self.shrinkage)
-        score = (g["sum"] + k * mu) / (g["count"] + k)
-        return mu, score
+        score = ((g["sum"] + k * mu) / (g["count"] + k)).to_numpy(np.float64)
+        return mu, IdIndex(g.index.to_numpy(np.int64), np.arange(len(g), dtype=np.int64)), score
 
-    def _score(self, state: tuple[float, pd.Series], user_key: str, items: np.ndarray) -> np.ndarray:
-        mu, score = state
-        return score.reindex(items).fillna(mu).to_numpy(np.float64)
+    def _score(self, state: tuple[float, IdIndex, np.ndarray], user_key: str, items: np.ndarray) -> np.ndarray:
+        mu, index, score = state
+        at = index.lookup(items)
+        return np.where(at >= 0, score[np.maximum(at, 0)] if len(score) else mu, mu)
 
 
 class _SurpriseRecommender(ClassicRecommender):
@@ -276,25 +344,23 @@ class _SurpriseRecommender(ClassicRecommender):
     def _algorithm(self):
         raise NotImplementedError
 
-    def _fit_rows(self, rows: pd.DataFrame):
+    def _fit_rows(self, rows: pd.DataFrame) -> SurpriseFit:
         algo = self._algorithm()
         algo.fit(_surprise_trainset(rows, self.scale_))
-        return algo
+        return SurpriseFit(algo, IdIndex.of(algo.trainset._raw2inner_id_items))
 
-    def _score(self, algo, user_key: str, items: np.ndarray) -> np.ndarray:
-        return np.array([algo.predict(user_key, int(i), clip=False).est for i in items], dtype=np.float64)
+    def _score(self, fit: SurpriseFit, user_key: str, items: np.ndarray) -> np.ndarray:
+        return np.array([fit.algo.predict(user_key, int(i), clip=False).est for i in items], dtype=np.float64)
 
 
-def _bias_score(algo, user_key: str, items: np.ndarray, factors: bool) -> np.ndarray:
+def _bias_score(fit: SurpriseFit, user_key: str, items: np.ndarray, factors: bool) -> np.ndarray:
     """Vectorised mu + b_u + b_i (+ p_u.q_i when both are known), exactly surprise's estimate,
-    so that scoring a whole catalogue does not take one Python call per item."""
-    ts = algo.trainset
-    est = np.full(len(items), ts.global_mean, dtype=np.float64)
-    try:
-        u = ts.to_inner_uid(user_key)
-    except ValueError:
-        u = None
-    inner = np.array([ts._raw2inner_id_items.get(int(i), -1) for i in items], dtype=np.int64)
+    so that scoring a whole catalogue takes a few array operations, not one Python call per item:
+    the candidates are mapped to inner ids through the fit's index, the user once per task."""
+    algo = fit.algo
+    est = np.full(len(items), algo.trainset.global_mean, dtype=np.float64)
+    u = fit.inner_user(user_key)
+    inner = fit.items.lookup(items)
     known = inner >= 0
     if u is not None:
         est += algo.bu[u]
@@ -330,8 +396,8 @@ class BiasBaseline(_SurpriseRecommender):
 
         return BaselineOnly(bsl_options=self.bsl_options(), verbose=False)
 
-    def _score(self, algo, user_key: str, items: np.ndarray) -> np.ndarray:
-        return _bias_score(algo, user_key, items, factors=False)
+    def _score(self, fit: SurpriseFit, user_key: str, items: np.ndarray) -> np.ndarray:
+        return _bias_score(fit, user_key, items, factors=False)
 
 
 class ItemKNN(_SurpriseRecommender):
@@ -362,17 +428,16 @@ class ItemKNN(_SurpriseRecommender):
                                         "shrinkage": int(self.shrinkage)},
                            bsl_options=_als_options(self), verbose=False)
 
-    def _score(self, algo, user_key: str, items: np.ndarray) -> np.ndarray:
+    def _score(self, fit: SurpriseFit, user_key: str, items: np.ndarray) -> np.ndarray:
         """Vectorised KNNBaseline estimate: b_ui + sum(sim * (r_uj - b_uj)) / sum(sim) over the k
         most similar items the user rated, positive similarities only (surprise's own rule,
         including its fallbacks), so that scoring a whole catalogue takes one matrix operation."""
-        est = _bias_score(algo, user_key, items, factors=False)
-        ts = algo.trainset
-        try:
-            u = ts.to_inner_uid(user_key)
-        except ValueError:
+        est = _bias_score(fit, user_key, items, factors=False)
+        algo, ts = fit.algo, fit.algo.trainset
+        u = fit.inner_user(user_key)
+        if u is None:
             return est
-        inner = np.array([ts._raw2inner_id_items.get(int(i), -1) for i in items], dtype=np.int64)
+        inner = fit.items.lookup(items)
         known = inner >= 0
         rated = ts.ur[u]
         if not known.any() or not rated:
@@ -416,8 +481,8 @@ class SVDRecommender(_SurpriseRecommender):
                    reg_all=float(self.reg_all), init_std_dev=float(self.init_std_dev), random_state=int(self.seed),
                    verbose=False)
 
-    def _score(self, algo, user_key: str, items: np.ndarray) -> np.ndarray:
-        return _bias_score(algo, user_key, items, factors=True)
+    def _score(self, fit: SurpriseFit, user_key: str, items: np.ndarray) -> np.ndarray:
+        return _bias_score(fit, user_key, items, factors=True)
 
 
 def query_mae(model, tasks_with_truth: Sequence[tuple[Task, np.ndarray]]) -> float:
