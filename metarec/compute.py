@@ -46,6 +46,9 @@ from metarec.errors import ConfigError, MetarecError
 Backend = Literal["auto", "ray", "serial"]
 BACKENDS: tuple[str, ...] = ("auto", "ray", "serial")
 ENV_PREFIX = "METAREC_"
+POLL_S = 0.2          # how often a map waiting on Ray looks for a stop request
+_STOP: list[int] = []       # the signal that asked the stage to stop, once it came
+_WAITING: list[bool] = []   # non-empty while a map waits on Ray
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,9 @@ def stop_on_signals() -> Iterator[None]:
     def handler(signum: int, _frame: object) -> None:
         if not seen:
             seen.append(signum)
-            raise Stopped(signum)
+            _STOP.append(signum)
+            if not _WAITING:   # inside Ray's wait the map raises it (an exception from there is mangled)
+                raise Stopped(signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     parent = os.getppid()
@@ -108,6 +113,7 @@ def stop_on_signals() -> Iterator[None]:
         _parent_death_signal(0)
         for s, h in old.items():
             signal.signal(s, h)
+        _STOP.clear()
 
 
 def _parent_death_signal(signum: int) -> None:
@@ -176,7 +182,7 @@ class Executor:
         task = ray.remote(_run_job).options(num_cpus=cpus, name=f"metarec:{label or name}")
         self._pending = [task.remote(self.root, module, name, job, threads) for job in jobs]
         try:
-            return ray.get(self._pending)
+            return self._gather(self._pending)
         except ray.exceptions.RayTaskError as exc:
             self._cancel()
             if isinstance(exc.cause, MetarecError):
@@ -187,6 +193,26 @@ class Executor:
             raise
         finally:
             self._pending = []
+
+    @staticmethod
+    def _gather(refs: list) -> list:
+        """ray.get of every ref, in order, waiting in short steps so that a stop request (or a failed
+        job) ends the wait at once rather than when every job has finished."""
+        import ray
+
+        done: dict = {}
+        waiting = list(refs)
+        while waiting:
+            _WAITING.append(True)
+            try:
+                ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=POLL_S)
+            finally:
+                _WAITING.pop()
+            if _STOP:
+                raise Stopped(_STOP[0])
+            for ref in ready:
+                done[ref] = ray.get(ref)   # raises the job's error now
+        return [done[ref] for ref in refs]
 
     def _cancel(self) -> None:
         import ray
