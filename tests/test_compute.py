@@ -153,6 +153,7 @@ def serial_outputs(project: Path) -> dict[str, bytes]:
     return _outputs(project)
 
 
+@pytest.mark.slow
 def test_local_ray_writes_the_same_bytes_as_one_process(project: Path, serial_outputs: dict, monkeypatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(REPO))   # the project holds data only; its code is this checkout
     _write_params(project, {"address": None, "workers": 2, "backend": "ray"})
@@ -207,7 +208,7 @@ def cluster(tmp_path: Path):
     common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     try:
         for cmd in ([ray_cli, "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false",
-                     f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}", *common],
+                     f"--dashboard-agent-listen-port={_free_port()}", *common],
                     [ray_cli, "start", f"--address=127.0.0.1:{port}", f"--dashboard-agent-listen-port={_free_port()}",
                      *common]):
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
@@ -218,6 +219,7 @@ def cluster(tmp_path: Path):
         subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
 
 
+@pytest.mark.slow
 def test_two_node_cluster_writes_the_same_bytes_as_one_process(project: Path, serial_outputs: dict,
                                                                cluster) -> None:
     address, env = cluster
