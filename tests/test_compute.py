@@ -240,26 +240,58 @@ def test_two_node_cluster_writes_the_same_bytes_as_one_process(project: Path, se
 
 # --- stop means stop --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_stopped_stage_cancels_its_tasks_and_nothing_writes_afterwards(tmp_path: Path, sig) -> None:
-    import psutil
+SLEEP_S = 20.0   # each job sleeps this long, then writes
+STOP_S = 10.0    # a stopped stage exits within this (a few seconds on a quiet machine: cancel, shutdown)
 
-    seconds = 12.0
-    proc = subprocess.Popen([PYTHON, "-m", "tests.compute_jobs", str(tmp_path), str(seconds)], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+
+def _wait_for_jobs(out: Path, proc: subprocess.Popen) -> tuple[list[int], float]:
+    """The pids of the two sleeping jobs, once both have started, and when the first started."""
     deadline = time.monotonic() + 180
-    while len(list(tmp_path.glob("started-*"))) < 2:
+    while len(list(out.glob("started-*"))) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.1)
-    workers = [int(p.read_text()) for p in tmp_path.glob("started-*")]
+    starts = sorted(out.glob("started-*"))
+    return [int(p.read_text()) for p in starts], min(p.stat().st_mtime for p in starts)
+
+
+def _nothing_written_later(out: Path, workers: list[int], started: float) -> None:
+    import psutil
+
+    time.sleep(max(0.0, started + SLEEP_S + 2 - time.time()))        # past the jobs' sleep
+    assert sorted(p.name for p in out.iterdir()) == ["started-0", "started-1"]
+    alive = [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert alive == []                                               # no worker of the run remains
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_stage_cancels_its_tasks_and_nothing_writes_afterwards(tmp_path: Path, sig) -> None:
+    proc = subprocess.Popen([PYTHON, "-m", "tests.compute_jobs", str(tmp_path), str(SLEEP_S)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    workers, started = _wait_for_jobs(tmp_path, proc)
     t0 = time.monotonic()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, err[-3000:]
-    assert time.monotonic() - t0 < seconds / 2                       # promptly, not when the jobs end
+    assert time.monotonic() - t0 < STOP_S                            # promptly, not when the jobs end
     assert f"stopped by {sig.name}; outstanding work cancelled" in err
-    time.sleep(seconds + 2)                                          # past the jobs' sleep
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["started-0", "started-1"]
-    alive = [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-    assert alive == []
+    _nothing_written_later(tmp_path, workers, started)
+
+
+def test_sigterm_to_dvc_repro_stops_the_stage_it_runs(tmp_path: Path) -> None:
+    """`dvc repro` does not forward SIGTERM; the stage stops when its parent dies (PR_SET_PDEATHSIG)."""
+    dvc = Path(PYTHON).parent / "dvc"
+    if not sys.platform.startswith("linux") or not dvc.exists():
+        pytest.skip("needs Linux and dvc next to this python")
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sleepers": {
+        "cmd": f"python -m tests.compute_jobs out {SLEEP_S}", "outs": ["out/stage-finished"]}}}))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}"}
+    assert subprocess.run([str(dvc), "init", "--no-scm", "-q"], cwd=tmp_path, env=env).returncode == 0
+    proc = subprocess.Popen([str(dvc), "repro"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    workers, started = _wait_for_jobs(out, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    _nothing_written_later(out, workers, started)
