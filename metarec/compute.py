@@ -236,12 +236,21 @@ class Executor:
         runtime_env = {"env_vars": env}
         sigterm = signal.getsignal(signal.SIGTERM)
         self._started = True
-        if self.config.address:
-            ray.init(address=self.config.address, runtime_env=runtime_env, log_to_driver=True)
-        else:
-            ray.init(address="local", num_cpus=int(self.config.workers or os.cpu_count() or 1),
-                     include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
-        signal.signal(signal.SIGTERM, sigterm)   # ray.init installs its own; keep the stage's stop semantics
+        _WAITING.append(True)   # a stop during ray.init is raised once it returns
+        try:
+            if self.config.address:
+                ray.init(address=self.config.address, runtime_env=runtime_env, log_to_driver=True)
+            else:
+                # Ray runs its workers at nice +15 by default; here they are the stage's own work (as forked
+                # children were) and must not starve behind every other process on a busy machine.
+                os.environ.setdefault("RAY_worker_niceness", "0")
+                ray.init(address="local", num_cpus=int(self.config.workers or os.cpu_count() or 1),
+                         include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+        finally:
+            _WAITING.pop()
+            signal.signal(signal.SIGTERM, sigterm)   # ray.init installs its own; keep the stage's stop semantics
+        if _STOP:
+            raise Stopped(_STOP[0])
 
 
 def executor(config: ComputeConfig) -> Executor:
