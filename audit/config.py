@@ -109,7 +109,11 @@ class SigningConfig(OpenSection):
 
 
 class ComputeConfig(OpenSection):
+    """Where jobs run (metarec.compute.ComputeConfig reads the same keys); never a DVC param."""
+
     address: str | None = None
+    workers: Positive | None = None
+    backend: Literal["auto", "ray", "serial"] = "auto"
 
 
 class Params(OpenSection):

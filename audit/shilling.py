@@ -14,7 +14,11 @@ Targets are long-tail items (`choose_targets`): outside the short head (the most
 that together hold 80% of the ratings) with at least `min_ratings` ratings, the items an attacker
 would promote and a model can least defend.
 
-The model is retrained (or re-adapted) by the caller: `run_attack` takes a closure
+The model is retrained (or re-adapted) by the caller. An experiment is planned as `AttackCell`s
+(`plan_attack`: the clean run first, then each strategy at each fraction); a cell holds only
+scalars, so a compute job can carry it to another process, which rebuilds the cell's fake profiles
+from the training ratings (`AttackCell.fake_profiles`) and refits there. `attack_records` measures
+the refits' outputs. `run_attack` does all three in this process with a closure
 `fit_predict(extra_train_ratings) -> (pred_frame, topk_frame)` that adds the fake ratings to
 training and predicts for the real evaluation users; an empty frame means the clean run.
 pred_frame: user_id, item_id, y_pred (and optionally scenario) and must include the target items
@@ -24,7 +28,8 @@ for the evaluation users for the prediction shift to be defined; topk_frame: use
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -183,54 +188,96 @@ def attack_effect(pred_clean: pd.DataFrame, pred_attacked: pd.DataFrame, topk_cl
             "n_pairs": int(len(both))}
 
 
-def run_attack(fit_predict: FitPredict, ratings: pd.DataFrame, *, model_name: str,
-               strategies: Sequence[str] = STRATEGIES, fractions: Sequence[float] = (0.01, 0.03, 0.05),
-               targets: Sequence[int] | None = None, n_targets: int = 5, filler_size: int | None = None,
-               rating_scale: tuple[int, int] = (1, 5), seed: int = 0, k: int = 10,
-               users: Sequence[int] | None = None, n_popular: int | None = None,
-               mapper: Callable[[Callable[[int], Any], int], list] | None = None) -> list[dict]:
-    """Inject fake profiles for each strategy and fraction, refit through `fit_predict`, measure.
+@dataclass(frozen=True)
+class AttackCell:
+    """One refit of an attack experiment, in scalars: the clean run (`strategy` None) or strategy
+    number i at fraction number j, whose profiles draw from default_rng([seed, i, j]) so that they
+    do not depend on which other cells are run, nor where."""
 
-    Why: retraining is model-specific, so the caller supplies it as a closure; this function owns
-    the attack design and the measurement. ratings: the real training ratings (statistics for the
-    filler, and the number of real users: n_fake = max(1, round_half_up(fraction * n_users))).
-    targets default to `choose_targets(ratings, n_targets, default_rng(seed))`; filler_size
-    defaults to the median real profile size. Strategy i at fraction j draws from
-    default_rng([seed, i, j]), so results do not depend on which other cells are run.
+    strategy: str | None
+    fraction: float
+    n_fake: int
+    index: tuple[int, int]
+    targets: tuple[int, ...]
+    filler_size: int
+    rating_scale: tuple[int, int]
+    seed: int
+    n_popular: int | None = None
 
-    The clean run and the attacked runs are independent refits: `mapper(job, n)` may run them in
-    any order or in parallel and must return [job(0), ..., job(n - 1)] (default: a plain loop).
+    def fake_profiles(self, ratings: pd.DataFrame) -> pd.DataFrame:
+        """The cell's fake ratings given the real training ratings (none for the clean run)."""
+        if self.strategy is None:
+            return empty_ratings()
+        return make_fake_profiles(ratings, self.strategy, self.n_fake, self.targets, self.filler_size,
+                                  self.rating_scale, np.random.default_rng([self.seed, *self.index]),
+                                  n_popular=self.n_popular)
 
-    Returns `shilling` records: model, strategy, fraction, n_fake, prediction_shift, hit_ratio,
-    hit_ratio_clean (plus target_pred_clean, target_pred_attacked, n_targets, filler_size, k, n_pairs).
+
+def plan_attack(ratings: pd.DataFrame, *, strategies: Sequence[str] = STRATEGIES,
+                fractions: Sequence[float] = (0.01, 0.03, 0.05), targets: Sequence[int] | None = None,
+                n_targets: int = 5, filler_size: int | None = None, rating_scale: tuple[int, int] = (1, 5),
+                seed: int = 0, n_popular: int | None = None) -> list[AttackCell]:
+    """The clean cell, then one cell per strategy and fraction (see `run_attack` for the defaults).
+
+    ratings: the real training ratings (statistics for the filler, and the number of real users:
+    n_fake = max(1, round_half_up(fraction * n_users))).
     """
     from audit.robustness import round_half_up
 
     if targets is None:
         targets = choose_targets(ratings, n_targets, np.random.default_rng(seed))
-    targets = np.unique(np.asarray(targets, dtype=np.int64))
+    targets = tuple(int(t) for t in np.unique(np.asarray(targets, dtype=np.int64)))
     if filler_size is None:
         filler_size = int(np.median(ratings.groupby("user_id").size())) if len(ratings) else 0
+    common = dict(targets=targets, filler_size=int(filler_size),
+                  rating_scale=(int(rating_scale[0]), int(rating_scale[1])), seed=int(seed), n_popular=n_popular)
     n_users = int(ratings["user_id"].nunique())
-    cells = []
+    cells = [AttackCell(None, 0.0, 0, (-1, -1), **common)]
     for i, strategy in enumerate(strategies):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
         for j, fraction in enumerate(fractions):
-            n_fake = max(1, round_half_up(float(fraction) * n_users))
-            fake = make_fake_profiles(ratings, strategy, n_fake, targets, filler_size, rating_scale,
-                                      np.random.default_rng([int(seed), i, j]), n_popular=n_popular)
-            cells.append((strategy, float(fraction), int(n_fake), fake))
-    extras = [empty_ratings()] + [c[3] for c in cells]
-    runs = (mapper or (lambda job, n: [job(i) for i in range(n)]))(lambda i: fit_predict(extras[i]), len(extras))
-    (pred_clean, topk_clean), attacked = runs[0], runs[1:]
+            cells.append(AttackCell(strategy, float(fraction), int(max(1, round_half_up(float(fraction) * n_users))),
+                                    (i, j), **common))
+    return cells
+
+
+def attack_records(cells: Sequence[AttackCell], runs: Sequence[tuple[pd.DataFrame, pd.DataFrame]], *,
+                   model_name: str, k: int = 10, users: Sequence[int] | None = None) -> list[dict]:
+    """`shilling` records of a planned experiment from its refits' (pred_frame, topk_frame), in
+    cell order: model, strategy, fraction, n_fake, prediction_shift, hit_ratio, hit_ratio_clean
+    (plus target_pred_clean, target_pred_attacked, n_targets, filler_size, k, n_pairs)."""
+    if len(cells) != len(runs) or not cells or cells[0].strategy is not None:
+        raise ValueError(f"{len(runs)} refits for {len(cells)} cells; expected one per cell, the clean cell first")
+    (pred_clean, topk_clean), targets = runs[0], np.asarray(cells[0].targets, dtype=np.int64)
     records = []
-    for (strategy, fraction, n_fake, _), (pred_att, topk_att) in zip(cells, attacked):
+    for cell, (pred_att, topk_att) in zip(cells[1:], runs[1:]):
         eff = attack_effect(pred_clean, pred_att, topk_clean, topk_att, targets, k=k, users=users)
-        records.append({"kind": "shilling", "model": model_name, "strategy": strategy,
-                        "fraction": fraction, "n_fake": n_fake,
+        records.append({"kind": "shilling", "model": model_name, "strategy": cell.strategy,
+                        "fraction": cell.fraction, "n_fake": cell.n_fake,
                         "prediction_shift": eff["prediction_shift"], "hit_ratio": eff["hit_ratio"],
                         "hit_ratio_clean": eff["hit_ratio_clean"],
                         "target_pred_clean": eff["target_pred_clean"],
                         "target_pred_attacked": eff["target_pred_attacked"],
-                        "n_targets": int(len(targets)), "filler_size": int(filler_size), "k": int(k),
+                        "n_targets": int(len(targets)), "filler_size": cell.filler_size, "k": int(k),
                         "n_pairs": eff["n_pairs"]})
     return records
+
+
+def run_attack(fit_predict: FitPredict, ratings: pd.DataFrame, *, model_name: str,
+               strategies: Sequence[str] = STRATEGIES, fractions: Sequence[float] = (0.01, 0.03, 0.05),
+               targets: Sequence[int] | None = None, n_targets: int = 5, filler_size: int | None = None,
+               rating_scale: tuple[int, int] = (1, 5), seed: int = 0, k: int = 10,
+               users: Sequence[int] | None = None, n_popular: int | None = None) -> list[dict]:
+    """Inject fake profiles for each strategy and fraction, refit through `fit_predict`, measure.
+
+    Why: retraining is model-specific, so the caller supplies it as a closure; this module owns
+    the attack design and the measurement. ratings: the real training ratings. targets default to
+    `choose_targets(ratings, n_targets, default_rng(seed))`; filler_size defaults to the median
+    real profile size. The refits run here one after another; a stage that runs them as compute
+    jobs uses `plan_attack` and `attack_records` directly (same records).
+    """
+    cells = plan_attack(ratings, strategies=strategies, fractions=fractions, targets=targets, n_targets=n_targets,
+                        filler_size=filler_size, rating_scale=rating_scale, seed=seed, n_popular=n_popular)
+    runs = [fit_predict(cell.fake_profiles(ratings)) for cell in cells]
+    return attack_records(cells, runs, model_name=model_name, k=k, users=users)

@@ -3,7 +3,8 @@
 Run from a scratch clone in which `dvc repro train` has produced the models the configurations
 use (the stage writes metrics/feedback.json, results/feedback_long.parquet and plots/feedback.csv
 there). Each configuration runs in a fresh forked process, so imports and oracle fits are counted
-as the stage pays them. Results go to stdout as one JSON line per configuration; docs/PERFORMANCE.md
+as the stage pays them; the simulation seeds run in that process (`compute.backend: serial`), so its
+CPU seconds are the whole cost. Results go to stdout as one JSON line per configuration; docs/PERFORMANCE.md
 and docs/FEEDBACK.md quote them.
 
     python benchmarks/feedback_cost.py                       # the params.yaml configuration
@@ -54,6 +55,7 @@ def main() -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         params["feedback"][key] = yaml.safe_load(value)
+    params["compute"] = {**(params.get("compute") or {}), "backend": "serial"}
     fp = params["feedback"]
     config = {k: fp[k] for k in ("oracles", "models", "policies", "seeds", "rounds", "k", "n_bootstrap")}
     print(json.dumps({"config": config, **measure(params)}))

@@ -15,8 +15,21 @@ from audit.sampling import Design, sample_note
 from metarec.io import atomic_write_json, atomic_write_parquet, atomic_write_text
 from metarec.predict import catalogue_exclusions
 from metarec.splits import SplitConfig, partition
-from pipelines.common import (TASKS, load_params, load_prepared, load_split, map_forked, scenarios_present, stage,
-                              with_original_ids)
+from pipelines.common import (TASKS, load_evaluation_split, load_params, load_prepared, scenarios_present, stage,
+                              stage_executor, with_original_ids)
+
+
+def evaluate_one(model: str, seed: int, ev: dict, tasks: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A compute job: the per-user and listwise metrics of one (model, seed) run, read from its
+    predictions and rankings; the item table and candidate pools come from the prepared data."""
+    data = load_prepared()
+    items = item_table(data.items, pd.read_parquet(TASKS / "train.parquet"))
+    new = partition(data, SplitConfig.from_params(tasks)).new_items
+    ids = data.items["item_id"].astype(int)
+    pools = {s: ids[ids.isin(new) == (s in ("item_cold", "user_item_cold"))].tolist()
+             for s in ("warm", "user_cold", "item_cold", "user_item_cold")}
+    pu, lw = evaluate_run(*read_run(model, seed), items, ev, pools)
+    return pu.assign(model=model, seed=seed), lw.assign(model=model, seed=seed)
 
 
 @stage
@@ -24,23 +37,12 @@ def main() -> None:
     params = load_params()
     ev = params["evaluation"]
     data = load_prepared()
-    train = pd.read_parquet(TASKS / "train.parquet")
-    items = item_table(data.items, train)
-    new = partition(data, SplitConfig.from_params(params["tasks"])).new_items
-    ids = data.items["item_id"].astype(int)
-    pools = {s: ids[ids.isin(new) == (s in ("item_cold", "user_item_cold"))].tolist()
-             for s in ("warm", "user_cold", "item_cold", "user_item_cold")}
     strata = strata_for(data, params["strata"])
-    runs = [(model, seed) for model in params["models"] for seed in params["seeds"]]
+    runs = [(model, seed, ev, params["tasks"]) for model in params["models"] for seed in params["seeds"]]
+    with stage_executor(params) as ex:
+        done = ex.map(evaluate_one, runs, label="evaluate")
     design = Design.load(TASKS)
     weights = design.weights() if design is not None else None
-
-    def run(i: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-        model, seed = runs[i]
-        pu, lw = evaluate_run(*read_run(model, seed), items, ev, pools)
-        return pu.assign(model=model, seed=seed), lw.assign(model=model, seed=seed)
-
-    done = map_forked(run, len(runs))
     per_user, listwise = [pu for pu, _ in done], [lw for _, lw in done]
     per_user = pd.concat(per_user, ignore_index=True)[["model", "seed", "scenario", "user_id", "metric", "value"]]
     seeds = pd.concat([seed_level(per_user, weights), pd.concat(listwise, ignore_index=True)], ignore_index=True)
@@ -61,7 +63,8 @@ def main() -> None:
     atomic_write_parquet("results/per_user.parquet", with_original_ids(per_user, data))
     atomic_write_parquet("results/accuracy_long.parquet", long)
     # users with k or fewer catalogue candidates have no top-k lists (metarec.predict): count them
-    excluded = [r for s in scenarios_present() for r in catalogue_exclusions(load_split(s, data), new,
+    new = partition(data, SplitConfig.from_params(params["tasks"])).new_items
+    excluded = [r for s in scenarios_present() for r in catalogue_exclusions(load_evaluation_split(s, data), new,
                                                                               int(ev["catalogue_k"]))]
     atomic_write_json("metrics/summary.json", {
         "meta_learner": meta, "models": params["models"], "seeds": params["seeds"],

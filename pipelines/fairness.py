@@ -23,16 +23,19 @@ from metarec.predict import catalogue_tasks
 from metarec.seeding import seed_everything
 from metarec.splits import SplitConfig, partition
 from metarec.tasks import SCENARIOS
-from pipelines.common import (TASKS, load_evaluation_split, load_params, load_prepared, load_split, map_forked,
-                              scenarios_present, stage)
+from metarec.compute import ComputeConfig, Executor, executor
+from pipelines.common import (TASKS, load_evaluation_split, load_params, load_prepared, load_split, scenarios_present,
+                              stage, stage_executor)
 
-def _counterfactual(params: dict, data, strata, threshold: float) -> list[dict]:
+
+def _counterfactual(params: dict, data, strata, threshold: float, ex: Executor | None = None) -> list[dict]:
     """Counterfactual records for every sensitive attribute, from the models of every training seed.
 
     Substitutes come from the declared schema (a representative of each other bucket or each other
     category); each user's changes are averaged over the seeds before groups are summarised. Seeds:
     `fairness.counterfactual_seeds` when set (each seed costs one full set of predict calls), else
-    every training seed. Scenarios without users are skipped and said so.
+    every training seed. Scenarios without users are skipped and said so. Each (model, seed)
+    re-scoring is one compute job (`counterfactual_one`); `ex` defaults to an in-process loop.
     """
     fp = params["fairness"]
     seeds = [int(s) for s in (fp.get("counterfactual_seeds") or params["seeds"])]
@@ -40,36 +43,49 @@ def _counterfactual(params: dict, data, strata, threshold: float) -> list[dict]:
     if unknown:
         raise ConfigError(f"params.yaml: fairness.counterfactual_seeds names seed {unknown[0]}, which is not "
                           f"trained; expected some of {params['seeds']}")
-    new = partition(data, SplitConfig.from_params(params["tasks"])).new_items
-    sensitive = [a for a in data.spec.sensitive if a in data.users]
-    values = {a: substitutes(data.spec, data.users, a) for a in sensitive}
-    own = own_groups(data.spec, data.users, sensitive)
-    groups = strata.frame[["user_id", *[a for a in sensitive if a in strata.frame]]]
-    train = load_split("train", data)
-    k = int(params["evaluation"]["catalogue_k"])
-    inputs = []
+    scenarios = []
     for scenario in [s for s in fp.get("counterfactual_scenarios", []) if s in scenarios_present()]:
-        split = load_evaluation_split(scenario, data)
-        if not len(split):
+        if len(load_split(scenario, data)):
+            scenarios.append(scenario)
+        else:
             print(f"counterfactual: scenario {scenario} skipped (data/tasks/{scenario}.parquet holds no tasks)")
-            continue
-        truth = {t.user_id: set(t.candidates[y >= threshold].tolist()) for t, y in split.tasks_with_truth()}
-        tasks = catalogue_tasks(split, new)
-        inputs.append((tasks, gains_from_relevant(tasks, truth)))
+    names = [n for n in fp.get("counterfactual_models", []) if n in params["models"]] if scenarios else []
+    jobs = [(name, seed, scenarios, threshold, params) for name in names for seed in seeds]
+    done = iter((ex or executor(ComputeConfig(backend="serial"))).map(counterfactual_one, jobs, label="counterfactual"))
+    sensitive = _sensitive(data)
+    groups = strata.frame[["user_id", *[a for a in sensitive if a in strata.frame]]] if names else None
     recs = []
-    for name in fp.get("counterfactual_models", []):
-        if name not in params["models"] or not inputs:
-            continue
-        frames = []
-        for seed in seeds:
-            seed_everything(seed)
-            model = registry.load(name, f"models/{name}/seed{seed}", train=train)
-            for tasks, gains in inputs:
-                frames.append(counterfactual_changes(model, tasks, sensitive, gains=gains, values=values, own=own,
-                                                     k=k, seed=seed).assign(seed=seed))
+    for name in names:
+        frames = [f for _ in seeds for f in next(done)]
         recs += counterfactual_records(pd.concat(frames, ignore_index=True), sensitive, model_name=name,
                                        groups=groups, seeds=seeds)
     return recs
+
+
+def _sensitive(data) -> list[str]:
+    return [a for a in data.spec.sensitive if a in data.users]
+
+
+def counterfactual_one(name: str, seed: int, scenarios: list[str], threshold: float,
+                       params: dict) -> list[pd.DataFrame]:
+    """A compute job: the counterfactual changes of one trained model (name, seed), one frame per
+    scenario, each user's catalogue re-scored under every substitute of every sensitive attribute."""
+    data = load_prepared()
+    sensitive = _sensitive(data)
+    values = {a: substitutes(data.spec, data.users, a) for a in sensitive}
+    own = own_groups(data.spec, data.users, sensitive)
+    new = partition(data, SplitConfig.from_params(params["tasks"])).new_items
+    k = int(params["evaluation"]["catalogue_k"])
+    seed_everything(seed)
+    model = registry.load(name, f"models/{name}/seed{seed}", train=load_split("train", data))
+    frames = []
+    for scenario in scenarios:
+        split = load_evaluation_split(scenario, data)
+        truth = {t.user_id: set(t.candidates[y >= threshold].tolist()) for t, y in split.tasks_with_truth()}
+        tasks = catalogue_tasks(split, new)
+        frames.append(counterfactual_changes(model, tasks, sensitive, gains=gains_from_relevant(tasks, truth),
+                                             values=values, own=own, k=k, seed=seed).assign(seed=seed))
+    return frames
 
 
 def _headline(records: list[dict], meta: str) -> dict:
@@ -91,6 +107,28 @@ def _all_seeds(kind: str, model: str, seeds: list[int]) -> pd.DataFrame:
                      ignore_index=True)
 
 
+def fairness_one(model: str, scenario: str, params: dict) -> list[dict]:
+    """A compute job: every fairness record of one (model, scenario), from the model's predictions,
+    rankings and per-user metrics of every seed (read from their files)."""
+    ev = params["evaluation"]
+    data = load_prepared()
+    raw = strata_for(data, {**params["strata"], "min_group_size": 1})
+    items = item_table(data.items, pd.read_parquet(TASKS / "train.parquet"))
+    support = pd.concat([pd.read_parquet(TASKS / f"{s}.parquet") for s in SCENARIOS], ignore_index=True)
+    support = support[support.role == "support"][["user_id", "item_id", "rating", "scenario"]]
+    seeds = [int(s) for s in params["seeds"]]
+    design = Design.load(TASKS)   # None: everyone was evaluated
+    pu = pd.read_parquet("results/per_user.parquet", filters=[("model", "==", model), ("scenario", "==", scenario)])
+    return fairness_records(
+        model, scenario, pu[["user_id", "seed", "metric", "value"]], raw,
+        metrics=["mae", "rmse", "ndcg@3", "list_ndcg@10", "recall@10"], pred=_all_seeds("predictions", model, seeds),
+        rankings=_all_seeds("rankings", model, seeds), support=support, items=items,
+        interaction_counts=data.ratings.groupby("user_id").size(), threshold=float(ev["like_threshold"]),
+        k=int(ev["catalogue_k"]), n_perm=int(ev["permutations"]), test_alpha=float(ev["alpha"]),
+        min_group_size=int(params["strata"]["min_group_size"]), seeds=seeds, seed=int(ev["seed"]),
+        design=None if design is None else design.sampled(scenario).set_index("user_id"))
+
+
 @stage
 def main() -> None:
     params = load_params()
@@ -99,35 +137,15 @@ def main() -> None:
     data = load_prepared()
     strata = strata_for(data, params["strata"])
     min_size = int(params["strata"]["min_group_size"])
-    raw = strata_for(data, {**params["strata"], "min_group_size": 1})
-    per_user = pd.read_parquet("results/per_user.parquet")
-    train = pd.read_parquet(TASKS / "train.parquet")
-    items = item_table(data.items, train)
-    support = pd.concat([pd.read_parquet(TASKS / f"{s}.parquet") for s in SCENARIOS], ignore_index=True)
-    support = support[support.role == "support"][["user_id", "item_id", "rating", "scenario"]]
-    counts = data.ratings.groupby("user_id").size()
     seeds = [int(s) for s in params["seeds"]]
-    present = set(zip(per_user.model, per_user.scenario))
-    jobs = [(model, scenario) for model in params["fairness"]["models"] if model in params["models"]
+    present = set(pd.read_parquet("results/per_user.parquet", columns=["model", "scenario"])
+                  .drop_duplicates().itertuples(index=False, name=None))
+    jobs = [(model, scenario, params) for model in params["fairness"]["models"] if model in params["models"]
             for scenario in scenarios_present() if (model, scenario) in present]   # no users: skipped
-    frames = {model: (_all_seeds("predictions", model, seeds), _all_seeds("rankings", model, seeds))
-              for model, _ in jobs}
-    design = Design.load(TASKS)   # None: everyone was evaluated
-
-    def job(i: int) -> list[dict]:
-        model, scenario = jobs[i]
-        pred, ranks = frames[model]
-        pu = per_user[(per_user.model == model) & (per_user.scenario == scenario)]
-        return fairness_records(
-            model, scenario, pu[["user_id", "seed", "metric", "value"]], raw,
-            metrics=["mae", "rmse", "ndcg@3", "list_ndcg@10", "recall@10"], pred=pred, rankings=ranks,
-            support=support, items=items, interaction_counts=counts, threshold=thr,
-            k=int(ev["catalogue_k"]), n_perm=int(ev["permutations"]), test_alpha=float(ev["alpha"]),
-            min_group_size=min_size, seeds=seeds, seed=int(ev["seed"]),
-            design=None if design is None else design.sampled(scenario).set_index("user_id"))
-
-    records = [r for recs in map_forked(job, len(jobs)) for r in recs]   # before any torch work (fork)
-    records += _counterfactual(params, data, strata, thr)
+    with stage_executor(params) as ex:
+        records = [r for recs in ex.map(fairness_one, jobs, label="fairness") for r in recs]
+        records += _counterfactual(params, data, strata, thr, ex)
+    design = Design.load(TASKS)
     if design is not None:
         for r in records:
             if r.get("scenario") in design.record["scenarios"]:

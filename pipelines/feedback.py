@@ -4,40 +4,68 @@ its audit per round and group (docs/FEEDBACK.md)."""
 
 from __future__ import annotations
 
+import pickle
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 
 from audit.feedback import Run, audit_records, collect, headline, long_records
 from metarec.data.validate import group_labels
 from metarec.feedback.experiment import Experiment, run_all
-from metarec.feedback.loop import population_from
+from metarec.compute import scratch_dir
+from metarec.feedback.loop import SimUser, population_from
 from metarec.io import atomic_write_json, atomic_write_parquet, atomic_write_text
 from metarec.models import registry
 from metarec.predict import NEW_ITEM_SCENARIOS
 from metarec.seeding import seed_everything
 from metarec.splits import SplitConfig, partition
-from pipelines.common import load_params, load_prepared, load_split, stage
+from metarec.tasks import TaskSet
+from pipelines.common import load_params, load_prepared, load_split, stage, stage_executor
 
 
-def run(params: dict) -> list[dict]:
-    """The whole stage for one params dict (benchmarks/feedback_cost.py varies it); returns the headline."""
+def _population(params: dict, data) -> tuple[Experiment, TaskSet, list[SimUser], np.ndarray, pd.Series]:
+    """(experiment, training split, simulated population, catalogue, training rating count per item)."""
     fp = params["feedback"]
     exp = Experiment.from_params(fp, params["seeds"], params["models"])
-    seed_everything(exp.seed, torch_too=any(m not in registry.CLASSIC for m in exp.models))
-    data = load_prepared()
     train, split = load_split("train", data), load_split(fp["scenario"], data)
     population = population_from(split.tasks_with_truth())
     new = partition(data, SplitConfig.from_params(params["tasks"])).new_items
     items = np.sort(data.items["item_id"].to_numpy(np.int64))
     catalogue = items[np.isin(items, list(new)) == (fp["scenario"] in NEW_ITEM_SCENARIOS)]
-    counts = train.all_ratings().groupby("item_id").size()
-    groups = pd.DataFrame({"user_id": data.users["user_id"].to_numpy(),
-                           **{a: group_labels(data.users, data.spec, a).to_numpy() for a in data.spec.sensitive}})
-    oracles = exp.fit_oracles(data, np.array([u.user_id for u in population]))
-    load = lambda name, seed: registry.load(name, f"models/{name}/seed{seed}", train=train)
-    runs = [Run(a.oracle, a.seed, a.model, a.policy, log.shown, log.heldout, log.arrivals)
+    return exp, train, population, catalogue, train.all_ratings().groupby("item_id").size()
+
+
+def simulate_seed(seed: int, params: dict, oracles_path: str) -> list[Run]:
+    """A compute job: every arm of one simulation seed, with the oracles fitted by the stage (a pickle)."""
+    data = load_prepared()
+    exp, train, population, catalogue, counts = _population(params, data)
+    exp = replace(exp, seeds=(int(seed),))
+    seed_everything(exp.seed, torch_too=any(m not in registry.CLASSIC for m in exp.models))
+    with open(oracles_path, "rb") as fh:
+        oracles = pickle.load(fh)
+    load = lambda name, s: registry.load(name, f"models/{name}/seed{s}", train=train)
+    return [Run(a.oracle, a.seed, a.model, a.policy, log.shown, log.heldout, log.arrivals)
             for a, log in run_all(exp, population, catalogue, oracles, exp.choice(data),
                                   counts.reindex(catalogue).fillna(0).to_numpy(float), load)]
+
+
+def run(params: dict) -> list[dict]:
+    """The whole stage for one params dict (benchmarks/feedback_cost.py varies it); returns the headline.
+    Each simulation seed is one compute job."""
+    fp = params["feedback"]
+    data = load_prepared()
+    exp, _, population, catalogue, counts = _population(params, data)
+    groups = pd.DataFrame({"user_id": data.users["user_id"].to_numpy(),
+                           **{a: group_labels(data.users, data.spec, a).to_numpy() for a in data.spec.sensitive}})
+    seed_everything(exp.seed, torch_too=any(m not in registry.CLASSIC for m in exp.models))
+    oracles = exp.fit_oracles(data, np.array([u.user_id for u in population]))
+    with stage_executor(params) as ex, scratch_dir() as scratch:
+        path = scratch / "oracles.pkl"
+        with open(path, "wb") as fh:
+            pickle.dump(oracles, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        runs = [r for seed_runs in ex.map(simulate_seed, [(s, params, str(path)) for s in exp.seeds],
+                                          label="feedback") for r in seed_runs]
     genre = next(f.name for f in data.spec.item_features if f.kind == "multilabel")
     per_user, pop = collect(runs, counts, data.items.set_index("item_id")[genre], catalogue, groups, exp.attention_decay)
     records = audit_records(per_user, pop, groups, min_size=int(params["strata"]["min_group_size"]),

@@ -10,15 +10,15 @@ from audit.evaluation import strata_for
 from audit.strata import INTERSECTION_SEP, derive_strata
 from audit.metrics import per_user_accuracy, per_user_query_ndcg
 from audit.robustness import AttributePerturbations, most_damaging_by, plan_attribute_perturbations, robustness_curve
-from audit.shilling import choose_targets, run_attack
+from audit.shilling import AttackCell, attack_records, choose_targets, plan_attack
 from metarec.io import atomic_write_json, atomic_write_parquet, atomic_write_text
 from metarec.models import registry
 from metarec.predict import catalogue_rankings
 from metarec.seeding import seed_everything
 from metarec.splits import SplitConfig, partition
 from metarec.tasks import TaskSet
-from pipelines.common import (load_encoder, load_evaluation_split, load_params, load_prepared, load_split, map_forked,
-                              stage)
+from pipelines.common import (load_encoder, load_evaluation_split, load_params, load_prepared, load_split, stage,
+                              stage_executor)
 
 
 LONG_COLUMNS = ["model", "seed", "scenario", "perturbation", "attribute", "group", "metric", "value"]
@@ -46,65 +46,70 @@ def _scenarios(params: dict, data) -> tuple[list[str], list[dict]]:
     return keep, skipped
 
 
-def _curves(params: dict, data, groups: pd.DataFrame, plan: AttributePerturbations,
-            scenarios: list[str]) -> list[dict]:
+def _groups(params: dict, data) -> tuple[AttributePerturbations, pd.DataFrame]:
+    """The attribute perturbations and the groups of the per-group curves: every single-attribute
+    stratum, plus the shifted one if it is not among them."""
+    strata = strata_for(data, params["strata"])
+    plan = plan_attribute_perturbations(params["robustness"], data, min_size=strata.min_size)
+    names = list(dict.fromkeys([a for a in strata.attributes if INTERSECTION_SEP not in a] + [plan.shift_attribute]))
+    groups = derive_strata(data.users, names, spec=data.spec, counts=data.ratings.groupby("user_id").size(),
+                           min_size=strata.min_size).frame
+    return plan, groups
+
+
+def curves_one(name: str, scenarios: list[str], params: dict) -> list[dict]:
+    """A compute job: every degradation curve of one model (its `robustness.seed` run), per scenario."""
     rp = params["robustness"]
     seed = int(rp["seed"])
+    data = load_prepared()
+    plan, groups = _groups(params, data)
     scale = {"rating_min": data.spec.rating_min, "rating_max": data.spec.rating_max}
-    train = load_split("train", data)
     seed_everything(seed)
+    model = registry.load(name, f"models/{name}/seed{seed}", train=load_split("train", data))
     recs = []
-    for name in rp["models"]:
-        if name not in params["models"]:
-            continue
-        model = registry.load(name, f"models/{name}/seed{seed}", train=train)
-        for scenario in scenarios:
-            pairs = load_evaluation_split(scenario, data).tasks_with_truth()
-            tasks, truth = [t for t, _ in pairs], [y for _, y in pairs]
-            kw = dict(evaluate=_evaluate, groups=groups, seed=seed, model_name=name)
-            recs += robustness_curve(model, tasks, truth, "support_size", [None, *rp["support_size"]], **kw)
-            recs += robustness_curve(model, tasks, truth, "rating_noise", [0, *rp["rating_noise"]], **kw, **scale)
-            recs += robustness_curve(model, tasks, truth, f"attribute_noise:{plan.noise_attribute}",
-                                     [0, *plan.noise_levels], **kw)
-            recs += robustness_curve(model, tasks, truth, "demographic_shift", [None, dict(plan.shift_mix)],
-                                     attribute=plan.shift_attribute, **kw)
+    for scenario in scenarios:
+        pairs = load_evaluation_split(scenario, data).tasks_with_truth()
+        tasks, truth = [t for t, _ in pairs], [y for _, y in pairs]
+        kw = dict(evaluate=_evaluate, groups=groups, seed=seed, model_name=name)
+        recs += robustness_curve(model, tasks, truth, "support_size", [None, *rp["support_size"]], **kw)
+        recs += robustness_curve(model, tasks, truth, "rating_noise", [0, *rp["rating_noise"]], **kw, **scale)
+        recs += robustness_curve(model, tasks, truth, f"attribute_noise:{plan.noise_attribute}",
+                                 [0, *plan.noise_levels], **kw)
+        recs += robustness_curve(model, tasks, truth, "demographic_shift", [None, dict(plan.shift_mix)],
+                                 attribute=plan.shift_attribute, **kw)
     return recs
 
 
-def _shilling(params: dict, data, scenario: str) -> list[dict]:
+def _shilling_jobs(params: dict, data) -> list[tuple[str, list[AttackCell]]]:
+    """(model, its planned attack cells) for every attacked model, the classic ones first."""
     sp = params["robustness"]["shilling"]
     seed = int(params["robustness"]["seed"])
-    k = int(params["evaluation"]["catalogue_k"])
-    train = load_split("train", data)
-    encoder = load_encoder()
-    new = partition(data, SplitConfig.from_params(params["tasks"])).new_items
-    evaluation = load_evaluation_split(scenario, data)
-    val = load_split("val", data)
-    users = evaluation.user_ids.tolist()
-    real = train.all_ratings()
+    real = load_split("train", data).all_ratings()
     targets = choose_targets(real, int(sp["n_targets"]), np.random.default_rng(seed))
-    target_tasks = [t.replace(candidates=np.asarray(targets, dtype=np.int64)) for t in evaluation.tasks()]
-    recs = []
-    # the classic models' refits (single-threaded scikit-surprise) run side by side in forked
-    # processes; the torch models' run in this process on its threads (torch is slow in forks)
-    for name in sorted(sp["models"], key=lambda m: m not in registry.CLASSIC):
-        if name not in params["models"]:
-            continue
+    cells = plan_attack(real, strategies=sp["strategies"], fractions=sp["fractions"], targets=targets,
+                        filler_size=int(sp["filler_size"]),
+                        rating_scale=(int(data.spec.rating_min), int(data.spec.rating_max)), seed=seed)
+    return [(name, cells) for name in sorted(sp["models"], key=lambda m: m not in registry.CLASSIC)
+            if name in params["models"]]
 
-        def fit_predict(extra: pd.DataFrame, name: str = name) -> tuple[pd.DataFrame, pd.DataFrame]:
-            seed_everything(seed, torch_too=name not in registry.CLASSIC)
-            model = registry.build(name, params.get("model_params", {}).get(name) or {}, seed)
-            model.fit(_with_fakes(train, extra), val, encoder)
-            preds = model.predict(target_tasks)
-            pred = pd.concat([pd.DataFrame({"user_id": t.user_id, "item_id": t.candidates, "y_pred": p})
-                              for t, p in zip(target_tasks, preds)], ignore_index=True)
-            return pred, catalogue_rankings(model, evaluation, new, k)
 
-        recs += run_attack(fit_predict, real, model_name=name, strategies=sp["strategies"], fractions=sp["fractions"],
-                           targets=targets, filler_size=int(sp["filler_size"]),
-                           rating_scale=(int(data.spec.rating_min), int(data.spec.rating_max)), seed=seed, k=k,
-                           users=users, mapper=map_forked if name in registry.CLASSIC else None)
-    return recs
+def shilling_refit(name: str, cell: AttackCell, scenario: str, params: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A compute job: refit one model on the training split plus one cell's fake profiles, then its
+    predictions of the targets and its catalogue top-k for the scenario's users."""
+    seed = int(params["robustness"]["seed"])
+    k = int(params["evaluation"]["catalogue_k"])
+    data = load_prepared()
+    train = load_split("train", data)
+    evaluation = load_evaluation_split(scenario, data)
+    new = partition(data, SplitConfig.from_params(params["tasks"])).new_items
+    target_tasks = [t.replace(candidates=np.asarray(cell.targets, dtype=np.int64)) for t in evaluation.tasks()]
+    seed_everything(seed, torch_too=name not in registry.CLASSIC)
+    model = registry.build(name, params.get("model_params", {}).get(name) or {}, seed)
+    model.fit(_with_fakes(train, cell.fake_profiles(train.all_ratings())), load_split("val", data), load_encoder())
+    preds = model.predict(target_tasks)
+    pred = pd.concat([pd.DataFrame({"user_id": t.user_id, "item_id": t.candidates, "y_pred": p})
+                      for t, p in zip(target_tasks, preds)], ignore_index=True)
+    return pred, catalogue_rankings(model, evaluation, new, k)
 
 
 def _with_fakes(train: TaskSet, extra: pd.DataFrame) -> TaskSet:
@@ -127,16 +132,19 @@ def _with_fakes(train: TaskSet, extra: pd.DataFrame) -> TaskSet:
 def main() -> None:
     params = load_params()
     data = load_prepared()
-    strata = strata_for(data, params["strata"])
-    plan = plan_attribute_perturbations(params["robustness"], data, min_size=strata.min_size)
-    # per-group curves for every single-attribute stratum, plus the shifted one if it is not among them
-    names = list(dict.fromkeys([a for a in strata.attributes if INTERSECTION_SEP not in a] + [plan.shift_attribute]))
-    groups = derive_strata(data.users, names, spec=data.spec, counts=data.ratings.groupby("user_id").size(),
-                           min_size=strata.min_size).frame
     scenarios, skipped = _scenarios(params, data)
-    # forks: before the parent runs any torch operation
-    shilling = _shilling(params, data, scenarios[0]) if scenarios else []
-    curves = _curves(params, data, groups, plan, scenarios)
+    rp = params["robustness"]
+    _groups(params, data)   # a perturbation the data cannot support stops the stage before any job starts
+    attacks = _shilling_jobs(params, data) if scenarios else []
+    refits = [(name, cell, scenarios[0], params) for name, cells in attacks for cell in cells]
+    curve_jobs = [(name, scenarios, params) for name in rp["models"] if name in params["models"]]
+    with stage_executor(params) as ex:
+        runs = iter(ex.map(shilling_refit, refits, label="shilling"))
+        users = load_evaluation_split(scenarios[0], data).user_ids.tolist() if scenarios else []
+        shilling = [r for name, cells in attacks
+                    for r in attack_records(cells, [next(runs) for _ in cells], model_name=name,
+                                            k=int(params["evaluation"]["catalogue_k"]), users=users)]
+        curves = [r for recs in ex.map(curves_one, curve_jobs, label="curves") for r in recs]
     worst = most_damaging_by(curves)
     records = curves + shilling + worst + skipped
     seed = int(params["robustness"]["seed"])

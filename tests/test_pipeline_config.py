@@ -38,20 +38,3 @@ def test_dvc_expands_the_training_matrix_from_params():
     expected = {f"train@{m}-{s}" for m in params["models"] for s in params["seeds"]}
     assert expected <= names
     assert {"prepare", "tasks", "evaluate", "fairness", "robustness", "reproducibility", "collect", "gate", "report"} <= names
-
-
-def test_map_forked_keeps_order_runs_closures_and_raises_child_errors():
-    from metarec.errors import ConfigError
-    from pipelines.common import map_forked
-
-    table = {i: i * i for i in range(7)}
-    assert map_forked(lambda i: table[i] + 1, 7, workers=2) == [i * i + 1 for i in range(7)]
-    assert map_forked(lambda i: i, 0, workers=2) == []
-
-    def boom(i: int) -> int:
-        if i == 3:
-            raise ConfigError("job 3: bad input")
-        return i
-
-    with pytest.raises(ConfigError, match="job 3: bad input"):
-        map_forked(boom, 5, workers=2)

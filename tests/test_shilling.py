@@ -8,11 +8,14 @@ import pandas as pd
 import pytest
 
 from audit.shilling import (
+    STRATEGIES,
     attack_effect,
+    attack_records,
     choose_targets,
     empty_ratings,
     hit_ratio,
     make_fake_profiles,
+    plan_attack,
     run_attack,
     short_head,
 )
@@ -166,21 +169,17 @@ def test_attack_pushes_targets_on_an_item_mean_model(ratings: pd.DataFrame) -> N
                        targets=targets, filler_size=20, seed=4, users=eval_users)
     assert again == recs
 
-    # a mapper may run the refits in any order (or in parallel): same records
-    def backwards(job, n):
-        out = {i: job(i) for i in reversed(range(n))}
-        return [out[i] for i in range(n)]
+    # the planned cells travel to other processes (pickled) and may run in any order: same records
+    import pickle
 
-    shuffled = run_attack(make_fit_predict(ratings, eval_users, []), ratings, model_name="item_mean",
-                          targets=targets, filler_size=20, seed=4, users=eval_users, mapper=backwards)
+    cells = plan_attack(ratings, strategies=STRATEGIES, fractions=(0.01, 0.03, 0.05), targets=targets,
+                        filler_size=20, seed=4)
+    assert pickle.loads(pickle.dumps(cells)) == cells
+    fit_predict = make_fit_predict(ratings, eval_users, [])
+    backwards = {i: fit_predict(cells[i].fake_profiles(ratings)) for i in reversed(range(len(cells)))}
+    shuffled = attack_records(cells, [backwards[i] for i in range(len(cells))], model_name="item_mean",
+                              users=eval_users)
     assert shuffled == recs
-
-    from pipelines.common import map_forked
-
-    forked = run_attack(make_fit_predict(ratings, eval_users, []), ratings, model_name="item_mean",
-                        targets=targets, filler_size=20, seed=4, users=eval_users,
-                        mapper=lambda job, n: map_forked(job, n, workers=2))
-    assert forked == recs
 
 
 def test_attack_on_an_attack_proof_model_changes_nothing(ratings: pd.DataFrame) -> None:

@@ -30,7 +30,7 @@ BUILTIN: dict[str, str] = {
     "svd": "metarec.models.classic:SVDRecommender",
 }
 NAMES = tuple(BUILTIN)
-# Models that run without torch (scikit-surprise and pandas): seeded without torch, refitted in forks.
+# Models that run without torch (scikit-surprise and pandas): seeded without torch.
 CLASSIC = tuple(name for name, target in BUILTIN.items() if target.startswith("metarec.models.classic:"))
 ENTRY_POINT_GROUP = "metarec_audit.models"
 # A model_params entry with one of these keys defines a model from outside the package (driven by
