@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 # dvc.lock is one of the signed subjects and DVC rewrites it after every stage, so signing runs
-# after `dvc repro`, not inside it.
+# after `dvc repro`, not inside it. `metarec-audit repro` is `dvc repro` with the stale cells of the
+# models x seeds matrix run concurrently (docs/DESIGN.md, "The matrix").
 audit: $(STAMP)
-	$(BIN)/dvc repro
+	$(BIN)/metarec-audit repro
 	$(BIN)/metarec-audit sign
 	@$(BIN)/metarec-audit summary
 

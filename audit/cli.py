@@ -12,6 +12,8 @@ Commands and exit codes (0 success; 1 a check failed; 2 input missing or invalid
   sign      reports/audit.bundle.json (+ reports/signing.pub); 2 on missing key or inputs
   verify    BUNDLE --key PUB [--root DIR]: 0 valid, 1 invalid or tampered, 2 unreadable input
   report    render reports/audit.html (the DVC report stage)
+  repro     `dvc repro` with the stale cells of the models x seeds matrix run concurrently on the
+            compute engine (metarec.matrix); exit status DVC's or the first failed cell's
   summary   print the report path, the verdict, each gate (outcome, interval compared) and the report's
             key findings in under 40 lines; always 0
 
@@ -125,6 +127,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = report.write_report(Path(args.root), params)
     print(f"wrote {path}")
     return EXIT_OK
+
+
+def cmd_repro(args: argparse.Namespace) -> int:
+    """`dvc repro` with the stale cells of the models x seeds matrix run concurrently (metarec.matrix)."""
+    from metarec.compute import ComputeConfig, Stopped, executor, stop_on_signals
+    from metarec.matrix import reproduce
+
+    config = ComputeConfig.from_params(_load_params(args))
+    cpus = args.cell_cpus or config.cell_cpus
+    try:
+        with stop_on_signals():
+            return reproduce(Path(args.root), lambda: executor(config), cpus=cpus).returncode
+    except Stopped as stop:
+        print(f"metarec-audit repro: {stop}; every cell was stopped", file=sys.stderr)
+        return 128 + stop.signum
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -272,6 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", parents=[common], help="render reports/audit.html",
                        description="Render the self-contained audit report reports/audit.html from the metrics files.")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("repro", parents=[common], help="dvc repro, with the matrix's stale cells run concurrently",
+                       description="Run the pipeline as `dvc repro` does, except that the stale cells of each matrix "
+                                   "stage (train@<model>-<seed>) run at the same time on the compute engine (this "
+                                   "machine's cores, or the Ray cluster at compute.address / $RAY_ADDRESS). DVC still "
+                                   "decides what is stale and records every cell in dvc.lock. Exit status: DVC's, or "
+                                   "that of the first cell that failed (2 for invalid input).")
+    p.add_argument("--cell-cpus", type=int, default=None, metavar="N",
+                   help="CPUs (threads) per cell (default: compute.cell_cpus in params.yaml, else 1)")
+    p.set_defaults(func=cmd_repro)
 
     p = sub.add_parser("serve", parents=[common], help="serve a trained model over HTTP (metarec-audit/1)",
                        description="Serve models/MODEL/seedSEED of this project as a scoring service that speaks "

@@ -114,6 +114,7 @@ class ComputeConfig(OpenSection):
     address: str | None = None
     workers: Positive | None = None
     backend: Literal["auto", "ray", "serial"] = "auto"
+    cell_cpus: Positive = 1
 
 
 class Params(OpenSection):

@@ -58,6 +58,7 @@ class ComputeConfig:
     address: str | None = None     # a Ray cluster ("HOST:6379"); None: a local Ray on this machine
     workers: int | None = None     # CPUs of the local Ray; None: every core
     backend: Backend = "auto"      # auto: Ray when a map has several jobs and several CPUs (or an address)
+    cell_cpus: int = 1             # CPUs per matrix cell run by metarec.matrix (metarec-audit repro)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "ComputeConfig":
@@ -70,7 +71,10 @@ class ComputeConfig:
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise ConfigError(f"params.yaml compute.workers is {workers!r}; expected a whole number of at least 1 "
                               f"or null (every core)")
-        return cls(address=str(address) if address else None, workers=workers, backend=backend)
+        cells = section.get("cell_cpus", 1)
+        if isinstance(cells, bool) or not isinstance(cells, int) or cells < 1:
+            raise ConfigError(f"params.yaml compute.cell_cpus is {cells!r}; expected a whole number of at least 1")
+        return cls(address=str(address) if address else None, workers=workers, backend=backend, cell_cpus=cells)
 
 
 class Stopped(BaseException):

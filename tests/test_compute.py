@@ -50,6 +50,7 @@ def test_config_from_params_reads_the_section_and_falls_back_to_ray_address(monk
     ({"backend": "dask"}, "params.yaml compute.backend is 'dask'; expected one of auto, ray, serial"),
     ({"workers": 0}, "params.yaml compute.workers is 0; expected a whole number of at least 1 or null (every core)"),
     ({"workers": "4"}, "params.yaml compute.workers is '4'; expected a whole number of at least 1 or null (every core)"),
+    ({"cell_cpus": 0}, "params.yaml compute.cell_cpus is 0; expected a whole number of at least 1"),
 ])
 def test_bad_config_is_one_sentence(section: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,7 @@ import json, os, sys, time, yaml
 name = sys.argv[1]
 value = yaml.safe_load(open("params.yaml"))["p"][name]
 start = time.time()
+open(f"started-{name}", "w").close()
 time.sleep(float(os.environ.get("CELL_SLEEP", "0")))
 if value < 0:
     print(f"cell {name}: p.{name} must be positive, got {value}", file=sys.stderr)
@@ -193,3 +197,55 @@ def test_cell_is_a_plain_record() -> None:
     c = Cell("train@melu-0", "python -m pipelines.train --model melu --seed 0", "/x")
     with pytest.raises(AttributeError):
         c.name = "other"   # type: ignore[misc]
+
+
+def _cli(project: Path, sleep: float) -> subprocess.Popen:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["compute"] = {"backend": "ray", "workers": 2}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "CELL_SLEEP": str(sleep)}
+    return subprocess.Popen([sys.executable, "-m", "audit.cli", "repro"], cwd=project, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _cell_processes(project: Path) -> list[int]:
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if "work.py" in cmd and cwd == str(project.resolve()):
+            out.append(int(pid))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_cells_run_at_the_same_time_on_the_engine(project: Path) -> None:
+    cli = _cli(project, sleep=4)
+    out, _ = cli.communicate(timeout=300)
+    assert cli.returncode == 0, out
+    assert "running 3 of 3 cells of cell concurrently" in out
+    runs = sorted(_runs(project), key=lambda r: r["start"])
+    assert len(runs) == 3
+    assert runs[1]["start"] < runs[0]["end"]              # two workers: the first two overlapped
+    assert _status(project) == {}
+    assert (project / "all.txt").read_text() == "base:a=10\nbase:b=20\nbase:c=30\n"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_stopped_run_leaves_no_cell_running_or_writing(project: Path) -> None:
+    cli = _cli(project, sleep=20)
+    deadline = time.time() + 120
+    while len(list(project.glob("started-*"))) < 2:
+        assert time.time() < deadline and cli.poll() is None, cli.communicate()[0]
+        time.sleep(0.2)
+    cli.send_signal(signal.SIGTERM)
+    out, _ = cli.communicate(timeout=60)
+    assert cli.returncode == 128 + signal.SIGTERM, out
+    time.sleep(2)
+    assert _cell_processes(project) == []
+    time.sleep(20)                                        # past the cells' sleep: nothing was written
+    assert not list(project.glob("out/*.txt")) and not (project / "runs.log").exists()
+    assert "cell@a" in _status(project)
