@@ -22,8 +22,9 @@ markdown table (docs/SCALING.md quotes it) to stdout and `--out`:
     python benchmarks/scaling.py --sizes 100k,1m --reuse --profile fairness,robustness
 
 `--profile` re-runs the named stages (after the measured runs, in the same scratch project) under
-cProfile and prints each one's top functions by cumulative time; the `.prof` files stay in the
-workdir for `pstats`. Work a stage forks off (`map_forked`) is not seen by the parent's profile.
+cProfile, in one process (`os.cpu_count` set to 1, so `map_forked` runs its jobs in the profiled
+process), and prints each one's top functions by cumulative time; the `.prof` files stay in the
+workdir for `pstats`.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ from typing import Mapping, Sequence
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-# name -> (ratings, users, items): MovieLens-100K, -1M and -10M shapes.
+# name -> (ratings, users, items): MovieLens-100K, -1M and -10M shapes ("smoke": a minute-long check
+# of the harness itself, not a point of the table).
 SIZES: dict[str, tuple[int, int, int]] = {
+    "smoke": (20_000, 300, 600),
     "100k": (100_000, 943, 1_682),
     "1m": (1_000_000, 6_040, 3_706),
     "10m": (10_000_000, 69_878, 10_677),
@@ -63,6 +66,7 @@ class StageCost:
     cpu_s: float
     rss_max_gb: float
     rss_tree_gb: float
+    load_1min: float = 0.0    # the machine's load average when the stage ended (others' work included)
 
 
 def scaling_params(base: Mapping, size: str, address: str | None = None) -> dict:
@@ -134,7 +138,8 @@ def run_measured(cmd: Sequence[str], cwd: Path, env: Mapping[str, str], log: Pat
     proc.returncode = os.waitstatus_to_exitcode(status)   # reaped here: keep Popen from waiting again
     cost = StageCost(stage=" ".join(cmd[-1:]), wall_s=round(wall, 1), cpu_s=round(usage.ru_utime + usage.ru_stime, 1),
                      rss_max_gb=round(usage.ru_maxrss * 1024 / GB, 2),   # Linux reports KiB
-                     rss_tree_gb=round(max(peak_tree, usage.ru_maxrss * 1024) / GB, 2))
+                     rss_tree_gb=round(max(peak_tree, usage.ru_maxrss * 1024) / GB, 2),
+                     load_1min=round(os.getloadavg()[0], 1))
     return proc.returncode, cost
 
 
@@ -158,7 +163,8 @@ def measure_size(size: str, workdir: Path, address: str | None = None) -> dict:
     bindir = Path(sys.executable).parent
     env = {**os.environ, "PYTHONPATH": str(root), "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
            "CI": "1"}
-    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=root, env=env, check=True)
+    # the project's own .dvc/config comes with the copy; no git here, so DVC is told to run without it
+    subprocess.run(["dvc", "config", "--local", "core.no_scm", "true"], cwd=root, env=env, check=True)
     log = root / "scaling.log"
     costs = []
     for name in stage_names(root, env):
@@ -169,16 +175,12 @@ def measure_size(size: str, workdir: Path, address: str | None = None) -> dict:
         cost.stage = name
         costs.append(cost)
         print(f"{size} {name}: {cost.wall_s} s wall, {cost.cpu_s} s CPU, {cost.rss_max_gb} GB "
-              f"(tree {cost.rss_tree_gb} GB)", file=sys.stderr, flush=True)
+              f"(tree {cost.rss_tree_gb} GB), load {cost.load_1min}", file=sys.stderr, flush=True)
     n_ratings, n_users, n_items = SIZES[size]
     record = {"size": size, "n_ratings": n_ratings, "n_users": n_users, "n_items": n_items, "address": address,
               "cores": os.cpu_count(), "stages": [asdict(c) for c in costs]}
     (workdir / f"{size}.json").write_text(json.dumps(record, indent=1))
     return record
-
-
-def _ratio(a: float, b: float) -> str:
-    return f"{b / a:.1f}x" if a > 0 else "-"
 
 
 def stage_command(name: str) -> list[str]:
@@ -199,34 +201,71 @@ def profile_stage(size: str, name: str, workdir: Path, top: int = 25) -> Path:
     root = workdir / size
     out = workdir / f"{size}-{name.replace('@', '_')}.prof"
     env = {**os.environ, "PYTHONPATH": str(root), "CI": "1"}
-    subprocess.run([sys.executable, "-m", "cProfile", "-o", str(out), *stage_command(name)], cwd=root, env=env,
-                   check=True, stdout=subprocess.DEVNULL)
+    module, args = stage_command(name)[1], stage_command(name)[2:]
+    # one process: forked workers (map_forked) would run outside the parent's profile
+    code = (f"import os, sys, cProfile, runpy; os.cpu_count = lambda: 1; sys.argv = [{module!r}, *{args!r}]; "
+            f"cProfile.run('runpy.run_module({module!r}, run_name=\"__main__\", alter_sys=True)', {str(out)!r})")
+    subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True, stdout=subprocess.DEVNULL)
     print(f"## {size} {name}: top {top} by cumulative time", flush=True)
     pstats.Stats(str(out)).sort_stats("cumulative").print_stats(top)
     return out
 
 
+PROJECT_DIRS = ("metarec/", "audit/", "pipelines/")
+
+
+def _project_times(path: Path) -> dict[str, float]:
+    """Cumulative seconds per project function of a profile, keyed `module/file.py:line(name)`
+    (paths cut at the project folder, so two scratch projects' profiles line up)."""
+    import pstats
+
+    out: dict[str, float] = {}
+    for (file, line, func), (_, _, _, cum, _) in pstats.Stats(str(path)).stats.items():  # type: ignore[attr-defined]
+        cut = min((file.find(d) for d in PROJECT_DIRS if d in file), default=-1)
+        if cut >= 0:
+            out[f"{file[cut:]}:{line}({func})"] = out.get(f"{file[cut:]}:{line}({func})", 0.0) + cum
+    return out
+
+
+def growth_table(small: Path, big: Path, factor: float, min_seconds: float = 2.0, most: int = 30) -> str:
+    """Project functions taking at least `min_seconds` in the bigger profile, with their cumulative
+    seconds in both and the ratio; `superlinear` marks those growing faster than the data (`factor`)."""
+    a, b = _project_times(small), _project_times(big)
+    rows = sorted(((k, a.get(k, 0.0), v) for k, v in b.items() if v >= min_seconds), key=lambda r: -r[2])[:most]
+    lines = ["| function | small s | big s | ratio | |", "|---|---|---|---|---|"]
+    for k, x, y in rows:
+        ratio = y / x if x > 0 else float("inf")
+        lines.append(f"| `{k}` | {x:.1f} | {y:.1f} | {ratio:.1f}x | {'superlinear' if ratio > factor else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{b / a:.1f}x" if a > 0 else "-"
+
+
 def markdown_table(records: Sequence[Mapping]) -> str:
-    """One row per stage (and a total): wall time, peak RSS (largest process) and, between each size
-    and the previous one, the ratio of wall times; the last column is the largest tree RSS."""
+    """One row per stage (and a total): per size the wall time, CPU time and peak RSS (largest
+    process), and between each size and the previous one the ratios of wall and of CPU time. CPU
+    time is the steadier measure of growth on a shared machine (others' load stretches wall time)."""
     sizes = [r["size"] for r in records]
     by = [{c["stage"]: c for c in r["stages"]} for r in records]
     stages = list(dict.fromkeys(name for r in records for name in (c["stage"] for c in r["stages"])))
     head = ["stage"]
     for i, s in enumerate(sizes):
-        head += [f"{s} wall s", f"{s} peak RSS GB"]
+        head += [f"{s} wall s", f"{s} CPU s", f"{s} peak RSS GB"]
         if i:
-            head.append(f"{sizes[i - 1]}->{s}")
+            head += [f"{sizes[i - 1]}->{s} wall", f"{sizes[i - 1]}->{s} CPU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    totals = [{"wall_s": sum(c["wall_s"] for c in r["stages"]),
+    totals = [{"wall_s": sum(c["wall_s"] for c in r["stages"]), "cpu_s": sum(c["cpu_s"] for c in r["stages"]),
                "rss_max_gb": max((c["rss_max_gb"] for c in r["stages"]), default=0.0)} for r in records]
     for name, rows in [*[(n, [b.get(n) for b in by]) for n in stages], ("**all stages**", totals)]:
         cells = [name]
         for i, c in enumerate(rows):
-            cells += ["-", "-"] if c is None else [f"{c['wall_s']:.1f}", f"{c['rss_max_gb']:.2f}"]
+            cells += ["-"] * 3 if c is None else [f"{c['wall_s']:.1f}", f"{c['cpu_s']:.1f}", f"{c['rss_max_gb']:.2f}"]
             if i:
                 prev = rows[i - 1]
-                cells.append("-" if c is None or prev is None else _ratio(prev["wall_s"], c["wall_s"]))
+                cells += (["-"] * 2 if c is None or prev is None else
+                          [_ratio(prev["wall_s"], c["wall_s"]), _ratio(prev["cpu_s"], c["cpu_s"])])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -255,9 +294,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(table, end="")
     if args.out:
         args.out.write_text(table)
+    profiled = [s.strip() for s in args.profile.split(",") if s.strip()]
     for size in sizes:
-        for name in filter(None, (s.strip() for s in args.profile.split(","))):
+        for name in profiled:
             profile_stage(size, name, args.workdir)
+    for name in profiled:
+        for small, big in zip(sizes, sizes[1:]):
+            print(f"## {name}: {small} -> {big}, project functions by cumulative time")
+            print(growth_table(*(args.workdir / f"{s}-{name.replace('@', '_')}.prof" for s in (small, big)),
+                               factor=SIZES[big][0] / SIZES[small][0]), end="")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from pathlib import Path
 import yaml
 
 from audit.config import validate_params
-from benchmarks.scaling import (SIZES, StageCost, markdown_table, run_measured, scaling_params, stage_command)
+from benchmarks.scaling import (SIZES, StageCost, growth_table, markdown_table, run_measured, scaling_params,
+                                stage_command)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,14 +54,17 @@ def test_a_command_is_measured_with_its_children(tmp_path: Path) -> None:
 
 
 def test_table_rows_ratios_and_total() -> None:
-    rec = lambda size, costs: {"size": size, "stages": [StageCost(n, w, w, r, r).__dict__ for n, w, r in costs]}  # noqa: E731
-    table = markdown_table([rec("100k", [("tasks", 2.0, 0.5), ("fairness", 10.0, 1.0)]),
-                            rec("1m", [("tasks", 30.0, 1.5), ("fairness", 50.0, 2.25)])])
+    def rec(size: str, costs: list[tuple[str, float, float, float]]) -> dict:
+        return {"size": size, "stages": [StageCost(n, w, c, r, r).__dict__ for n, w, c, r in costs]}
+
+    table = markdown_table([rec("100k", [("tasks", 2.0, 1.0, 0.5), ("fairness", 10.0, 20.0, 1.0)]),
+                            rec("1m", [("tasks", 30.0, 8.0, 1.5), ("fairness", 50.0, 100.0, 2.25)])])
     lines = table.splitlines()
-    assert lines[0] == "| stage | 100k wall s | 100k peak RSS GB | 1m wall s | 1m peak RSS GB | 100k->1m |"
-    assert lines[2] == "| tasks | 2.0 | 0.50 | 30.0 | 1.50 | 15.0x |"
-    assert lines[3] == "| fairness | 10.0 | 1.00 | 50.0 | 2.25 | 5.0x |"
-    assert lines[4] == "| **all stages** | 12.0 | 1.00 | 80.0 | 2.25 | 6.7x |"
+    assert lines[0] == ("| stage | 100k wall s | 100k CPU s | 100k peak RSS GB | 1m wall s | 1m CPU s | 1m peak RSS GB "
+                        "| 100k->1m wall | 100k->1m CPU |")
+    assert lines[2] == "| tasks | 2.0 | 1.0 | 0.50 | 30.0 | 8.0 | 1.50 | 15.0x | 8.0x |"
+    assert lines[3] == "| fairness | 10.0 | 20.0 | 1.00 | 50.0 | 100.0 | 2.25 | 5.0x | 5.0x |"
+    assert lines[4] == "| **all stages** | 12.0 | 21.0 | 1.00 | 80.0 | 108.0 | 2.25 | 6.7x | 5.1x |"
 
 
 def test_stage_commands_follow_dvc_yaml() -> None:
@@ -68,3 +72,26 @@ def test_stage_commands_follow_dvc_yaml() -> None:
     assert stages["fairness"]["cmd"] == "python " + " ".join(stage_command("fairness"))
     assert stages["train"]["cmd"].replace("${item.model}", "melu").replace("${item.seed}", "1") == \
         "python " + " ".join(stage_command("train@melu-1"))
+
+
+def test_growth_table_flags_functions_growing_faster_than_the_data(tmp_path: Path) -> None:
+    import cProfile
+    import importlib.util
+
+    src = tmp_path / "audit" / "fake_stage.py"
+    src.parent.mkdir()
+    src.write_text("import time\n\ndef linear(s):\n    time.sleep(s)\n\ndef quadratic(s):\n    time.sleep(s)\n")
+    spec = importlib.util.spec_from_file_location("fake_stage", src)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for name, (lin, quad) in {"small": (0.05, 0.01), "big": (0.2, 0.5)}.items():
+        prof = cProfile.Profile()
+        prof.runcall(lambda: (mod.linear(lin), mod.quadratic(quad)))
+        prof.dump_stats(tmp_path / f"{name}.prof")
+    table = growth_table(tmp_path / "small.prof", tmp_path / "big.prof", factor=10, min_seconds=0.1)
+    rows = {line.split("`")[1].split(":")[0] + ":" + line.split("(")[1].split(")")[0]: line
+            for line in table.splitlines()[2:]}
+    assert set(rows) == {"audit/fake_stage.py:quadratic", "audit/fake_stage.py:linear"}
+    assert rows["audit/fake_stage.py:quadratic"].endswith("| superlinear |")
+    assert rows["audit/fake_stage.py:linear"].endswith("|  |")
+    assert table.splitlines()[2].startswith("| `audit/fake_stage.py:6(quadratic)` | 0.0 | 0.")   # biggest first
