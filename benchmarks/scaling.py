@@ -166,7 +166,10 @@ def measure_size(size: str, workdir: Path, address: str | None = None) -> dict:
     # the project's own .dvc/config comes with the copy; no git here, so DVC is told to run without it
     subprocess.run(["dvc", "config", "--local", "core.no_scm", "true"], cwd=root, env=env, check=True)
     log = root / "scaling.log"
-    costs = []
+    costs: list[StageCost] = []
+    n_ratings, n_users, n_items = SIZES[size]
+    record = {"size": size, "n_ratings": n_ratings, "n_users": n_users, "n_items": n_items, "address": address,
+              "cores": os.cpu_count(), "complete": False, "stages": []}
     for name in stage_names(root, env):
         rc, cost = run_measured(["dvc", "repro", "-s", name], root, env, log)
         if rc != 0:
@@ -174,11 +177,11 @@ def measure_size(size: str, workdir: Path, address: str | None = None) -> dict:
             raise SystemExit(f"{size}: stage {name} exited {rc}; the end of {log}:\n{tail}")
         cost.stage = name
         costs.append(cost)
+        record["stages"] = [asdict(c) for c in costs]     # saved after every stage: a cut run keeps its part
+        (workdir / f"{size}.json").write_text(json.dumps(record, indent=1))
         print(f"{size} {name}: {cost.wall_s} s wall, {cost.cpu_s} s CPU, {cost.rss_max_gb} GB "
               f"(tree {cost.rss_tree_gb} GB), load {cost.load_1min}", file=sys.stderr, flush=True)
-    n_ratings, n_users, n_items = SIZES[size]
-    record = {"size": size, "n_ratings": n_ratings, "n_users": n_users, "n_items": n_items, "address": address,
-              "cores": os.cpu_count(), "stages": [asdict(c) for c in costs]}
+    record["complete"] = True
     (workdir / f"{size}.json").write_text(json.dumps(record, indent=1))
     return record
 
@@ -276,7 +279,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/metarec-scaling"),
                    help="scratch projects and <size>.json results go here")
     p.add_argument("--address", default=None, help="a Ray cluster (written as compute.address into params.yaml)")
-    p.add_argument("--reuse", action="store_true", help="take sizes already measured in --workdir from their JSON")
+    p.add_argument("--reuse", action="store_true",
+                   help="take sizes already measured in --workdir from their JSON (a cut run's stages too)")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     p.add_argument("--profile", default="", help="comma-separated stages to re-run under cProfile at every size")
     args = p.parse_args(argv)
