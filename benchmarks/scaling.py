@@ -152,7 +152,8 @@ def stage_names(cwd: Path, env: Mapping[str, str]) -> list[str]:
 
 def measure_size(size: str, workdir: Path, address: str | None = None) -> dict:
     """Build the scratch project for one size and run every stage in it; returns the record saved
-    as `<workdir>/<size>.json`. A failing stage stops the run (the log's tail is printed)."""
+    as `<workdir>/<size>.json`. A failing stage ends this size (its name is recorded as `failed` and
+the log's tail printed); the next size still runs."""
     root = workdir / size
     if root.exists():
         shutil.rmtree(root)
@@ -174,14 +175,16 @@ def measure_size(size: str, workdir: Path, address: str | None = None) -> dict:
         rc, cost = run_measured(["dvc", "repro", "-s", name], root, env, log)
         if rc != 0:
             tail = log.read_text(errors="replace")[-3000:]
-            raise SystemExit(f"{size}: stage {name} exited {rc}; the end of {log}:\n{tail}")
+            print(f"{size}: stage {name} exited {rc}; the end of {log}:\n{tail}", file=sys.stderr, flush=True)
+            record["failed"] = name
+            break
         cost.stage = name
         costs.append(cost)
         record["stages"] = [asdict(c) for c in costs]     # saved after every stage: a cut run keeps its part
         (workdir / f"{size}.json").write_text(json.dumps(record, indent=1))
         print(f"{size} {name}: {cost.wall_s} s wall, {cost.cpu_s} s CPU, {cost.rss_max_gb} GB "
               f"(tree {cost.rss_tree_gb} GB), load {cost.load_1min}", file=sys.stderr, flush=True)
-    record["complete"] = True
+    record["complete"] = "failed" not in record
     (workdir / f"{size}.json").write_text(json.dumps(record, indent=1))
     return record
 
