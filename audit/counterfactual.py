@@ -21,6 +21,12 @@ nothing and dilute the measure. The user's own group is compared by label, never
 Ties in a ranking are broken at random, seeded per (seed, task), with the same draw for the factual
 and the counterfactual list, so ties never show up as a change and never favour low item ids.
 
+Why the scoring is grouped by user: each new user is scored about 28 times over the whole
+catalogue (one per substitute), the largest cost of the fairness stage. Users go in blocks of
+bounded size (memory does not grow with the population), each block in one predict call holding
+every user's factual task beside all its substitutes, and everything about a user that does not
+depend on the substitute (candidates, tie order, gains, factual ranking) is prepared once.
+
 Records (docs/DESIGN.md, fairness.json `counterfactual`): per scenario and attribute, one per
 original group of the user and one with group "all"; `rank` orders attributes by overall
 mean_abs_delta within a scenario (1 = most influential); `n` counts users; `seeds` lists the
@@ -164,6 +170,8 @@ class _Plan:
 
 def _plan(tasks: Sequence["Task"], attributes: Sequence[str],
           values: Mapping[str, Mapping[str, object] | Sequence[object]] | None, own: pd.DataFrame | None) -> _Plan:
+    """The substitutes and own labels of every task (`counterfactual_changes` documents the arguments),
+    settled once for the whole population so that blocks of users cannot change them."""
     oi = own.set_index("user_id") if own is not None else None
     labels: dict[str, list[object]] = {}
     subs: dict[str, dict[str, object]] = {}
@@ -195,6 +203,7 @@ def _blocks(tasks: Sequence["Task"], plan: _Plan, max_values: int) -> list[range
 
 
 def _predict(model: "Recommender", tasks: list["Task"]) -> list[np.ndarray]:
+    """One predict call, its answer checked (one array per task, one value per candidate)."""
     preds = model.predict(tasks)
     if len(preds) != len(tasks):
         raise ValueError(f"predict returned {len(preds)} arrays for {len(tasks)} tasks")
