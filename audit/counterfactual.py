@@ -21,8 +21,8 @@ nothing and dilute the measure. The user's own group is compared by label, never
 Ties in a ranking are broken at random, seeded per (seed, task), with the same draw for the factual
 and the counterfactual list, so ties never show up as a change and never favour low item ids.
 
-Why the scoring is grouped by user: each new user is scored about 28 times over the whole
-catalogue (one per substitute), the largest cost of the fairness stage. Users go in blocks of
+Why the scoring is grouped by user: each new user is scored 28 times over the whole
+catalogue (factual and 27 substitutes on MovieLens), the largest cost of the fairness stage. Users go in blocks of
 bounded size (memory does not grow with the population), each block in one predict call holding
 every user's factual task beside all its substitutes, and everything about a user that does not
 depend on the substitute (candidates, tie order, gains, factual ranking) is prepared once.
