@@ -262,9 +262,12 @@ def markdown_table(records: Sequence[Mapping]) -> str:
         if i:
             head += [f"{sizes[i - 1]}->{s} wall", f"{sizes[i - 1]}->{s} CPU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    totals = [{"wall_s": sum(c["wall_s"] for c in r["stages"]), "cpu_s": sum(c["cpu_s"] for c in r["stages"]),
-               "rss_max_gb": max((c["rss_max_gb"] for c in r["stages"]), default=0.0)} for r in records]
-    for name, rows in [*[(n, [b.get(n) for b in by]) for n in stages], ("**all stages**", totals)]:
+    # totals over the stages every size measured (a cut run would otherwise compare unlike sums)
+    common = [n for n in stages if all(n in b for b in by)]
+    totals = [{"wall_s": sum(b[n]["wall_s"] for n in common), "cpu_s": sum(b[n]["cpu_s"] for n in common),
+               "rss_max_gb": max((b[n]["rss_max_gb"] for n in common), default=0.0)} for b in by]
+    label = "**all stages**" if common == stages else f"**the {len(common)} stages measured at every size**"
+    for name, rows in [*[(n, [b.get(n) for b in by]) for n in stages], (label, totals)]:
         cells = [name]
         for i, c in enumerate(rows):
             cells += ["-"] * 3 if c is None else [f"{c['wall_s']:.1f}", f"{c['cpu_s']:.1f}", f"{c['rss_max_gb']:.2f}"]

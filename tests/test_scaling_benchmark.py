@@ -104,3 +104,14 @@ def test_growth_table_flags_functions_growing_faster_than_the_data(tmp_path: Pat
     assert rows["audit/fake_stage.py:quadratic"].endswith("| superlinear |")
     assert rows["audit/fake_stage.py:linear"].endswith("|  |")
     assert table.splitlines()[2].startswith("| `audit/fake_stage.py:6(quadratic)` | 0.0 | 0.")   # biggest first
+
+
+def test_a_cut_run_totals_only_the_stages_every_size_measured() -> None:
+    def rec(size: str, costs: list[tuple[str, float]]) -> dict:
+        return {"size": size, "stages": [StageCost(n, w, w, 1.0, 1.0).__dict__ for n, w in costs]}
+
+    table = markdown_table([rec("100k", [("prepare", 1.0), ("tasks", 2.0), ("train@melu-0", 50.0)]),
+                            rec("1m", [("prepare", 3.0), ("tasks", 27.0)])])
+    lines = table.splitlines()
+    assert lines[4] == "| train@melu-0 | 50.0 | 50.0 | 1.00 | - | - | - | - | - |"
+    assert lines[5] == "| **the 2 stages measured at every size** | 3.0 | 3.0 | 1.00 | 30.0 | 30.0 | 1.00 | 10.0x | 10.0x |"
