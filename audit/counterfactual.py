@@ -21,6 +21,12 @@ nothing and dilute the measure. The user's own group is compared by label, never
 Ties in a ranking are broken at random, seeded per (seed, task), with the same draw for the factual
 and the counterfactual list, so ties never show up as a change and never favour low item ids.
 
+Why the scoring is grouped by user: each new user is scored 28 times over the whole
+catalogue (factual and 27 substitutes on MovieLens), the largest cost of the fairness stage. Users go in blocks of
+bounded size (memory does not grow with the population), each block in one predict call holding
+every user's factual task beside all its substitutes, and everything about a user that does not
+depend on the substitute (candidates, tie order, gains, factual ranking) is prepared once.
+
 Records (docs/DESIGN.md, fairness.json `counterfactual`): per scenario and attribute, one per
 original group of the user and one with group "all"; `rank` orders attributes by overall
 mean_abs_delta within a scenario (1 = most influential); `n` counts users; `seeds` lists the
@@ -31,6 +37,8 @@ and 0.
 
 from __future__ import annotations
 
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
@@ -80,11 +88,29 @@ def gains_from_ratings(truth: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [np.power(2.0, np.asarray(y, dtype=float)) - 1.0 for y in truth]
 
 
-def gains_from_relevant(tasks: Sequence["Task"], relevant: Mapping[int, set]) -> list[np.ndarray]:
+class RelevantGains(SequenceABC):
+    """Binary gains per task, made when asked for: a catalogue-sized array per user held for every
+    user at once would grow with users x items, so each is built from the task's candidates and the
+    user's relevant set on access (the relevant sets are small)."""
+
+    def __init__(self, tasks: Sequence["Task"], relevant: Mapping[int, set]) -> None:
+        self._tasks = list(tasks)
+        self._relevant = relevant
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        t = self._tasks[i]
+        cands = np.asarray(t.candidates)
+        return np.isin(cands, np.asarray(sorted(self._relevant.get(t.user_id, ())), dtype=cands.dtype)).astype(float)
+
+
+def gains_from_relevant(tasks: Sequence["Task"], relevant: Mapping[int, set]) -> RelevantGains:
     """Binary gains: 1 for candidates in the user's relevant set (e.g. held-out items rated >= 4)."""
-    return [np.isin(np.asarray(t.candidates), np.asarray(sorted(relevant.get(t.user_id, ())),
-                                                         dtype=np.asarray(t.candidates).dtype)).astype(float)
-            for t in tasks]
+    return RelevantGains(tasks, relevant)
 
 
 # ------------------------------------------------------------------------------- what to substitute
@@ -121,28 +147,126 @@ def substitutes(spec: "DataSpec", users: pd.DataFrame, attribute: str) -> dict[s
 
 
 # ------------------------------------------------------------------------------------- the test
-def _task_changes(t: "Task", base: np.ndarray, alt: np.ndarray, gain: np.ndarray | None,
-                  k: int, keys: np.ndarray) -> tuple[float, float, float]:
-    base = np.asarray(base, dtype=float).reshape(-1)
-    alt = np.asarray(alt, dtype=float).reshape(-1)
-    if len(base) != len(t.candidates) or len(alt) != len(t.candidates):
-        raise ValueError(f"user {t.user_id}: {len(t.candidates)} candidates but {len(base)}/{len(alt)} predictions")
-    mad = float(np.mean(np.abs(alt - base))) if len(base) else 0.0
-    jac = jaccard(top_k(t.candidates, base, k, keys), top_k(t.candidates, alt, k, keys))
-    if gain is None:
-        dn = float("nan")
-    else:
-        dn = ndcg_at_k(t.candidates, alt, gain, k, keys) - ndcg_at_k(t.candidates, base, gain, k, keys)
-    return mad, jac, dn
-
-
 CHANGES = ["mean_abs_delta", "top10_jaccard", "delta_ndcg"]
+# Predicted values (users x asks x candidates) one block of users may hold at once: 32 MB of float64,
+# whatever the catalogue and population size (a user with a larger catalogue gets a block alone).
+MAX_VALUES = 1 << 22
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Who gets which substitute: per attribute, each task's own label (None: skipped) and the
+    {label: value} substitutes, in the order they are averaged."""
+
+    attributes: list[str]
+    labels: dict[str, list[object]]
+    subs: dict[str, dict[str, object]]
+
+    def asks(self, i: int) -> list[tuple[str, str]]:
+        """Task i's counterfactual asks, (attribute, substitute label), every group but its own."""
+        return [(a, label) for a in self.attributes if not _is_missing(self.labels[a][i])
+                for label in self.subs[a] if label != self.labels[a][i]]
+
+
+def _plan(tasks: Sequence["Task"], attributes: Sequence[str],
+          values: Mapping[str, Mapping[str, object] | Sequence[object]] | None, own: pd.DataFrame | None) -> _Plan:
+    """The substitutes and own labels of every task (`counterfactual_changes` documents the arguments),
+    settled once for the whole population so that blocks of users cannot change them."""
+    oi = own.set_index("user_id") if own is not None else None
+    labels: dict[str, list[object]] = {}
+    subs: dict[str, dict[str, object]] = {}
+    for attr in attributes:
+        raw = [t.user_attrs.get(attr) for t in tasks]
+        if oi is not None and attr in oi.columns:
+            labels[attr] = [None if _is_missing(r) else oi[attr].get(t.user_id) for t, r in zip(tasks, raw)]
+        else:
+            labels[attr] = [None if _is_missing(r) else str(r) for r in raw]
+        given = values.get(attr) if values is not None else None
+        if given is None:
+            given = _sorted_values([r for r, lab in zip(raw, labels[attr]) if not _is_missing(lab)])
+        subs[attr] = dict(given) if isinstance(given, Mapping) else {str(v): v for v in _sorted_values(given)}
+    return _Plan(list(attributes), labels, subs)
+
+
+def _blocks(tasks: Sequence["Task"], plan: _Plan, max_values: int) -> list[range]:
+    """Consecutive tasks whose factual and counterfactual predictions fit in `max_values` values."""
+    out, start, held = [], 0, 0
+    for i, t in enumerate(tasks):
+        size = (1 + len(plan.asks(i))) * len(t.candidates)
+        if i > start and held + size > max_values:
+            out.append(range(start, i))
+            start, held = i, 0
+        held += size
+    if start < len(tasks):
+        out.append(range(start, len(tasks)))
+    return out
+
+
+def _predict(model: "Recommender", tasks: list["Task"]) -> list[np.ndarray]:
+    """One predict call, its answer checked (one array per task, one value per candidate)."""
+    preds = model.predict(tasks)
+    if len(preds) != len(tasks):
+        raise ValueError(f"predict returned {len(preds)} arrays for {len(tasks)} tasks")
+    out = []
+    for t, p in zip(tasks, preds):
+        p = np.asarray(p, dtype=float).reshape(-1)
+        if len(p) != len(t.candidates):
+            raise ValueError(f"user {t.user_id}: {len(t.candidates)} candidates but {len(p)} predictions")
+        out.append(p)
+    return out
+
+
+def _score(model: "Recommender", tasks: Sequence["Task"], block: range, plan: _Plan,
+           joint: bool) -> tuple[dict[int, np.ndarray], dict[tuple[int, str, str], np.ndarray]]:
+    """Factual predictions of the block's tasks and their counterfactual ones, keyed (task, attribute,
+    label). One predict call holds them all, so a batching model scores each user's substitutes
+    side by side (same support, same candidates). A model whose answers depend on the whole set it is
+    asked (`predict_chunk = None`, `joint`) is asked as before: the factual tasks together, then each
+    substitute's tasks together, so its numbers do not change."""
+    asks = [(i, a, label) for i in block for a, label in plan.asks(i)]
+    alt_task = lambda i, a, label: tasks[i].replace(user_attrs={**tasks[i].user_attrs, a: plan.subs[a][label]})  # noqa: E731
+    if not joint:
+        preds = _predict(model, [tasks[i] for i in block] + [alt_task(*ask) for ask in asks])
+        return dict(zip(block, preds[: len(block)])), dict(zip(asks, preds[len(block):]))
+    base = dict(zip(block, _predict(model, [tasks[i] for i in block])))
+    alt: dict[tuple[int, str, str], np.ndarray] = {}
+    for a in plan.attributes:
+        for label in plan.subs[a]:
+            group = [ask for ask in asks if ask[1] == a and ask[2] == label]
+            if group:
+                alt.update(zip(group, _predict(model, [alt_task(*ask) for ask in group])))
+    return base, alt
+
+
+def _changes(candidates: np.ndarray, base: np.ndarray, alts: np.ndarray, gain: np.ndarray | None, k: int,
+             keys: np.ndarray) -> np.ndarray:
+    """[R, 3] changes of R counterfactual prediction rows `alts` [R, N] against `base` [N]: the
+    factual top-k and nDCG are computed once and every row's ranking in one sort (each row equal,
+    bit for bit, to `top_k` and `ndcg_at_k` on it alone)."""
+    n = len(candidates)
+    mad = np.mean(np.abs(alts - base), axis=1) if n else np.zeros(len(alts))
+    orders = np.lexsort((np.broadcast_to(keys, alts.shape), -alts), axis=-1)[:, :k]
+    factual = top_k(candidates, base, k, keys)
+    jac = np.array([jaccard(factual, candidates[o]) for o in orders])
+    if gain is None:
+        dn = np.full(len(alts), np.nan)
+    else:
+        gain = np.asarray(gain, dtype=float)
+        disc = 1.0 / np.log2(np.arange(2, min(k, n) + 2))
+        ideal = np.sort(gain)[::-1][:k]
+        idcg = float(np.sum(ideal * disc[: len(ideal)]))
+        if idcg > 0:
+            dn = (gain[orders] * disc).sum(axis=1) / idcg - ndcg_at_k(candidates, base, gain, k, keys)
+        else:
+            dn = np.full(len(alts), np.nan)
+    return np.column_stack([mad, jac, dn])
 
 
 def counterfactual_changes(model: "Recommender", tasks: Sequence["Task"], attributes: Sequence[str], *,
                            gains: Sequence[np.ndarray] | None = None,
                            values: Mapping[str, Mapping[str, object] | Sequence[object]] | None = None,
-                           own: pd.DataFrame | None = None, k: int = 10, seed: int = 0) -> pd.DataFrame:
+                           own: pd.DataFrame | None = None, k: int = 10, seed: int = 0,
+                           max_values: int = MAX_VALUES) -> pd.DataFrame:
     """Per task and attribute: the three changes averaged over the substitutes (see the module docstring).
 
     - values: per attribute, {group label: substitute value} (`substitutes`), or a list of raw
@@ -150,52 +274,45 @@ def counterfactual_changes(model: "Recommender", tasks: Sequence["Task"], attrib
     - own: user_id plus the user's group label per attribute (`own_groups`); default the raw value
       as a string. A substitute is skipped for users already in its group.
     - seed: ties are broken by np.random.default_rng([seed, task index]).
+    - max_values: users are scored in blocks holding at most this many predicted values (factual and
+      counterfactual), so memory does not grow with the population; each user's candidates, tie
+      order, gains and factual ranking are prepared once for all of its substitutes.
     Tasks whose value of the attribute is missing are skipped for that attribute. Columns: user_id,
     scenario, attribute, own, mean_abs_delta, top10_jaccard, delta_ndcg, substitutes.
     """
     tasks = list(tasks)
     if gains is not None and len(gains) != len(tasks):
         raise ValueError(f"{len(gains)} gain arrays for {len(tasks)} tasks")
-    base = model.predict(tasks)
-    keys = [np.random.default_rng([int(seed), i]).permutation(len(t.candidates)) for i, t in enumerate(tasks)]
-    oi = own.set_index("user_id") if own is not None else None
-
-    rows = []
-    for attr in attributes:
-        raw = [t.user_attrs.get(attr) for t in tasks]
-        if oi is not None and attr in oi.columns:
-            labels = [None if _is_missing(r) else oi[attr].get(t.user_id) for t, r in zip(tasks, raw)]
-        else:
-            labels = [None if _is_missing(r) else str(r) for r in raw]
-        present = [i for i, lab in enumerate(labels) if not _is_missing(lab)]
-        given = values.get(attr) if values is not None else None
-        if given is None:
-            given = _sorted_values([raw[i] for i in present])
-        subs = dict(given) if isinstance(given, Mapping) else {str(v): v for v in _sorted_values(given)}
-        sums = {i: np.zeros(3) for i in present}
-        counts = {i: np.zeros(3) for i in present}
-        for label, v in subs.items():
-            idx = [i for i in present if labels[i] != label]
-            if not idx:
+    plan = _plan(tasks, attributes, values, own)
+    joint = hasattr(model, "predict_chunk") and model.predict_chunk is None
+    blocks = [range(len(tasks))] if joint else _blocks(tasks, plan, int(max_values))
+    rows: dict[str, list[dict]] = {a: [] for a in plan.attributes}
+    for block in blocks:
+        base, alt = _score(model, tasks, block, plan, joint)
+        for i in block:
+            asks = plan.asks(i)
+            if not asks:
                 continue
-            alt_tasks = [tasks[i].replace(user_attrs={**tasks[i].user_attrs, attr: v}) for i in idx]
-            alt = model.predict(alt_tasks)
-            if len(alt) != len(alt_tasks):
-                raise ValueError(f"predict returned {len(alt)} arrays for {len(alt_tasks)} tasks")
-            for j, i in enumerate(idx):
-                ch = np.array(_task_changes(tasks[i], base[i], alt[j], None if gains is None else gains[i], k,
-                                            keys[i]))
-                ok = np.isfinite(ch)
-                sums[i][ok] += ch[ok]
-                counts[i][ok] += 1
-        for i in present:
-            if counts[i][0] == 0:  # no other group to try
-                continue
-            with np.errstate(invalid="ignore", divide="ignore"):
-                avg = np.where(counts[i] > 0, sums[i] / np.maximum(counts[i], 1), np.nan)
-            rows.append({"user_id": tasks[i].user_id, "scenario": tasks[i].scenario, "attribute": attr,
-                         "own": labels[i], **dict(zip(CHANGES, avg.tolist())), "substitutes": ",".join(subs)})
-    return pd.DataFrame(rows, columns=["user_id", "scenario", "attribute", "own", *CHANGES, "substitutes"])
+            t = tasks[i]
+            keys = np.random.default_rng([int(seed), i]).permutation(len(t.candidates))
+            changes = _changes(t.candidates, base[i], np.stack([alt[(i, a, label)] for a, label in asks]),
+                               None if gains is None else gains[i], k, keys)
+            for a in plan.attributes:
+                mine = changes[[j for j, (b, _) in enumerate(asks) if b == a]]
+                if not len(mine):
+                    continue
+                ok = np.isfinite(mine)
+                # sequential sums in substitute order, as one running total per change
+                sums = np.add.accumulate(np.vstack([np.zeros(3), np.where(ok, mine, 0.0)]), axis=0)[-1]
+                counts = ok.sum(axis=0).astype(float)
+                if counts[0] == 0:
+                    continue
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    avg = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+                rows[a].append({"user_id": t.user_id, "scenario": t.scenario, "attribute": a, "own": plan.labels[a][i],
+                                **dict(zip(CHANGES, avg.tolist())), "substitutes": ",".join(plan.subs[a])})
+    return pd.DataFrame([r for a in plan.attributes for r in rows[a]],
+                        columns=["user_id", "scenario", "attribute", "own", *CHANGES, "substitutes"])
 
 
 def counterfactual_records(changes: pd.DataFrame, attributes: Sequence[str], *, model_name: str,

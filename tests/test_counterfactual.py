@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from audit.counterfactual import (
+    CHANGES,
     counterfactual_changes,
     counterfactual_records,
     counterfactual_test,
@@ -20,10 +21,78 @@ from audit.counterfactual import (
     substitutes,
     top_k,
 )
+from audit.robustness import _is_missing, _sorted_values
 from metarec.data.schema import AttrSpec, DataSpec
 from metarec.tasks import Task
 
 ATTRS = ("gender", "age", "occupation")
+
+
+# ------------------------------------------------------- the reference: the unshared implementation
+def _reference_task_changes(t: Task, base: np.ndarray, alt: np.ndarray, gain: np.ndarray | None,
+                            k: int, keys: np.ndarray) -> tuple[float, float, float]:
+    base = np.asarray(base, dtype=float).reshape(-1)
+    alt = np.asarray(alt, dtype=float).reshape(-1)
+    if len(base) != len(t.candidates) or len(alt) != len(t.candidates):
+        raise ValueError(f"user {t.user_id}: {len(t.candidates)} candidates but {len(base)}/{len(alt)} predictions")
+    mad = float(np.mean(np.abs(alt - base))) if len(base) else 0.0
+    jac = jaccard(top_k(t.candidates, base, k, keys), top_k(t.candidates, alt, k, keys))
+    if gain is None:
+        dn = float("nan")
+    else:
+        dn = ndcg_at_k(t.candidates, alt, gain, k, keys) - ndcg_at_k(t.candidates, base, gain, k, keys)
+    return mad, jac, dn
+
+
+def reference_changes(model, tasks: Sequence[Task], attributes: Sequence[str], *,
+                      gains: Sequence[np.ndarray] | None = None,
+                      values: Mapping[str, Mapping[str, object] | Sequence[object]] | None = None,
+                      own: pd.DataFrame | None = None, k: int = 10, seed: int = 0) -> pd.DataFrame:
+    """`counterfactual_changes` as it was before it shared work across substitutes (one predict call
+    per substitute over every user, each change computed alone): the reference it is held to."""
+    tasks = list(tasks)
+    if gains is not None and len(gains) != len(tasks):
+        raise ValueError(f"{len(gains)} gain arrays for {len(tasks)} tasks")
+    base = model.predict(tasks)
+    keys = [np.random.default_rng([int(seed), i]).permutation(len(t.candidates)) for i, t in enumerate(tasks)]
+    oi = own.set_index("user_id") if own is not None else None
+
+    rows = []
+    for attr in attributes:
+        raw = [t.user_attrs.get(attr) for t in tasks]
+        if oi is not None and attr in oi.columns:
+            labels = [None if _is_missing(r) else oi[attr].get(t.user_id) for t, r in zip(tasks, raw)]
+        else:
+            labels = [None if _is_missing(r) else str(r) for r in raw]
+        present = [i for i, lab in enumerate(labels) if not _is_missing(lab)]
+        given = values.get(attr) if values is not None else None
+        if given is None:
+            given = _sorted_values([raw[i] for i in present])
+        subs = dict(given) if isinstance(given, Mapping) else {str(v): v for v in _sorted_values(given)}
+        sums = {i: np.zeros(3) for i in present}
+        counts = {i: np.zeros(3) for i in present}
+        for label, v in subs.items():
+            idx = [i for i in present if labels[i] != label]
+            if not idx:
+                continue
+            alt_tasks = [tasks[i].replace(user_attrs={**tasks[i].user_attrs, attr: v}) for i in idx]
+            alt = model.predict(alt_tasks)
+            if len(alt) != len(alt_tasks):
+                raise ValueError(f"predict returned {len(alt)} arrays for {len(alt_tasks)} tasks")
+            for j, i in enumerate(idx):
+                ch = np.array(_reference_task_changes(tasks[i], base[i], alt[j],
+                                                      None if gains is None else gains[i], k, keys[i]))
+                ok = np.isfinite(ch)
+                sums[i][ok] += ch[ok]
+                counts[i][ok] += 1
+        for i in present:
+            if counts[i][0] == 0:  # no other group to try
+                continue
+            with np.errstate(invalid="ignore", divide="ignore"):
+                avg = np.where(counts[i] > 0, sums[i] / np.maximum(counts[i], 1), np.nan)
+            rows.append({"user_id": tasks[i].user_id, "scenario": tasks[i].scenario, "attribute": attr,
+                         "own": labels[i], **dict(zip(CHANGES, avg.tolist())), "substitutes": ",".join(subs)})
+    return pd.DataFrame(rows, columns=["user_id", "scenario", "attribute", "own", *CHANGES, "substitutes"])
 
 
 def make_tasks(n_users: int = 24, seed: int = 0) -> tuple[list[Task], list[np.ndarray]]:
@@ -186,26 +255,82 @@ def test_substitutes_are_the_declared_categories_and_one_value_inside_each_bucke
     assert own["plan"].dropna().tolist() == ["free", "pro", "pro", "team", "free"]
 
 
+PLAN_ASKS = [{(2, "free"), (3, "free"), (4, "free")}, {(1, "pro"), (4, "pro"), (6, "pro")},
+             {(1, "team"), (2, "team"), (3, "team"), (6, "team")},
+             # age: one value inside each bucket, to every user outside that bucket (by bucket, not raw value)
+             {(3, 27), (4, 27), (5, 27)}, {(1, 31), (2, 31), (5, 31), (6, 31)},
+             {(1, 50), (2, 50), (3, 50), (4, 50), (6, 50)}]
+
+
+def _substituted(call: list[tuple[int, dict]]) -> list[tuple[int, str, object]]:
+    """(user, attribute changed, its new value) of each counterfactual task of a call."""
+    original = {int(u.user_id): {"plan": u.plan, "age": u.age} for u in USERS.itertuples()}
+    out = []
+    for u, attrs in call:
+        changed = [a for a in attrs if not (attrs[a] == original[u][a] or
+                                            (pd.isna(attrs[a]) and pd.isna(original[u][a])))]
+        assert len(changed) <= 1
+        out += [(u, changed[0], attrs[changed[0]])] if changed else []
+    return out
+
+
 def test_each_user_gets_exactly_the_other_groups_substitutes() -> None:
-    model = Recorder()
     tasks = schema_tasks()
     values = {a: substitutes(SPEC, USERS, a) for a in ("plan", "age")}
     own = own_groups(SPEC, USERS, ["plan", "age"])
+    model = Recorder()
     ch = counterfactual_changes(model, tasks, ["plan", "age"], values=values, own=own)
-    # factual ages once (6 users), then per substitute the users outside its bucket: 27 -> 2 users
-    # (31, 40... are outside <30: users 3, 4, 5), 31 -> users 1, 2, 5, 6, 50 -> users 1, 2, 3, 4, 6
-    substituted = [{(u, attrs["plan"] if i < 4 else attrs["age"]) for u, attrs in call}
-                   for i, call in enumerate(model.calls) if i > 0]
+    # one call: the factual tasks, then each user's substitutes side by side (plan's, then age's)
+    assert len(model.calls) == 1
+    call = model.calls[0]
+    assert [u for u, _ in call[:6]] == [1, 2, 3, 4, 5, 6] and not _substituted(call[:6])
+    asked = _substituted(call[6:])
+    assert len(asked) == len(call) - 6 == sum(len(s) for s in PLAN_ASKS)
+    assert [u for u, _, _ in asked] == sorted(u for u, _, _ in asked)      # grouped by user
     # plan (user 5 has none: skipped): free to the users not on free, pro to those not on pro, ...
-    assert substituted[:3] == [{(2, "free"), (3, "free"), (4, "free")}, {(1, "pro"), (4, "pro"), (6, "pro")},
-                               {(1, "team"), (2, "team"), (3, "team"), (6, "team")}]
-    # age: one value inside each bucket, to every user outside that bucket (by bucket, not raw value)
-    assert substituted[3:] == [{(3, 27), (4, 27), (5, 27)}, {(1, 31), (2, 31), (5, 31), (6, 31)},
-                               {(1, 50), (2, 50), (3, 50), (4, 50), (6, 50)}]
-    assert len(model.calls) == 7
+    for attr, wanted in (("plan", PLAN_ASKS[:3]), ("age", PLAN_ASKS[3:])):
+        assert {(u, v) for u, a, v in asked if a == attr} == set().union(*wanted)
     assert ch[ch.attribute == "plan"]["user_id"].tolist() == [1, 2, 3, 4, 6]
     assert set(ch["substitutes"]) == {"free,pro,team", "<30,30-45,>=45"}
     assert (ch["mean_abs_delta"] == 0).all() and (ch["top10_jaccard"] == 1).all()
+
+
+def test_a_joint_model_is_asked_each_substitute_together() -> None:
+    """A model whose answers depend on the set it is asked (`predict_chunk = None`) gets the factual
+    tasks in one call and each substitute's users in one call, in the declared order."""
+
+    class Joint(Recorder):
+        predict_chunk = None
+
+    model = Joint()
+    values = {a: substitutes(SPEC, USERS, a) for a in ("plan", "age")}
+    counterfactual_changes(model, schema_tasks(), ["plan", "age"], values=values,
+                           own=own_groups(SPEC, USERS, ["plan", "age"]), max_values=1)
+    assert len(model.calls) == 7 and not _substituted(model.calls[0])
+    assert [{(u, v) for u, _, v in _substituted(call)} for call in model.calls[1:]] == PLAN_ASKS
+
+
+def test_blocks_bound_what_one_call_holds() -> None:
+    """With room for one user's predictions at a time, every call holds one user's factual task and
+    all of its substitutes, and the changes are the same as in one block."""
+    values = {a: substitutes(SPEC, USERS, a) for a in ("plan", "age")}
+    own = own_groups(SPEC, USERS, ["plan", "age"])
+    whole = counterfactual_changes(AgeRankerSchema(), schema_tasks(), ["plan", "age"], values=values, own=own)
+    model = AgeRankerSchema()
+    small = counterfactual_changes(model, schema_tasks(), ["plan", "age"], values=values, own=own, max_values=1)
+    assert len(model.calls) == 6 and all(len({u for u, _ in call}) == 1 for call in model.calls)
+    assert [len(call) for call in model.calls] == [1 + sum(u == uid for s in PLAN_ASKS for u, _ in s)
+                                                  for uid in range(1, 7)]
+    pd.testing.assert_frame_equal(small, whole)
+
+
+class AgeRankerSchema(Recorder):
+    """Recorder whose scores move with the age bucket, so blocks have something to change."""
+
+    def predict(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+        base = super().predict(tasks)
+        return [p + (t.candidates / 7.0 if t.user_attrs["age"] >= 30 else -t.candidates / 3.0)
+                for p, t in zip(base, tasks)]
 
 
 def test_a_bucketed_model_moves_under_every_age_substitute() -> None:
@@ -257,3 +382,66 @@ def test_counterfactual_seeds_must_be_trained_seeds() -> None:
     with pytest.raises(ConfigError, match=r"^params\.yaml: fairness\.counterfactual_seeds names seed 7, which is "
                                           r"not trained; expected some of \[0, 1\]$"):
         _counterfactual(params, None, None, 4.0)
+
+
+# ------------------------------------------------------------ shared scoring against the reference
+class Wobbly:
+    """Continuous scores from item ids and every attribute (a different float per user and value),
+    rounded to 0.05 so that ties happen, NaN for one user (whose changes are then not finite)."""
+
+    def predict(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+        out = []
+        for t in tasks:
+            a = t.user_attrs
+            h = (len(str(a["occupation"])) * 0.37 + float(a["age"]) * 0.011 + (a["gender"] == "F") * 0.29)
+            p = np.round((np.sin(t.candidates * h) + np.cos(t.candidates * 0.1 + h)) * 20) / 20 + 3
+            out.append(np.full(len(p), np.nan) if t.user_id == 5 else p)
+        return out
+
+
+def edge_tasks() -> tuple[list[Task], list[np.ndarray]]:
+    """make_tasks plus a user with fewer candidates than k, one with none and one with no relevant item."""
+    tasks, truth = make_tasks(30, seed=4)
+    tasks[3] = tasks[3].replace(candidates=tasks[3].candidates[:4])
+    truth[3] = truth[3][:4]
+    tasks[7] = tasks[7].replace(candidates=tasks[7].candidates[:0])
+    truth[7] = truth[7][:0]
+    truth[9] = np.ones_like(truth[9])                     # nothing rated 4 or more: ideal DCG 0
+    return tasks, truth
+
+
+@pytest.mark.parametrize("max_values", [1, 200, 10 ** 9])
+@pytest.mark.parametrize("joint", [False, True])
+def test_shared_scoring_gives_the_reference_numbers_bit_for_bit(max_values: int, joint: bool) -> None:
+    tasks, truth = edge_tasks()
+    relevant = {t.user_id: set(t.candidates[y >= 4].tolist()) for t, y in zip(tasks, truth)}
+    model = type("JointWobbly", (Wobbly,), {"predict_chunk": None})() if joint else Wobbly()
+    for gains in (gains_from_relevant(tasks, relevant), gains_from_ratings(truth), None):
+        for values in (None, {"age": [18, 35, 60], "gender": ["F", "M"]}):
+            want = reference_changes(model, tasks, ATTRS, gains=gains, values=values, k=5, seed=2)
+            got = counterfactual_changes(model, tasks, ATTRS, gains=gains, values=values, k=5, seed=2,
+                                         max_values=max_values)
+            pd.testing.assert_frame_equal(got, want, check_exact=True)
+    assert got["user_id"].tolist().count(5) == 0            # NaN predictions: no finite change, no row
+    assert np.isnan(got[got.user_id == 9]["delta_ndcg"]).all()
+    assert (got[got.user_id == 7]["top10_jaccard"] == 1.0).all()
+
+
+def test_relevant_gains_are_built_on_access() -> None:
+    tasks, truth = make_tasks(5)
+    relevant = {t.user_id: set(t.candidates[y >= 4].tolist()) for t, y in zip(tasks, truth)}
+    gains = gains_from_relevant(tasks, relevant)
+    assert len(gains) == 5 and not isinstance(gains, list)
+    for g, t, y in zip(gains, tasks, truth):
+        np.testing.assert_array_equal(g, (y >= 4).astype(float))
+    np.testing.assert_array_equal(gains[1:3][1], gains[2])
+
+
+def test_a_wrong_number_of_predictions_is_named() -> None:
+    class Short(Blind):
+        def predict(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+            return [p[:-1] for p in super().predict(tasks)]
+
+    tasks, _ = make_tasks(4)
+    with pytest.raises(ValueError, match=r"^user 0: 15 candidates but 14 predictions$"):
+        counterfactual_changes(Short(), tasks, ["gender"])
