@@ -90,7 +90,7 @@ def scaling_params(base: Mapping, size: str, address: str | None = None) -> dict
     params["determinism"] = {"model": "melu", "seed": SEEDS[0]}
     params["baseline"] = None
     if address:
-        params["compute"] = {"address": address}
+        params["compute"] = {**(params.get("compute") or {}), "address": address}
     return params
 
 

@@ -244,8 +244,10 @@ def test_a_stopped_run_leaves_no_cell_running_or_writing(project: Path) -> None:
     cli.send_signal(signal.SIGTERM)
     out, _ = cli.communicate(timeout=60)
     assert cli.returncode == 128 + signal.SIGTERM, out
-    time.sleep(2)
+    stopped = time.time()
+    while _cell_processes(project) and time.time() < stopped + 10:   # they die with their workers
+        time.sleep(0.2)
     assert _cell_processes(project) == []
-    time.sleep(20)                                        # past the cells' sleep: nothing was written
+    time.sleep(max(0.0, stopped + 22 - time.time()))     # past the cells' sleep: nothing was written
     assert not list(project.glob("out/*.txt")) and not (project / "runs.log").exists()
     assert "cell@a" in _status(project)
