@@ -100,12 +100,16 @@ def matrix_groups(root: str | Path) -> list[tuple[list[str], list[Cell]]]:
                     raise MetarecError(f"dvc.yaml: the cells of stage {name} depend on one another; "
                                        f"they cannot run concurrently")
                 upstream |= below
-            cmd = lambda st: st.cmd if isinstance(st.cmd, str) else " && ".join(st.cmd)
             out.append((sorted(s.name for s in upstream),
-                        [Cell(s.name, cmd(s), str(Path(s.wdir).resolve())) for s in stages]))
+                        [Cell(s.name, _shell(s.cmd), str(Path(s.wdir).resolve())) for s in stages]))
         return out
     finally:
         repo.close()
+
+
+def _shell(cmd: str | list[str]) -> str:
+    """A stage's `cmd` as one shell line (DVC allows a list of commands, run in order)."""
+    return cmd if isinstance(cmd, str) else " && ".join(cmd)
 
 
 def stale_cells(root: str | Path, cells: Sequence[Cell]) -> list[Cell]:

@@ -16,6 +16,7 @@ from audit.counterfactual import (counterfactual_changes, counterfactual_records
 from audit.evaluation import item_table, strata_for
 from audit.fairness import fairness_records
 from audit.sampling import Design, sample_note
+from metarec.compute import ComputeConfig, Executor, executor
 from metarec.errors import ConfigError
 from metarec.io import atomic_write_json, atomic_write_text
 from metarec.models import registry
@@ -23,7 +24,6 @@ from metarec.predict import catalogue_tasks
 from metarec.seeding import seed_everything
 from metarec.splits import SplitConfig, partition
 from metarec.tasks import SCENARIOS
-from metarec.compute import ComputeConfig, Executor, executor
 from pipelines.common import (TASKS, load_evaluation_split, load_params, load_prepared, load_split, scenarios_present,
                               stage, stage_executor)
 
