@@ -190,7 +190,7 @@ the log's tail printed); the next size still runs."""
 
 
 def stage_command(name: str) -> list[str]:
-    """The stage's module command line (dvc.yaml: `python -m pipelines.<stage>`; the train matrix
+    """The stage's module command line (dvc.yaml: `exec python -m pipelines.<stage>`, less the `exec`; the train matrix
     cell `train@<model>-<seed>` adds --model and --seed)."""
     base, _, item = name.partition("@")
     cmd = ["-m", f"pipelines.{base}"]

@@ -279,19 +279,36 @@ def test_a_stopped_stage_cancels_its_tasks_and_nothing_writes_afterwards(tmp_pat
     _nothing_written_later(tmp_path, workers, started)
 
 
-def test_sigterm_to_dvc_repro_stops_the_stage_it_runs(tmp_path: Path) -> None:
-    """`dvc repro` does not forward SIGTERM; the stage stops when its parent dies (PR_SET_PDEATHSIG)."""
+def test_every_dvc_yaml_command_is_execd_so_the_stage_is_dvcs_child() -> None:
+    """DVC runs a stage's `cmd` through $SHELL (else /bin/sh). Debian's /bin/sh (dash) forks for
+    `sh -c 'python ...'`, so without `exec` the stage's parent is the shell, which outlives a
+    stopped `dvc repro`, and the stage runs on to the end."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert [n for n, st in stages.items() if not str(st["cmd"]).startswith("exec python -m pipelines.")] == []
+
+
+def _shells() -> list[str]:
+    return [s for s in ("/bin/sh", "/bin/bash") if Path(s).exists()]
+
+
+@pytest.mark.parametrize("shell", _shells())
+def test_sigterm_to_dvc_repro_stops_the_stage_it_runs(tmp_path: Path, shell: str) -> None:
+    """`dvc repro` does not forward SIGTERM; the stage stops when its parent dies (PR_SET_PDEATHSIG),
+    under a shell that forks (dash) as under one that execs a lone command (bash)."""
     dvc = Path(PYTHON).parent / "dvc"
     if not sys.platform.startswith("linux") or not dvc.exists():
         pytest.skip("needs Linux and dvc next to this python")
     out = tmp_path / "out"
     out.mkdir()
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sleepers": {
-        "cmd": f"python -m tests.compute_jobs out {SLEEP_S}", "outs": ["out/stage-finished"]}}}))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}"}
+        "cmd": f"exec python -m tests.compute_jobs out {SLEEP_S}", "outs": ["out/stage-finished"]}}}))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}",
+           "SHELL": shell}
     assert subprocess.run([str(dvc), "init", "--no-scm", "-q"], cwd=tmp_path, env=env).returncode == 0
+    # SIGTERM's default action, whatever this process inherited (an ignored signal stays ignored across exec)
     proc = subprocess.Popen([str(dvc), "repro"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     workers, started = _wait_for_jobs(out, proc)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)

@@ -78,9 +78,9 @@ def test_table_rows_ratios_and_total() -> None:
 
 def test_stage_commands_follow_dvc_yaml() -> None:
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert stages["fairness"]["cmd"] == "python " + " ".join(stage_command("fairness"))
+    assert stages["fairness"]["cmd"] == "exec python " + " ".join(stage_command("fairness"))
     assert stages["train"]["cmd"].replace("${item.model}", "melu").replace("${item.seed}", "1") == \
-        "python " + " ".join(stage_command("train@melu-1"))
+        "exec python " + " ".join(stage_command("train@melu-1"))
 
 
 def test_growth_table_flags_functions_growing_faster_than_the_data(tmp_path: Path) -> None:
