@@ -22,8 +22,8 @@ markdown table (docs/SCALING.md quotes it) to stdout and `--out`:
     python benchmarks/scaling.py --sizes 100k,1m --reuse --profile fairness,robustness
 
 `--profile` re-runs the named stages (after the measured runs, in the same scratch project) under
-cProfile, in one process (`os.cpu_count` set to 1, so `map_forked` runs its jobs in the profiled
-process), and prints each one's top functions by cumulative time; the `.prof` files stay in the
+cProfile, in one process (`os.cpu_count` set to 1, so the executor's `auto` backend runs its jobs in
+the profiled process rather than on Ray workers), and prints each one's top functions by cumulative time; the `.prof` files stay in the
 workdir for `pstats`.
 """
 
@@ -150,10 +150,11 @@ def stage_names(cwd: Path, env: Mapping[str, str]) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
-def measure_size(size: str, workdir: Path, address: str | None = None) -> dict:
+def measure_size(size: str, workdir: Path, address: str | None = None, only: Sequence[str] = ()) -> dict:
     """Build the scratch project for one size and run every stage in it; returns the record saved
     as `<workdir>/<size>.json`. A failing stage ends this size (its name is recorded as `failed` and
-the log's tail printed); the next size still runs."""
+the log's tail printed); the next size still runs. `only`: run just these stages (their inputs must
+come from stages also named, earlier in dvc.yaml); the record is then not `complete`."""
     root = workdir / size
     if root.exists():
         shutil.rmtree(root)
@@ -171,7 +172,11 @@ the log's tail printed); the next size still runs."""
     n_ratings, n_users, n_items = SIZES[size]
     record = {"size": size, "n_ratings": n_ratings, "n_users": n_users, "n_items": n_items, "address": address,
               "cores": os.cpu_count(), "complete": False, "stages": []}
-    for name in stage_names(root, env):
+    names = stage_names(root, env)
+    missing = [n for n in only if n not in names]
+    if missing:
+        raise SystemExit(f"--stages: {missing[0]!r} is not a stage of dvc.yaml; expected some of {', '.join(names)}")
+    for name in [n for n in names if not only or n in only]:
         rc, cost = run_measured(["dvc", "repro", "-s", name], root, env, log)
         if rc != 0:
             tail = log.read_text(errors="replace")[-3000:]
@@ -184,7 +189,8 @@ the log's tail printed); the next size still runs."""
         (workdir / f"{size}.json").write_text(json.dumps(record, indent=1))
         print(f"{size} {name}: {cost.wall_s} s wall, {cost.cpu_s} s CPU, {cost.rss_max_gb} GB "
               f"(tree {cost.rss_tree_gb} GB), load {cost.load_1min}", file=sys.stderr, flush=True)
-    record["complete"] = "failed" not in record
+    record["complete"] = "failed" not in record and not only
+    record["only"] = list(only)
     (workdir / f"{size}.json").write_text(json.dumps(record, indent=1))
     return record
 
@@ -208,7 +214,7 @@ def profile_stage(size: str, name: str, workdir: Path, top: int = 25) -> Path:
     out = workdir / f"{size}-{name.replace('@', '_')}.prof"
     env = {**os.environ, "PYTHONPATH": str(root), "CI": "1"}
     module, args = stage_command(name)[1], stage_command(name)[2:]
-    # one process: forked workers (map_forked) would run outside the parent's profile
+    # one process: jobs on Ray workers would run outside the profile
     code = (f"import os, sys, cProfile, runpy; os.cpu_count = lambda: 1; sys.argv = [{module!r}, *{args!r}]; "
             f"cProfile.run('runpy.run_module({module!r}, run_name=\"__main__\", alter_sys=True)', {str(out)!r})")
     subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -288,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--reuse", action="store_true",
                    help="take sizes already measured in --workdir from their JSON (a cut run's stages too)")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    p.add_argument("--stages", default="", help="comma-separated stages to measure (default: all); e.g. the "
+                   "data-bound ones at a size too large to run whole: prepare,tasks,provenance")
     p.add_argument("--profile", default="", help="comma-separated stages to re-run under cProfile at every size")
     args = p.parse_args(argv)
     sizes = [s.strip().lower() for s in args.sizes.split(",") if s.strip()]
@@ -299,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for size in sizes:
         saved = args.workdir / f"{size}.json"
         records.append(json.loads(saved.read_text()) if args.reuse and saved.exists()
-                       else measure_size(size, args.workdir, args.address))
+                       else measure_size(size, args.workdir, args.address,
+                                         [n.strip() for n in args.stages.split(",") if n.strip()]))
     table = markdown_table(records)
     print(table, end="")
     if args.out:
