@@ -7,8 +7,11 @@ Why: the targets of issue 18 (no stage more than 12x slower per 10x ratings; pea
 scratch copy of the project's tracked files, and each stage is run alone (`dvc repro -s STAGE`, in
 dvc.yaml's order) so that its cost is its own. Per stage the benchmark records:
 
-- wall_s and cpu_s (user + system of the stage's whole process tree, from wait4);
-- rss_max_gb: the largest resident set of any single process of the tree (exact, from wait4);
+- wall_s and cpu_s (user + system of the stage's whole process tree: wait4's figure, or the sum
+  of every process's CPU time polled every 0.2 s where that is larger, because a local Ray's
+  workers are killed at shutdown and never reaped into wait4's);
+- rss_max_gb: the largest resident set of any single process of the tree (wait4's, or the polled
+  largest where that is larger, for the same reason);
 - rss_tree_gb: the largest sum of resident sets over the tree, polled every 0.2 s (forked workers
   run side by side; pages they share with their parent are counted in each, so this is an upper
   bound that can miss a peak shorter than the polling interval).
@@ -104,41 +107,51 @@ def copy_tracked(dst: Path, repo: Path = REPO) -> None:
             shutil.copy2(src, dst / rel)
 
 
-def _tree_rss(pid: int) -> int:
-    """Sum of resident sets of pid and its descendants (0 once it is gone)."""
+def _tree_sample(pid: int, cpu_seen: dict[int, float]) -> tuple[int, int]:
+    """(sum of resident sets, largest single resident set) over pid and its descendants, (0, 0) once
+    it is gone; records each process's CPU seconds so far (user + system) in `cpu_seen`."""
     import psutil
 
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return 0, 0
+    total = largest = 0
     for p in procs:
         try:
-            total += p.memory_info().rss
+            with p.oneshot():
+                rss, cpu = p.memory_info().rss, p.cpu_times()
         except psutil.NoSuchProcess:
-            pass
-    return total
+            continue
+        total, largest = total + rss, max(largest, rss)
+        cpu_seen[p.pid] = cpu.user + cpu.system
+    return total, largest
 
 
 def run_measured(cmd: Sequence[str], cwd: Path, env: Mapping[str, str], log: Path) -> tuple[int, StageCost]:
-    """(exit status, cost) of one command, its output appended to `log`."""
+    """(exit status, cost) of one command, its output appended to `log`. CPU time and the largest
+    process are the larger of wait4's (exact, but only for descendants that were reaped) and the
+    polled figures (which also see a local Ray's workers: they are killed at shutdown, never reaped
+    into the stage's rusage)."""
     with open(log, "ab") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(cmd), cwd=cwd, env=dict(env), stdout=out, stderr=subprocess.STDOUT)
-        peak_tree = 0
+        peak_tree = peak_one = 0
+        cpu_seen: dict[int, float] = {}
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            peak_tree = max(peak_tree, _tree_rss(proc.pid))
+            tree, one = _tree_sample(proc.pid, cpu_seen)
+            peak_tree, peak_one = max(peak_tree, tree), max(peak_one, one)
             time.sleep(POLL_S)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)   # reaped here: keep Popen from waiting again
-    cost = StageCost(stage=" ".join(cmd[-1:]), wall_s=round(wall, 1), cpu_s=round(usage.ru_utime + usage.ru_stime, 1),
-                     rss_max_gb=round(usage.ru_maxrss * 1024 / GB, 2),   # Linux reports KiB
-                     rss_tree_gb=round(max(peak_tree, usage.ru_maxrss * 1024) / GB, 2),
+    cpu = max(usage.ru_utime + usage.ru_stime, sum(cpu_seen.values()))
+    largest = max(usage.ru_maxrss * 1024, peak_one)      # Linux reports ru_maxrss in KiB
+    cost = StageCost(stage=" ".join(cmd[-1:]), wall_s=round(wall, 1), cpu_s=round(cpu, 1),
+                     rss_max_gb=round(largest / GB, 2), rss_tree_gb=round(max(peak_tree, largest) / GB, 2),
                      load_1min=round(os.getloadavg()[0], 1))
     return proc.returncode, cost
 

@@ -179,7 +179,7 @@ class MeLU(NeuralRecommender):
     def __init__(self, embedding_dim: int = 32, hidden: Sequence[int] = (64, 64), local_lr: float = 0.05,
                  local_steps: int = 5, global_lr: float = 1e-3, meta_batch_size: int = 32, epochs: int = 30,
                  patience: int = 5, order: Order = "first", adapt_layers: Sequence[int] | None = None,
-                 seed: int = 0, threads: int = 2, max_support: int | None = None, support_groups: int | None = None,
+                 seed: int = 0, threads: int = 1, max_support: int | None = None, support_groups: int | None = None,
                  resample: bool = True, train_support: int | None = 64, weight_decay: float = 0.0,
                  verbose: bool = False, device: str = "auto") -> None:
         self.embedding_dim = embedding_dim

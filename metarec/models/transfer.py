@@ -33,7 +33,7 @@ class GlobalModel(NeuralRecommender):
 
     def __init__(self, embedding_dim: int = 32, hidden: Sequence[int] = (64, 64), global_lr: float = 1e-3,
                  batch_size: int = 256, epochs: int = 30, patience: int = 5, weight_decay: float = 0.0,
-                 seed: int = 0, threads: int = 2, max_support: int | None = None, verbose: bool = False,
+                 seed: int = 0, threads: int = 1, max_support: int | None = None, verbose: bool = False,
                  device: str = "auto") -> None:
         self.embedding_dim = embedding_dim
         self.hidden = hidden
@@ -125,7 +125,7 @@ class FineTune(GlobalModel):
     def __init__(self, embedding_dim: int = 32, hidden: Sequence[int] = (64, 64), global_lr: float = 1e-3,
                  batch_size: int = 256, epochs: int = 30, patience: int = 5, weight_decay: float = 0.0,
                  steps: int = 5, lr: float = 0.05, adapt_layers: Sequence[int] | None = None, seed: int = 0,
-                 threads: int = 2, max_support: int | None = None, verbose: bool = False,
+                 threads: int = 1, max_support: int | None = None, verbose: bool = False,
                  device: str = "auto") -> None:
         super().__init__(embedding_dim=embedding_dim, hidden=hidden, global_lr=global_lr, batch_size=batch_size,
                          epochs=epochs, patience=patience, weight_decay=weight_decay, seed=seed, threads=threads,
