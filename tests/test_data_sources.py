@@ -390,3 +390,18 @@ def test_downloaded_bomb_is_refused_before_extraction(no_env, tmp_path: Path) ->
             load_dataset({"source": "movielens-100k", "url": server.url, "pypi_fallback": False},
                          workdir=tmp_path, log=quiet)
     assert not list(tmp_path.rglob("u.data"))
+
+
+@pytest.mark.parametrize("block", [3, 1 << 19])
+def test_canonical_checksum_is_the_digest_of_the_sorted_lines_whatever_the_block(monkeypatch, block: int) -> None:
+    """Known answer from plain Python (one f-string per sorted row); hashing in blocks must not change it."""
+    from metarec.data import validate
+
+    ratings = pd.DataFrame({"user_id": [3, 1, 2, 1, 3, 2, 1], "item_id": [5, 9, 1, 2, 4, 7, 11],
+                            "rating": [4.5, 3.0, 5.0, 1.0, 2.9, 4.0, 3.0],
+                            "timestamp": [10, 20, 30, 40, 50, 60, 70]})
+    rows = sorted(ratings.itertuples(index=False), key=lambda t: (t.user_id, t.item_id))
+    text = "".join(f"{u}\t{i}\t{int(r)}\t{ts}\n" for u, i, r, ts in rows)
+    monkeypatch.setattr(validate, "CHECKSUM_BLOCK", block)
+    assert validate.canonical_checksum(ratings.sample(frac=1.0, random_state=0)) == \
+        hashlib.sha256(text.encode("ascii")).hexdigest()
