@@ -26,8 +26,8 @@ markdown table (docs/SCALING.md quotes it) to stdout and `--out`:
 
 `--profile` re-runs the named stages (after the measured runs, in the same scratch project) under
 cProfile, in one process (`os.cpu_count` set to 1, so the executor's `auto` backend runs its jobs in
-the profiled process rather than on Ray workers), and prints each one's top functions by cumulative time; the `.prof` files stay in the
-workdir for `pstats`.
+the profiled process rather than on Ray workers), and prints each one's top functions by cumulative
+time; the `.prof` files stay in the workdir for `pstats`.
 """
 
 from __future__ import annotations
@@ -209,8 +209,8 @@ come from stages also named, earlier in dvc.yaml); the record is then not `compl
 
 
 def stage_command(name: str) -> list[str]:
-    """The stage's module command line (dvc.yaml: `exec python -m pipelines.<stage>`, less the `exec`; the train matrix
-    cell `train@<model>-<seed>` adds --model and --seed)."""
+    """The stage's module command line (dvc.yaml: `exec python -m pipelines.<stage>`, less the
+    `exec`; the train matrix cell `train@<model>-<seed>` adds --model and --seed)."""
     base, _, item = name.partition("@")
     cmd = ["-m", f"pipelines.{base}"]
     if item:

@@ -21,9 +21,9 @@ import numpy as np
 # One torch thread per process, and the torch models' `threads` default to it too. Why: the audit's
 # parallelism is across processes (matrix cells and compute jobs, one CPU each), and a process on
 # two OpenMP threads beside another busy process waits at every parallel region for its second
-# thread to be scheduled: two MeLU cells side by side on 2 cores took 550 s each, against 11 s for
-# one alone, which is no faster on two threads (12 s). The thread count is fixed, not taken from
-# the scheduler, because torch's reductions can round differently on another thread count.
+# thread to be scheduled: two MeLU cells side by side on 2 cores took 550 s each, against 12 s for
+# one alone on two threads (15 s on one). The thread count is fixed, not taken from the
+# scheduler, because torch's reductions can round differently on another thread count.
 DEFAULT_THREADS = 1
 
 
