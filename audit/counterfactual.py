@@ -266,7 +266,7 @@ def counterfactual_changes(model: "Recommender", tasks: Sequence["Task"], attrib
                            gains: Sequence[np.ndarray] | None = None,
                            values: Mapping[str, Mapping[str, object] | Sequence[object]] | None = None,
                            own: pd.DataFrame | None = None, k: int = 10, seed: int = 0,
-                           max_values: int = MAX_VALUES) -> pd.DataFrame:
+                           max_values: int = MAX_VALUES, shard: tuple[int, int] = (0, 1)) -> pd.DataFrame:
     """Per task and attribute: the three changes averaged over the substitutes (see the module docstring).
 
     - values: per attribute, {group label: substitute value} (`substitutes`), or a list of raw
@@ -277,6 +277,9 @@ def counterfactual_changes(model: "Recommender", tasks: Sequence["Task"], attrib
     - max_values: users are scored in blocks holding at most this many predicted values (factual and
       counterfactual), so memory does not grow with the population; each user's candidates, tie
       order, gains and factual ranking are prepared once for all of its substitutes.
+    - shard: (j, n): only the j-th of n consecutive runs of those blocks, so that n compute jobs
+      can share one model's re-scoring. A block's predictions do not depend on the other blocks,
+      so `merge_shards` of the n results is the unsharded frame, byte for byte (tested).
     Tasks whose value of the attribute is missing are skipped for that attribute. Columns: user_id,
     scenario, attribute, own, mean_abs_delta, top10_jaccard, delta_ndcg, substitutes.
     """
@@ -286,6 +289,10 @@ def counterfactual_changes(model: "Recommender", tasks: Sequence["Task"], attrib
     plan = _plan(tasks, attributes, values, own)
     joint = hasattr(model, "predict_chunk") and model.predict_chunk is None
     blocks = [range(len(tasks))] if joint else _blocks(tasks, plan, int(max_values))
+    j, n = (int(x) for x in shard)
+    if not 0 <= j < n:
+        raise ValueError(f"shard {j} of {n} does not exist; expected 0 <= shard < {n}")
+    blocks = blocks[j * len(blocks) // n:(j + 1) * len(blocks) // n]
     rows: dict[str, list[dict]] = {a: [] for a in plan.attributes}
     for block in blocks:
         base, alt = _score(model, tasks, block, plan, joint)
@@ -315,16 +322,46 @@ def counterfactual_changes(model: "Recommender", tasks: Sequence["Task"], attrib
                         columns=["user_id", "scenario", "attribute", "own", *CHANGES, "substitutes"])
 
 
+def _weighted_mean(values: pd.Series, weights: pd.Series) -> float:
+    """sum w x / sum w over the finite values (plain mean with unit weights); NaN when none."""
+    ok = values.notna().to_numpy()
+    w = weights.to_numpy(np.float64)[ok]
+    return float(np.dot(w, values.to_numpy(np.float64)[ok]) / w.sum()) if ok.any() and w.sum() > 0 else float("nan")
+
+
+def merge_shards(frames: Sequence[pd.DataFrame], attributes: Sequence[str]) -> pd.DataFrame:
+    """The shards of one `counterfactual_changes` call (in shard order) as the unsharded frame:
+    each shard lists its users attribute by attribute, so the attributes are put back in
+    `attributes` order, users within one in shard (task) order."""
+    if not frames:
+        raise ValueError("no shards to merge")
+    whole = pd.concat([f for f in frames if len(f)] or list(frames[:1]), ignore_index=True)   # empty: no dtypes
+    rank = whole["attribute"].map({a: i for i, a in enumerate(attributes)})
+    return whole.iloc[np.argsort(rank.to_numpy(), kind="stable")].reset_index(drop=True)
+
+
 def counterfactual_records(changes: pd.DataFrame, attributes: Sequence[str], *, model_name: str,
-                           groups: pd.DataFrame | None = None, seeds: Sequence[int] = (0,)) -> list[dict]:
+                           groups: pd.DataFrame | None = None, seeds: Sequence[int] = (0,),
+                           weights: pd.DataFrame | None = None) -> list[dict]:
     """Records from `counterfactual_changes` frames of one model (a `seed` column when several).
 
     Each user's changes are first averaged over seeds, so users (not seed x user pairs) are the unit.
     groups: optional user_id -> label columns (e.g. strata with small groups merged) naming the
-    user's group in the records; default the user's own group label.
+    user's group in the records; default the user's own group label. weights: scenario, user_id,
+    weight (audit.sampling design weights) when the users are a stratified sample: every mean, and
+    the ranking of attributes, is then design-weighted (sum w x / sum w), so it estimates the
+    represented population's; `n` still counts sampled users.
     """
     keys = ["user_id", "scenario", "attribute", "own", "substitutes"]
     per_user = changes.groupby(keys, sort=False, dropna=False)[CHANGES].mean().reset_index()
+    if weights is None:
+        per_user["weight"] = 1.0
+    else:
+        per_user = per_user.merge(weights[["scenario", "user_id", "weight"]], on=["scenario", "user_id"], how="left")
+        if per_user["weight"].isna().any():
+            row = per_user[per_user["weight"].isna()].iloc[0]
+            raise ValueError(f"user {row['user_id']} ({row['scenario']}) has counterfactual changes but no design "
+                             "weight.")
     gi = groups.set_index("user_id") if groups is not None else None
     if gi is not None:
         lookup = [gi[a].get(u, o) if a in gi.columns else o
@@ -334,7 +371,8 @@ def counterfactual_records(changes: pd.DataFrame, attributes: Sequence[str], *, 
         per_user["group"] = per_user["own"].astype(str)
     records: list[dict] = []
     for scenario, fs in per_user.groupby("scenario", sort=True):
-        overall = fs.groupby("attribute", sort=False)["mean_abs_delta"].mean()
+        overall = pd.Series({a: _weighted_mean(fa["mean_abs_delta"], fa["weight"])
+                             for a, fa in fs.groupby("attribute", sort=False)})
         order = sorted(overall.index, key=lambda a: (-overall[a], list(attributes).index(a)))
         rank = {a: r + 1 for r, a in enumerate(order)}
         for attr in [a for a in attributes if a in rank]:
@@ -344,8 +382,7 @@ def counterfactual_records(changes: pd.DataFrame, attributes: Sequence[str], *, 
                 rec = {"kind": "counterfactual", "model": model_name, "scenario": str(scenario), "attribute": attr,
                        "group": grp}
                 for c in CHANGES:
-                    vals = fg[c].dropna()
-                    rec[c] = float(vals.mean()) if len(vals) else float("nan")
+                    rec[c] = _weighted_mean(fg[c], fg["weight"])
                 rec["rank"] = rank[attr]
                 rec["n"] = int(len(fg))
                 rec["seeds"] = [int(s) for s in seeds]

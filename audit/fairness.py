@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from audit import stats
 from audit.metrics import gini, short_head
-from audit.sampling import stratified_mean
+from audit.sampling import domain_contrast, stratified_mean
 from audit.strata import Strata, merge_small_groups
 
 __all__ = [
@@ -159,6 +159,20 @@ def _stratified(v: np.ndarray, h: np.ndarray, w: np.ndarray) -> tuple[float, flo
     return r["estimate"], math.sqrt(r["variance"]) if r["variance"] >= 0 else np.nan, r["df"]
 
 
+def _group_mean(v: np.ndarray, mask: np.ndarray, level: float, design: pd.DataFrame | None) -> dict:
+    """Mean and Student-t interval of one group's values: plain, or with ``design`` (stratum,
+    weight aligned with ``v``) the stratified mean with its stratified standard error, as
+    group_comparison computes group means."""
+    x = v[mask]
+    if design is None:
+        ti = stats.t_interval(x, level)
+        return {"mean": float(x.mean()) if x.size else np.nan, "ci_low": ti["ci_low"], "ci_high": ti["ci_high"]}
+    mean, se, df = _stratified(x, design["stratum"].to_numpy()[mask], design["weight"].to_numpy(np.float64)[mask])
+    with np.errstate(invalid="ignore"):
+        half = float(stats.t_quantile(level, df)) * se if np.isfinite(se) else np.nan
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half}
+
+
 def _transform(mean: np.ndarray, se: np.ndarray, root: bool) -> tuple[np.ndarray, np.ndarray]:
     """Value and delta-method standard error on the reported scale (sqrt for RMSE from MSE)."""
     if not root:
@@ -281,9 +295,15 @@ def group_comparison(
 # --------------------------------------------------------------------------------------------
 
 
+UGF_INTERVAL = "|Welch t interval of the signed difference|"
+UGF_SAMPLED_INTERVAL = ("|t interval of the signed difference|: design-weighted domain means, linearised stratified "
+                        "standard error (audit.sampling.domain_contrast)")
+
+
 def ugf(
     values: pd.Series, interaction_counts: pd.Series, *, top_frac: float = 0.05,
     n_perm: int = 9999, seed: int = 0, level: float = 0.95, min_size: int = 2,
+    design: pd.DataFrame | None = None,
 ) -> dict:
     """User-oriented group fairness (Li et al., WWW 2021).
 
@@ -292,30 +312,60 @@ def ugf(
     UGF is the one implied for |d| by the Welch interval of the signed difference d; p from the
     permuted |Welch t|. With fewer than ``min_size`` users on either side the record is
     ``insufficient`` and carries no test.
+
+    ``design`` (user_id-indexed stratum, weight: every sampled user of the scenario): the users are
+    a stratified sample. Activity cuts across the sampling strata, so the advantaged users are the
+    top ``top_frac`` of the represented population (cumulative design weight), both sides are
+    design-weighted domain means, and the interval uses their contrast's linearised standard error
+    (audit.sampling.domain_contrast). The permutation test relabels the sampled users as they are
+    (valid conditionally on the sample, as for group gaps) and the counts are sampled users.
     """
     v = values.astype(float)
     v = v[np.isfinite(v)]
     df = pd.DataFrame({"v": v, "c": interaction_counts.reindex(v.index).fillna(0).astype(float)})
     df = df.rename_axis("user_id").reset_index()
     df = df.sort_values(["c", "user_id"], ascending=[False, True], kind="stable")
-    n_adv = max(1, int(math.ceil(top_frac * len(df))))
+    if design is None:
+        n_adv = max(1, int(math.ceil(top_frac * len(df))))
+    else:   # the first users whose cumulative weight reaches top_frac of the represented population
+        cum = np.cumsum(design["weight"].reindex(df["user_id"]).to_numpy(np.float64))
+        n_adv = max(1, int(np.searchsorted(cum, top_frac * cum[-1], side="left")) + 1) if len(df) else 1
     adv, dis = df["v"].iloc[:n_adv].to_numpy(), df["v"].iloc[n_adv:].to_numpy()
-    out = {"advantaged": _f(adv.mean()) if adv.size else None,
-           "disadvantaged": _f(dis.mean()) if dis.size else None,
+    sides = None
+    if design is not None and len(df):
+        pos = design.index.get_indexer(df["user_id"])
+        if (pos < 0).any():
+            raise ValueError(f"user {df['user_id'].iloc[int(np.argmax(pos < 0))]} has a value but is not in the sample.")
+        full = np.full(len(design), np.nan)
+        full[pos] = df["v"].to_numpy()
+        is_adv = np.zeros(len(design), dtype=bool)
+        is_adv[pos[:n_adv]] = True
+        sides = (full, design["stratum"].to_numpy(), design["weight"].to_numpy(np.float64), is_adv)
+        means = [domain_contrast(*sides[:3], [m])[0] for m in (is_adv, ~is_adv)]
+    else:
+        means = [adv.mean() if adv.size else np.nan, dis.mean() if dis.size else np.nan]
+    out = {"advantaged": _f(means[0]) if adv.size else None,
+           "disadvantaged": _f(means[1]) if dis.size else None,
            "n_advantaged": int(adv.size), "n_disadvantaged": int(dis.size),
            "ugf": None, "difference": None, "ci_low": None, "ci_high": None,
            "interval": None, "insufficient": True, **_no_test(),
            "min_interactions_advantaged": _f(df["c"].iloc[n_adv - 1]) if len(df) else None}
     if min(adv.size, dis.size) < max(2, int(min_size)):
         return out
-    d = float(adv.mean() - dis.mean())
-    lo, hi = _welch_interval(d, adv.var(ddof=1) / adv.size, adv.size, dis.var(ddof=1) / dis.size,
-                             dis.size, level, 1)
+    if sides is None:
+        d = float(adv.mean() - dis.mean())
+        lo, hi = _welch_interval(d, adv.var(ddof=1) / adv.size, adv.size, dis.var(ddof=1) / dis.size,
+                                 dis.size, level, 1)
+    else:
+        full, strata, weight, is_adv = sides
+        d, se, dof = domain_contrast(full, strata, weight, [is_adv, ~is_adv], (1.0, -1.0))
+        half = float(stats.t_quantile(level, dof)) * se
+        lo, hi = d - half, d + half
     codes = np.r_[np.zeros(adv.size, np.int64), np.ones(dis.size, np.int64)]
     t = stats.studentized_permutation_tests(np.r_[adv, dis], codes, n_perm=n_perm, seed=seed)
     alo, ahi = stats.abs_interval(lo, hi)
     out.update(ugf=_f(abs(d)), difference=_f(d), ci_low=_f(alo), ci_high=_f(ahi),
-               interval="|Welch t interval of the signed difference|", insufficient=False,
+               interval=UGF_INTERVAL if sides is None else UGF_SAMPLED_INTERVAL, insufficient=False,
                **_test_fields(t.p_rest[0, 0], t.exceed_rest[0, 0], n_perm, t.stat_rest[0, 0],
                               PERMUTED_WELCH_T))
     return out
@@ -339,7 +389,7 @@ def _parity_stats(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def parity(
     pred: pd.DataFrame, groups: pd.Series, *, threshold: float = 4.0, n_perm: int = 9999,
-    seed: int = 0, min_size: int = 1, other: str = "other",
+    seed: int = 0, min_size: int = 1, other: str = "other", weights: pd.Series | None = None,
 ) -> dict:
     """Demographic parity and equalized odds differences of liked predictions.
 
@@ -349,6 +399,11 @@ def parity(
     to the users in ``pred``; rows of several seeds pool into each user's counts). p-values:
     group labels are shuffled between *users* (a user's ratings stay together, so within-user
     correlation is kept), vectorised over permutations.
+
+    ``weights`` (user_id -> design weight N_h / n_h): the users are a stratified sample; each
+    user's counts are multiplied by the weight, so every group rate is the rate of the population
+    the sampled users represent (a ratio of Horvitz-Thompson totals). The permutations carry each
+    user's weighted counts with the user, so the test is the same relabelling of the sampled users.
     """
     df = pred[["user_id", "y_true", "y_pred"]].merge(
         groups.rename("g").rename_axis("user_id").reset_index(), on="user_id", how="inner")
@@ -376,6 +431,11 @@ def parity(
     labels = sorted(agg["g"].unique())
     codes = pd.Categorical(agg["g"], categories=labels).codes.astype(np.int64)
     X = agg[["n", "pp", "pos", "tp", "neg", "fp"]].to_numpy(float)
+    if weights is not None:
+        w = weights.reindex(agg.index).to_numpy(np.float64)
+        if not np.isfinite(w).all():
+            raise ValueError(f"user {agg.index[int(np.argmax(~np.isfinite(w)))]} has predictions but no design weight.")
+        X = X * w[:, None]
     G, U = len(labels), len(codes)
 
     def group_sums(code_mat: np.ndarray) -> np.ndarray:
@@ -411,7 +471,7 @@ def parity(
 
 def exposure(
     rankings: pd.DataFrame, popularity: pd.Series, *, catalogue: Iterable | None = None,
-    k: int = 10, head_share: float = 0.8,
+    k: int = 10, head_share: float = 0.8, weights: pd.Series | None = None,
 ) -> dict:
     """Position-weighted exposure (1 / log2(1 + rank), Singh & Joachims 2018) of the top-k lists.
 
@@ -421,9 +481,17 @@ def exposure(
     short_head_share / long_tail_share: shares of total exposure on short-head (the most popular
     items holding ``head_share`` of training ratings) and other items; gini: Gini index of item
     exposure over the catalogue (default: the items in ``popularity``; unexposed items count 0).
+    ``weights`` (user_id -> design weight): the lists are a stratified sample of users; each list's
+    exposure counts its user's weight, so item exposure estimates the represented population's.
     """
     top = rankings[rankings["rank"] <= k]
     w = 1.0 / np.log2(1.0 + top["rank"].to_numpy(float))
+    if weights is not None:
+        uw = top["user_id"].map(weights).to_numpy(np.float64)
+        if not np.isfinite(uw).all():
+            raise ValueError(f"user {top['user_id'].iloc[int(np.argmax(~np.isfinite(uw)))]} has a list but no "
+                             "design weight.")
+        w = w * uw
     per_item = pd.Series(w, index=top["item_id"].to_numpy()).groupby(level=0).sum()
     total = float(per_item.sum())
     head = short_head(popularity, head_share)
@@ -592,6 +660,7 @@ def fairness_records(
     metrics = list(metrics) if metrics is not None else [
         m for m in wide.columns if m not in _SKIP_METRICS]
     base = {"model": model, "scenario": scenario}
+    weights = None if design is None else design["weight"]
     recs: list[dict] = []
     perm_seed = _sub(seed, 1)  # one set of relabellings per population size (stats.permutations)
 
@@ -630,7 +699,7 @@ def fairness_records(
                          "seeds": pu_seeds})
         if interaction_counts is not None and not root:
             u = ugf(vals, interaction_counts, top_frac=top_frac, n_perm=n_perm, seed=perm_seed,
-                    level=level, min_size=min_group_size)
+                    level=level, min_size=min_group_size, design=design)
             recs.append({**base, "kind": "ugf", "metric": metric, "top_frac": top_frac, **u,
                          "seeds": pu_seeds})
 
@@ -639,7 +708,7 @@ def fairness_records(
         pr_seeds = _seeds_of(pr, list(seeds))
         for ai, a in enumerate(attributes):
             p = parity(pr, strata[a], threshold=threshold, n_perm=n_perm,
-                       seed=_sub(seed, 7000 + ai), min_size=min_group_size, other=other)
+                       seed=_sub(seed, 7000 + ai), min_size=min_group_size, other=other, weights=weights)
             for name, tk in (("demographic_parity_difference", "test_dp"),
                              ("equalized_odds_difference", "test_eo")):
                 recs.append({**base, "kind": "parity", "attribute": a, "metric": name,
@@ -655,7 +724,7 @@ def fairness_records(
         it = items.set_index("item_id")
         rk_seeds = _seeds_of(rk, list(seeds))
         if popularity_col in it.columns:
-            e = exposure(rk, it[popularity_col], k=k)
+            e = exposure(rk, it[popularity_col], k=k, weights=weights)
             recs.append({**base, "kind": "exposure", **e, "seeds": rk_seeds})
         if support is not None and "genres" in it.columns:
             sp = support[support["scenario"] == scenario] if "scenario" in support else support
@@ -666,12 +735,12 @@ def fairness_records(
                 v, g = _align(mc, grp)
                 if v.size == 0:
                     continue
+                mc_design = None if design is None else design.reindex(_aligned(mc, grp).index)
                 sg = size_groups(g, min_group_size if a != "all" else 1, other)
                 for lab, n in sg.counts.items():
-                    x = v[(sg.labels == lab).to_numpy()]
-                    ti = stats.t_interval(x, level)
+                    ti = _group_mean(v, (sg.labels == lab).to_numpy(), level, mc_design)
                     recs.append({**base, "kind": "miscalibration", "attribute": a,
-                                 "group": lab, "value": _f(x.mean()), "ci_low": _f(ti["ci_low"]),
+                                 "group": lab, "value": _f(ti["mean"]), "ci_low": _f(ti["ci_low"]),
                                  "ci_high": _f(ti["ci_high"]), "interval": MEAN_INTERVAL, "n": int(n),
                                  "alpha": alpha,
                                  "merged": bool(sg.merged or premerged.get(a)) and lab == other,

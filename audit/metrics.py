@@ -351,22 +351,40 @@ def intra_list_diversity(sets: list) -> float:
     return float(np.mean(d))
 
 
+def _user_weights(user_ids: pd.Series, weights: pd.Series | None, what: str) -> np.ndarray:
+    """Each row's user weight (ones without ``weights``); a user without one is an error."""
+    if weights is None:
+        return np.ones(len(user_ids))
+    w = user_ids.map(weights).to_numpy(np.float64)
+    if not np.isfinite(w).all():
+        raise ValueError(f"user {user_ids.iloc[int(np.argmax(~np.isfinite(w)))]} has {what} but no design weight.")
+    return w
+
+
 def beyond_accuracy(
     rankings: pd.DataFrame, popularity: pd.Series, catalogue: Iterable | None = None,
     genres: pd.Series | None = None, k: int = 10, head_share: float = 0.8,
+    weights: pd.Series | None = None,
 ) -> dict:
     """List-level summary for one scenario: coverage, Gini of exposure and the per-user means.
 
     ``catalogue`` is the scenario's item set (default: every item in ``popularity``). The Gini is
     over recommendation counts of every catalogue item (unrecommended items count 0).
+    ``weights`` (user_id -> design weight; audit.sampling): the lists are a stratified sample of
+    users; each list counts at its user's weight in the Gini's counts and the per-user means.
+    Coverage stays the share of the catalogue in the sampled lists: a union over users, which no
+    weight can scale up, so under sampling it is a lower bound of everyone's coverage.
     """
     cat = list(popularity.index if catalogue is None else catalogue)
     top = rankings[rankings["rank"] <= k]
-    counts = top["item_id"].value_counts()
+    counts = pd.Series(_user_weights(top["user_id"], weights, "a list"), index=top["item_id"].to_numpy())
+    counts = counts.groupby(level=0).sum()
     exp = pd.Series(0.0, index=pd.Index(cat)).add(counts.reindex(cat).fillna(0.0), fill_value=0)
     pu = per_user_beyond(rankings, popularity, genres, k, head_share)
     out = {"coverage": catalogue_coverage(rankings, cat, k), "gini": gini(exp.to_numpy())}
-    means = pu.groupby("metric")["value"].mean()
+    pu = pu[np.isfinite(pu["value"].to_numpy(np.float64))]
+    pu = pu.assign(w=_user_weights(pu["user_id"], weights, "a list"))
+    means = (pu["value"] * pu["w"]).groupby(pu["metric"]).sum() / pu["w"].groupby(pu["metric"]).sum()
     for m in ["arp", "aplt", "novelty", "diversity"]:
         if m in means.index:
             out[m] = float(means[m])
@@ -378,25 +396,33 @@ def beyond_accuracy(
 # --------------------------------------------------------------------------------------------
 
 
-def pooled_metrics(pred: pd.DataFrame, threshold: float = 4.0) -> pd.DataFrame:
+def pooled_metrics(pred: pd.DataFrame, threshold: float = 4.0, weights: pd.DataFrame | None = None) -> pd.DataFrame:
     """Pooled (over all ratings) metrics per scenario: MAE, RMSE, AUC, precision and recall of
     liked (y_pred >= threshold vs y_true >= threshold). AUC uses y_pred as the score and is NaN
     when a scenario has only one class; precision/recall are NaN when undefined (0/0).
+
+    ``weights`` (scenario, user_id, weight; audit.sampling): the users are a stratified sample;
+    every rating counts at its user's design weight (AUC through roc_auc_score's sample_weight), so
+    each metric estimates the represented population's. ``n`` stays the number of ratings.
     """
     _require(pred, ["scenario", "y_true", "y_pred"], "predictions")
     rows = []
     for scen, g in pred.groupby("scenario", sort=True):
         yt = g["y_true"].to_numpy(float)
         yp = g["y_pred"].to_numpy(float)
+        w = _user_weights(g["user_id"], None if weights is None else
+                          weights[weights["scenario"] == scen].set_index("user_id")["weight"], "predictions")
         liked, pl = yt >= threshold, yp >= threshold
-        auc = roc_auc_score(liked, yp) if 0 < liked.sum() < liked.size else np.nan
-        tp = float(np.sum(liked & pl))
+        auc = roc_auc_score(liked, yp, sample_weight=None if weights is None else w) \
+            if 0 < liked.sum() < liked.size else np.nan
+        tp = float(np.sum(w * (liked & pl)))
+        wpl, wliked = float(np.sum(w * pl)), float(np.sum(w * liked))
         vals = {
-            "mae": float(np.mean(np.abs(yp - yt))),
-            "rmse": float(np.sqrt(np.mean((yp - yt) ** 2))),
+            "mae": float(np.average(np.abs(yp - yt), weights=w)),
+            "rmse": float(np.sqrt(np.average((yp - yt) ** 2, weights=w))),
             "auc": float(auc),
-            "precision": tp / pl.sum() if pl.sum() else np.nan,
-            "recall": tp / liked.sum() if liked.sum() else np.nan,
+            "precision": tp / wpl if wpl else np.nan,
+            "recall": tp / wliked if wliked else np.nan,
             "n": float(yt.size),
         }
         rows += [{"scenario": scen, "metric": m, "value": v} for m, v in vals.items()]

@@ -279,26 +279,30 @@ def perturb_attribute_noise(tasks: Sequence["Task"], p: float, rng: np.random.Ge
     return out
 
 
-def shift_weights(labels: pd.Series, target: Mapping[Hashable, float] | None) -> pd.Series:
-    """Per-user weights target[g] / observed[g] that turn the observed group mix into `target`.
+def shift_weights(labels: pd.Series, target: Mapping[Hashable, float] | None,
+                  base: pd.Series | None = None) -> pd.Series:
+    """Per-user weights base * target[g] / observed[g] that turn the observed group mix into `target`.
 
     Why: test populations rarely match deployment; re-weighting shows what the headline metric
     would be for another mix without re-sampling. Target shares are normalised to sum to 1; groups
     absent from `target` get weight 0; a positive share for an unobserved group is an error.
-    target None gives weight 1 for everyone (the observed mix).
+    target None gives the base weight (1 without `base`) for everyone (the observed mix). `base`
+    (aligned with `labels`): design weights of a stratified sample (audit.sampling); the observed
+    mix is then the represented population's, and each group's mean stays design-weighted.
     """
     labels = labels.dropna()
+    base = pd.Series(1.0, index=labels.index) if base is None else base.reindex(labels.index).astype(float)
     if target is None:
-        return pd.Series(1.0, index=labels.index)
+        return base
     total = float(sum(target.values()))
     if total <= 0 or any(v < 0 for v in target.values()):
         raise ValueError(f"target mix must have non-negative shares with a positive sum, got {dict(target)}")
-    observed = labels.value_counts(normalize=True)
+    observed = base.groupby(labels).sum() / float(base.sum())
     missing = [g for g, s in target.items() if s > 0 and g not in observed.index]
     if missing:
         raise ValueError(f"target mix names groups with no users: {missing}")
     factor = {g: (float(target.get(g, 0.0)) / total) / float(observed[g]) for g in observed.index}
-    return labels.map(factor).astype(float)
+    return labels.map(factor).astype(float) * base
 
 
 def demographic_shift(per_user: pd.DataFrame, labels: pd.Series,
@@ -391,12 +395,15 @@ def _evaluate_by_scenario(pred: pd.DataFrame, evaluate: Evaluate) -> pd.DataFram
 
 
 def _summaries(per_user: pd.DataFrame, groups: pd.DataFrame | None,
-               shift: tuple[pd.Series, Mapping[Hashable, float]] | None = None) -> dict[tuple, tuple[float, int]]:
+               shift: tuple[pd.Series, Mapping[Hashable, float]] | None = None,
+               weights: pd.Series | None = None) -> dict[tuple, tuple[float, int]]:
     """{(scenario, metric, attribute, group): (value, n)}: means over users, overall and per group.
 
     With `shift` = (labels by user_id, target mix) the means are weighted by `shift_weights`,
     computed per scenario and metric among the users that have a value there; a target naming a
-    group absent from that population gives NaN (n 0) rather than an invented number.
+    group absent from that population gives NaN (n 0) rather than an invented number. `weights`
+    (user_id -> design weight; audit.sampling): the users are a stratified sample and every mean is
+    design-weighted (n counts sampled users).
     """
     res: dict[tuple, tuple[float, int]] = {}
     pu = per_user.dropna(subset=["value"])
@@ -405,8 +412,12 @@ def _summaries(per_user: pd.DataFrame, groups: pd.DataFrame | None,
 
     for (scenario, metric), g in pu.groupby(["scenario", "metric"], sort=True):
         v = g["value"].to_numpy(float)
+        dw = np.ones(len(g)) if weights is None else g["user_id"].map(weights).to_numpy(np.float64)
+        if weights is not None and not np.isfinite(dw).all():
+            raise ValueError(f"user {g['user_id'].iloc[int(np.argmax(~np.isfinite(dw)))]} ({scenario}) has a "
+                             "value but no design weight.")
         if shift is None:
-            w = np.ones(len(g))
+            w = dw
         else:
             labels, target = shift
             lab = labels.reindex(g["user_id"].to_numpy())
@@ -414,7 +425,7 @@ def _summaries(per_user: pd.DataFrame, groups: pd.DataFrame | None,
             keep = lab.notna().to_numpy()
             try:
                 w = np.zeros(len(g))
-                w[keep] = shift_weights(lab[keep], target).to_numpy(float)
+                w[keep] = shift_weights(lab[keep], target, pd.Series(dw[keep], index=lab.index[keep])).to_numpy(float)
             except ValueError:
                 res[(scenario, metric, "all", "all")] = (float("nan"), 0)
                 continue
@@ -425,7 +436,7 @@ def _summaries(per_user: pd.DataFrame, groups: pd.DataFrame | None,
             sw = float(np.sum(w[mask]))
             if n == 0 or sw <= 0:
                 return float("nan"), n
-            if shift is None:
+            if shift is None and weights is None:
                 return float(np.mean(v[mask])), n
             return float(np.sum(w[mask] * v[mask]) / sw), n
 
@@ -442,7 +453,7 @@ def _summaries(per_user: pd.DataFrame, groups: pd.DataFrame | None,
 def robustness_curve(model: "Recommender", tasks: Sequence["Task"], truth: Sequence[np.ndarray],
                      perturbation: str, levels: Sequence[object], *, evaluate: Evaluate,
                      groups: pd.DataFrame | None = None, seed: int = 0, model_name: str | None = None,
-                     **params: Any) -> list[dict]:
+                     weights: pd.Series | None = None, **params: Any) -> list[dict]:
     """Metric values and their change from the unperturbed run, per perturbation level.
 
     Why: a single accuracy number hides how quickly a cold-start model breaks when the support set
@@ -459,6 +470,8 @@ def robustness_curve(model: "Recommender", tasks: Sequence["Task"], truth: Seque
     - groups: user_id plus attribute columns (bucketed labels); records per group use the user's
       original labels even when attributes are perturbed.
     - seed: level i is perturbed with np.random.default_rng([seed, i]).
+    - weights: user_id -> design weight when the tasks' users are a stratified sample
+      (audit.sampling): every mean is design-weighted.
 
     Returns `curve` records: perturbation, model, scenario, metric, level, attribute, group, value,
     delta (value - unperturbed value of the same scenario, metric, attribute, group), n.
@@ -470,7 +483,7 @@ def robustness_curve(model: "Recommender", tasks: Sequence["Task"], truth: Seque
     tasks = list(tasks)
     base_pred = prediction_frame(tasks, truth, model.predict(tasks))
     base_per_user = _evaluate_by_scenario(base_pred, evaluate)
-    base = _summaries(base_per_user, groups)
+    base = _summaries(base_per_user, groups, weights=weights)
 
     shift_attr = params.get("attribute") if base_name == "demographic_shift" else None
     if base_name == "demographic_shift":
@@ -484,14 +497,14 @@ def robustness_curve(model: "Recommender", tasks: Sequence["Task"], truth: Seque
                 summ = base
             else:
                 labels = groups.set_index("user_id")[shift_attr]
-                summ = _summaries(base_per_user, groups, (labels, level))
+                summ = _summaries(base_per_user, groups, (labels, level), weights)
         elif _is_noop(base_name, level):
             summ = base
         else:
             rng = np.random.default_rng([int(seed), i])
             perturbed = perturb(tasks, perturbation, level, rng, **params)
             pred = prediction_frame(perturbed, truth, model.predict(perturbed))
-            summ = _summaries(_evaluate_by_scenario(pred, evaluate), groups)
+            summ = _summaries(_evaluate_by_scenario(pred, evaluate), groups, weights=weights)
         for (scenario, metric, attr, grp), (value, n) in summ.items():
             ref = base.get((scenario, metric, attr, grp), (float("nan"), 0))[0]
             records.append({"kind": "curve", "perturbation": perturbation, "model": name,

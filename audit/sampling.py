@@ -36,6 +36,12 @@ Estimators. With design weights N_h / n_h, a mean is the stratified mean sum_h W
   stratified variance when n_h = N_h. The pipeline's bootstrap over users (`stratified_user_weights`)
   resamples within strata with these weights, so its intervals are of this second kind.
 
+Every other sampled estimate is design-weighted as well (sample notes name each one's estimator):
+a group that cuts across the strata, such as UGF's most active users, is a domain, whose mean is
+the ratio sum w y / sum w with the linearised variance of `domain_contrast`; rates, exposure,
+shilling effects and robustness curves count each user at its weight. Coverage, a union over
+users, cannot be weighted and is reported as what it is: a lower bound.
+
 Permutation tests among groups stay valid: within each stratum the sample is a simple random
 sample drawn independently of the audited models' values (the pilot only sets how many), so under
 the null hypothesis that a metric's values are exchangeable across groups, the sampled users'
@@ -67,6 +73,7 @@ __all__ = [
     "SampleRule",
     "Design",
     "allocate",
+    "domain_contrast",
     "draw",
     "pilot_errors",
     "sample_evaluation_users",
@@ -252,9 +259,35 @@ POOLED = ("auc", "precision", "recall", "coverage", "gini")
 
 
 # Record kinds of fairness.json whose group means are stratified (audit.fairness.group_comparison).
-STRATIFIED_KINDS = ("group_metric", "gap", "gap_to_rest")
+STRATIFIED_KINDS = ("group_metric", "gap", "gap_to_rest", "miscalibration")
 UNWEIGHTED = {"estimator": "over the sampled users as they are, without design weights",
               "interval": "as without sampling, over the sampled users"}
+POOLED_NOTES = {
+    "coverage": {"estimator": "share of the catalogue in the sampled users' lists: a union over users, which design "
+                              "weights cannot scale, so a lower bound of the coverage with everyone evaluated",
+                 "interval": "as without sampling, over seeds"},
+    **{m: {"estimator": "pooled over the sampled users' ratings or lists, each counted at its user's design weight",
+           "interval": "as without sampling, over seeds"} for m in ("auc", "precision", "recall", "gini")},
+}
+CONDITIONAL_TEST = "permutation of the sampled users' group labels, valid conditionally on the sample; n counts sampled users"
+# What the other sampled records estimate (audit.fairness, audit.counterfactual).
+WEIGHTED_KINDS = {
+    "ugf": {"estimator": "advantaged users: the most active top_frac of the represented population (cumulative "
+                         "design weight); both sides design-weighted domain means",
+            "interval": "|t interval of the signed difference|, linearised stratified standard error with "
+                        "Satterthwaite df capped at the smaller side's sampled users less one",
+            "test": CONDITIONAL_TEST},
+    "parity": {"estimator": "group rates from design-weighted counts (ratios of weighted totals)",
+               "test": "permutation of the sampled users' group labels, each user's weighted counts moving with the "
+                       "user; valid conditionally on the sample; n counts sampled users"},
+    "exposure": {"estimator": "item exposure with each list counted at its user's design weight"},
+    "curve": {"estimator": "design-weighted means over the sampled users (a demographic shift re-weights the "
+                           "represented population's mix); n counts sampled users"},
+    "most_damaging": {"estimator": "the worst design-weighted curve value (curve records say how)"},
+    "shilling": {"estimator": "prediction shift and hit ratio over the sampled users, each at its design weight"},
+    "counterfactual": {"estimator": "design-weighted means over the sampled users (attributes ranked by the "
+                                    "weighted mean); n counts sampled users"},
+}
 
 
 def sample_note(design: Design, scenario: str, metric: str = "", kind: str = "accuracy") -> dict:
@@ -264,7 +297,9 @@ def sample_note(design: Design, scenario: str, metric: str = "", kind: str = "ac
     note = {"n_population": rec.get("population"), "n_sampled": rec.get("sampled"), "n_strata": rec.get("n_strata"),
             "rule": design.record["rule"], "seed": design.record["seed"]}
     stratified = "stratified mean over the sampled users (design weights N_h / n_h)"
-    if kind in ("accuracy", "comparison", "best_baseline_comparison", "winner") and metric not in POOLED:
+    if kind in ("accuracy", "comparison", "best_baseline_comparison", "winner") and metric in POOLED:
+        return {**note, **POOLED_NOTES.get(metric, UNWEIGHTED)}
+    if kind in ("accuracy", "comparison", "best_baseline_comparison", "winner"):
         return {**note, "estimator": stratified,
                 "interval": "users bootstrap resampled within sampling strata with design weights: it covers the "
                             "population the users represent (the design variance with the finite population "
@@ -273,9 +308,8 @@ def sample_note(design: Design, scenario: str, metric: str = "", kind: str = "ac
         return {**note, "estimator": f"group means: {stratified}",
                 "interval": "Student t / Welch with stratified standard errors (about the population the users "
                             "represent)",
-                "test": "permutation of the sampled users' group labels, valid conditionally on the sample; n counts "
-                        "sampled users"}
-    return {**note, **UNWEIGHTED}
+                "test": CONDITIONAL_TEST}
+    return {**note, **WEIGHTED_KINDS.get(kind, UNWEIGHTED)}
 
 
 def stratified_mean(values, strata, population: Mapping | pd.Series, level: float = 0.95) -> dict:
@@ -314,6 +348,51 @@ def stratified_mean(values, strata, population: Mapping | pd.Series, level: floa
         out[f"df{name}"] = float(df)
         out[f"ci{name}_low"], out[f"ci{name}_high"] = est - half, est + half
     return out
+
+
+def domain_contrast(values, strata, weights, domains, coefs=(1.0,)) -> tuple[float, float, float]:
+    """(estimate, standard error, df) of sum_j c_j ybar_j over the sampled users of one scenario,
+    ybar_j the design-weighted mean sum w y / sum w over domain j (a bool mask: a group that need not
+    be a union of strata, such as the most active 5% of users).
+
+    Why a linearised variance: a domain that cuts across strata has a random number of sampled
+    users in each, so the stratified formula (fixed N_h) does not apply. The ratio estimator's
+    Taylor linearisation does (Lohr, Sampling, 2nd ed., 4.3 and 9.1): with z_i = sum_j c_j 1_j(i)
+    (y_i - ybar_j) / Nhat_j, the variance is sum_h N_h^2 s_h^2(z) / n_h over every sampled user of
+    stratum h (z = 0 outside the domains), the reading "about the population the users represent"
+    of `stratified_mean` (no finite population correction), to which it reduces when each domain is
+    a union of strata. Contrasts of domains drawn from the same strata are correlated; one z for
+    the contrast carries that covariance. df: Satterthwaite over the strata's terms, capped at the
+    smallest domain's sampled users less one: a domain of a dozen users spread over many strata
+    otherwise gets a df its own size cannot support, and null simulations (tests/test_sampling.py)
+    showed the uncapped interval under-covering there (0.93 where the cap gives 0.95). `values`,
+    `strata`, `weights`: every sampled user of the scenario (NaN values count as outside every
+    domain); N_h is the sum of the stratum's weights. A stratum with one sampled user out of
+    several leaves the variance NaN, as in `stratified_mean`.
+    """
+    v = np.asarray(values, dtype=float)
+    h = np.asarray(strata)
+    w = np.asarray(weights, dtype=float)
+    ok = np.isfinite(v)
+    z = np.zeros(v.size)
+    est, smallest = 0.0, v.size
+    for mask, c in zip(domains, coefs):
+        m = np.asarray(mask, dtype=bool) & ok
+        total = float(w[m].sum())
+        if not m.any() or total <= 0:
+            return np.nan, np.nan, np.nan
+        smallest = min(smallest, int(m.sum()))
+        mean = float((w[m] * v[m]).sum() / total)
+        est += c * mean
+        z[m] += c * (v[m] - mean) / total
+    f = pd.DataFrame({"h": h, "z": z, "w": w}).groupby("h").agg(n=("z", "size"), s2=("z", "var"), N=("w", "sum"))
+    n, s2, big_n = f["n"].to_numpy(float), f["s2"].to_numpy(), f["N"].to_numpy()
+    s2 = np.where(n >= big_n * (1 - 1e-9), np.nan_to_num(s2), s2)   # a stratum taken whole (one user)
+    terms = big_n ** 2 * s2 / n
+    var = float(terms.sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df = var ** 2 / np.nansum(np.where(n > 1, terms ** 2 / (n - 1), 0.0)) if var > 0 else np.inf
+    return est, math.sqrt(var) if var >= 0 else np.nan, float(min(df, max(smallest - 1, 1)))
 
 
 def stratified_user_weights(strata: np.ndarray, design_weights: np.ndarray, n_boot: int,

@@ -145,29 +145,44 @@ def _list_keys(frame: pd.DataFrame) -> list[str]:
     return ["user_id", "scenario"] if "scenario" in frame.columns else ["user_id"]
 
 
+def _weighted(values: pd.Series, user_ids: pd.Series | pd.Index, weights: pd.Series | None) -> float:
+    """Mean of `values`, each at its user's design weight when `weights` (user_id -> weight) is given."""
+    if weights is None:
+        return float(values.mean())
+    w = pd.Series(user_ids).map(weights).to_numpy(np.float64)
+    return float(np.average(values.to_numpy(np.float64), weights=w))
+
+
 def hit_ratio(topk: pd.DataFrame, targets: Sequence[int], k: int = 10,
-              users: Sequence[int] | None = None) -> float:
-    """Share of recommendation lists (per user, per scenario if given) whose top-k has a target."""
+              users: Sequence[int] | None = None, weights: pd.Series | None = None) -> float:
+    """Share of recommendation lists (per user, per scenario if given) whose top-k has a target.
+    `weights` (user_id -> design weight; audit.sampling): the users are a stratified sample, only
+    they count, each list at its user's weight."""
     f = topk[topk["rank"] <= k]
+    if weights is not None:
+        users = weights.index
     if users is not None:
         f = f[f["user_id"].isin(users)]
     keys = _list_keys(f)
     if f.empty:
         return float("nan")
     hit = f.assign(_t=f["item_id"].isin(np.asarray(targets))).groupby(keys)["_t"].any()
-    return float(hit.mean())
+    return _weighted(hit, hit.index.get_level_values("user_id"), weights)
 
 
 def attack_effect(pred_clean: pd.DataFrame, pred_attacked: pd.DataFrame, topk_clean: pd.DataFrame,
                   topk_attacked: pd.DataFrame, targets: Sequence[int], *, k: int = 10,
-                  users: Sequence[int] | None = None) -> dict:
+                  users: Sequence[int] | None = None, weights: pd.Series | None = None) -> dict:
     """Prediction shift of the target items and hit ratio @k, clean and attacked.
 
     prediction_shift = mean over (user, target item) pairs predicted in both runs of
     y_pred(attacked) - y_pred(clean) (NaN when no target is predicted); `users` restricts both
-    measures to the real evaluation users (default: everyone in the frames).
+    measures to the real evaluation users (default: everyone in the frames). `weights` (user_id ->
+    design weight) restricts them to the sampled users and weights every mean by them.
     """
     targets = np.asarray(targets, dtype=np.int64)
+    if weights is not None:
+        users = weights.index
     keys = [c for c in ("user_id", "scenario", "item_id") if c in pred_clean.columns and c in pred_attacked.columns]
 
     def sel(p: pd.DataFrame) -> pd.DataFrame:
@@ -179,12 +194,12 @@ def attack_effect(pred_clean: pd.DataFrame, pred_attacked: pd.DataFrame, topk_cl
     if both.empty:
         shift = clean_mean = att_mean = float("nan")
     else:
-        clean_mean = float(both["y_pred_clean"].mean())
-        att_mean = float(both["y_pred_attacked"].mean())
-        shift = float((both["y_pred_attacked"] - both["y_pred_clean"]).mean())
+        clean_mean = _weighted(both["y_pred_clean"], both["user_id"], weights)
+        att_mean = _weighted(both["y_pred_attacked"], both["user_id"], weights)
+        shift = _weighted(both["y_pred_attacked"] - both["y_pred_clean"], both["user_id"], weights)
     return {"prediction_shift": shift, "target_pred_clean": clean_mean, "target_pred_attacked": att_mean,
-            "hit_ratio": hit_ratio(topk_attacked, targets, k, users),
-            "hit_ratio_clean": hit_ratio(topk_clean, targets, k, users),
+            "hit_ratio": hit_ratio(topk_attacked, targets, k, users, weights),
+            "hit_ratio_clean": hit_ratio(topk_clean, targets, k, users, weights),
             "n_pairs": int(len(both))}
 
 
@@ -243,16 +258,18 @@ def plan_attack(ratings: pd.DataFrame, *, strategies: Sequence[str] = STRATEGIES
 
 
 def attack_records(cells: Sequence[AttackCell], runs: Sequence[tuple[pd.DataFrame, pd.DataFrame]], *,
-                   model_name: str, k: int = 10, users: Sequence[int] | None = None) -> list[dict]:
+                   model_name: str, k: int = 10, users: Sequence[int] | None = None,
+                   weights: pd.Series | None = None) -> list[dict]:
     """`shilling` records of a planned experiment from its refits' (pred_frame, topk_frame), in
     cell order: model, strategy, fraction, n_fake, prediction_shift, hit_ratio, hit_ratio_clean
-    (plus target_pred_clean, target_pred_attacked, n_targets, filler_size, k, n_pairs)."""
+    (plus target_pred_clean, target_pred_attacked, n_targets, filler_size, k, n_pairs). `weights`:
+    the sampled users' design weights (attack_effect)."""
     if len(cells) != len(runs) or not cells or cells[0].strategy is not None:
         raise ValueError(f"{len(runs)} refits for {len(cells)} cells; expected one per cell, the clean cell first")
     (pred_clean, topk_clean), targets = runs[0], np.asarray(cells[0].targets, dtype=np.int64)
     records = []
     for cell, (pred_att, topk_att) in zip(cells[1:], runs[1:]):
-        eff = attack_effect(pred_clean, pred_att, topk_clean, topk_att, targets, k=k, users=users)
+        eff = attack_effect(pred_clean, pred_att, topk_clean, topk_att, targets, k=k, users=users, weights=weights)
         records.append({"kind": "shilling", "model": model_name, "strategy": cell.strategy,
                         "fraction": cell.fraction, "n_fake": cell.n_fake,
                         "prediction_shift": eff["prediction_shift"], "hit_ratio": eff["hit_ratio"],

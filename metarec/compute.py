@@ -158,6 +158,19 @@ class Executor:
             self._started = False
             ray.shutdown()
 
+    def width(self) -> int:
+        """How many one-CPU jobs run at once: 1 serially, the local Ray's CPUs, or the cluster's
+        (Ray is started to ask it). A stage that splits one piece of work into shards uses this so
+        that the shards fill the engine; the shards must not change the result."""
+        if self.config.backend == "serial":
+            return 1
+        if self.config.address is None:
+            return max(1, int(self.config.workers or os.cpu_count() or 1))
+        import ray
+
+        self._start()
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
     def uses_ray(self, n_jobs: int) -> bool:
         """Whether a map of `n_jobs` runs on Ray: always for `ray`, never for `serial`; `auto` when
         there is more than one job and more than one CPU or a cluster address (starting Ray costs

@@ -163,16 +163,25 @@ def top_k(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     constant predictor's lists looked better than chance). A seeded generator keeps the lists
     reproducible. The one ranking helper for catalogue lists and the counterfactual test.
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    noise = rng.random(scores.size)
-    if 0 < k < scores.size:
-        # only scores at or above the k-th best can be listed: sort those alone (same order, since
-        # the full sort restricted to them is theirs); NaN scores sort last, so keep the full sort then
-        kth = np.partition(-scores, k - 1)[k - 1]
+    neg = -np.asarray(scores, dtype=np.float64)
+    noise = rng.random(neg.size)
+    if 0 < k < neg.size:
+        # Only the k best can be listed, so sort those alone: every score better than the k-th,
+        # and of the scores tied with it the ones with the smallest noise (the full sort's order
+        # among ties), found by a partition rather than a sort. The full sort restricted to these
+        # is theirs, so the list is the same; it costs O(n) instead of O(n log n), which matters
+        # when a model ties most of a large catalogue (a constant predictor at 10M ratings).
+        # NaN scores sort last, so keep the full sort when the k-th best is NaN.
+        kth = np.partition(neg, k - 1)[k - 1]
         if not np.isnan(kth):
-            head = np.flatnonzero(-scores <= kth)
-            return head[np.lexsort((noise[head], -scores[head]))][:k]
-    return np.lexsort((noise, -scores))[:k]
+            tied = neg == kth
+            need = k - int(np.count_nonzero(neg < kth))
+            if need < np.count_nonzero(tied):
+                cut = np.partition(noise[tied], need - 1)[need - 1]
+                tied &= noise <= cut
+            head = np.flatnonzero((neg < kth) | tied)
+            return head[np.lexsort((noise[head], neg[head]))][:k]
+    return np.lexsort((noise, neg))[:k]
 
 
 def task_rng(seed: int, user_id: int) -> np.random.Generator:
@@ -200,18 +209,33 @@ def top_k_lists(tasks: Sequence[Task], preds: Sequence[np.ndarray], k: int, seed
 
 
 def catalogue_rankings(model: Recommender, split: TaskSet, new_items: set[int], k: int = 10,
-                       seed: int = 0, chunk_pairs: int = CATALOGUE_CHUNK_PAIRS) -> pd.DataFrame:
+                       seed: int = 0, chunk_pairs: int = CATALOGUE_CHUNK_PAIRS,
+                       shard: tuple[int, int] = (0, 1)) -> pd.DataFrame:
     """Top-k catalogue lists of every task with more than k candidates; `seed` fixes the random
     order of tied scores. Streams: candidates exist for one chunk of tasks at a time, and each
     chunk's scores are dropped once its lists are taken. Tasks with k or fewer candidates are left
-    out (catalogue_exclusions counts them) but still take part in a classic model's fit."""
+    out (catalogue_exclusions counts them) but still take part in a classic model's fit.
+
+    `shard` (j, n): only the j-th of n consecutive runs of those chunks, so that n compute jobs can
+    share one model's scoring. Each chunk is one predict call whatever the shards, so the n results
+    concatenated in shard order are the unsharded lists, byte for byte (tested)."""
     tasks = split.tasks()
     counts = candidate_counts(split, new_items)["n_candidates"].to_numpy(np.int64)
     keep = np.flatnonzero(counts > k)
     pools = catalogue_pools(split.items, new_items)
     score, per_call = task_scorer(model, tasks)
+    blocks = list(_chunks(counts[keep], per_call, chunk_pairs))
+    j, n = (int(x) for x in shard)
+    if not 0 <= j < n:
+        raise ValueError(f"shard {j} of {n} does not exist; expected 0 <= shard < {n}")
     lists = []
-    for block in _chunks(counts[keep], per_call, chunk_pairs):
+    for block in blocks[j * len(blocks) // n:(j + 1) * len(blocks) // n]:
         chunk = [_with_catalogue(tasks[i], pools) for i in keep[block]]
         lists.append(top_k_lists(chunk, _checked(chunk, score(chunk)), k, seed))
     return pd.concat(lists, ignore_index=True) if lists else top_k_lists([], [], k, seed)
+
+
+def join_shards(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The shards of one `catalogue_rankings` call, in shard order, as the unsharded lists (an empty
+    shard, which has no column types, is left out)."""
+    return pd.concat([p for p in parts if len(p)] or list(parts[:1]), ignore_index=True)

@@ -28,7 +28,8 @@ def evaluate_one(model: str, seed: int, ev: dict, tasks: dict) -> tuple[pd.DataF
     ids = data.items["item_id"].astype(int)
     pools = {s: ids[ids.isin(new) == (s in ("item_cold", "user_item_cold"))].tolist()
              for s in ("warm", "user_cold", "item_cold", "user_item_cold")}
-    pu, lw = evaluate_run(*read_run(model, seed), items, ev, pools)
+    design = Design.load(TASKS)
+    pu, lw = evaluate_run(*read_run(model, seed), items, ev, pools, None if design is None else design.weights())
     return pu.assign(model=model, seed=seed), lw.assign(model=model, seed=seed)
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from audit.counterfactual import (counterfactual_changes, counterfactual_records, gains_from_relevant, own_groups,
-                                  substitutes)
+from audit.counterfactual import (counterfactual_changes, counterfactual_records, gains_from_relevant, merge_shards,
+                                  own_groups, substitutes)
 from audit.evaluation import item_table, strata_for
 from audit.fairness import fairness_records
 from audit.sampling import Design, sample_note
@@ -50,15 +50,21 @@ def _counterfactual(params: dict, data, strata, threshold: float, ex: Executor |
         else:
             print(f"counterfactual: scenario {scenario} skipped (data/tasks/{scenario}.parquet holds no tasks)")
     names = [n for n in fp.get("counterfactual_models", []) if n in params["models"]] if scenarios else []
-    jobs = [(name, seed, scenarios, threshold, params) for name in names for seed in seeds]
-    done = iter((ex or executor(ComputeConfig(backend="serial"))).map(counterfactual_one, jobs, label="counterfactual"))
+    ex = ex or executor(ComputeConfig(backend="serial"))
+    n = ex.width()    # shards per (model, seed): any number gives the same frames (merge_shards)
+    jobs = [(name, seed, scenarios, threshold, params, j, n) for name in names for seed in seeds for j in range(n)]
+    done = iter(ex.map(counterfactual_one, jobs, label="counterfactual"))
     sensitive = _sensitive(data)
     groups = strata.frame[["user_id", *[a for a in sensitive if a in strata.frame]]] if names else None
+    design = Design.load(TASKS)
     recs = []
     for name in names:
-        frames = [f for _ in seeds for f in next(done)]
+        frames = []
+        for _ in seeds:
+            shards = [next(done) for _ in range(n)]     # per shard, one frame per scenario
+            frames += [merge_shards([sh[i] for sh in shards], sensitive) for i in range(len(scenarios))]
         recs += counterfactual_records(pd.concat(frames, ignore_index=True), sensitive, model_name=name,
-                                       groups=groups, seeds=seeds)
+                                       groups=groups, seeds=seeds, weights=None if design is None else design.weights())
     return recs
 
 
@@ -67,9 +73,10 @@ def _sensitive(data) -> list[str]:
 
 
 def counterfactual_one(name: str, seed: int, scenarios: list[str], threshold: float,
-                       params: dict) -> list[pd.DataFrame]:
+                       params: dict, shard: int = 0, n_shards: int = 1) -> list[pd.DataFrame]:
     """A compute job: the counterfactual changes of one trained model (name, seed), one frame per
-    scenario, each user's catalogue re-scored under every substitute of every sensitive attribute."""
+    scenario, each user's catalogue re-scored under every substitute of every sensitive attribute;
+    only shard `shard` of `n_shards` of the users (audit.counterfactual.merge_shards joins them)."""
     data = load_prepared()
     sensitive = _sensitive(data)
     values = {a: substitutes(data.spec, data.users, a) for a in sensitive}
@@ -84,7 +91,8 @@ def counterfactual_one(name: str, seed: int, scenarios: list[str], threshold: fl
         truth = {t.user_id: set(t.candidates[y >= threshold].tolist()) for t, y in split.tasks_with_truth()}
         tasks = catalogue_tasks(split, new)
         frames.append(counterfactual_changes(model, tasks, sensitive, gains=gains_from_relevant(tasks, truth),
-                                             values=values, own=own, k=k, seed=seed).assign(seed=seed))
+                                             values=values, own=own, k=k, seed=seed,
+                                             shard=(shard, n_shards)).assign(seed=seed))
     return frames
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from audit.evaluation import strata_for
+from audit.sampling import Design, sample_note
 from audit.strata import INTERSECTION_SEP, derive_strata
 from audit.metrics import per_user_accuracy, per_user_query_ndcg
 from audit.robustness import AttributePerturbations, most_damaging_by, plan_attribute_perturbations, robustness_curve
@@ -17,8 +18,8 @@ from metarec.predict import catalogue_rankings
 from metarec.seeding import seed_everything
 from metarec.splits import SplitConfig, partition
 from metarec.tasks import TaskSet
-from pipelines.common import (load_encoder, load_evaluation_split, load_params, load_prepared, load_split, stage,
-                              stage_executor)
+from pipelines.common import (TASKS, load_encoder, load_evaluation_split, load_params, load_prepared, load_split,
+                              stage, stage_executor)
 
 
 LONG_COLUMNS = ["model", "seed", "scenario", "perturbation", "attribute", "group", "metric", "value"]
@@ -46,6 +47,12 @@ def _scenarios(params: dict, data) -> tuple[list[str], list[dict]]:
     return keep, skipped
 
 
+def _design_weights(scenario: str) -> pd.Series | None:
+    """user_id -> design weight of the scenario's sampled users, or None when everyone is evaluated."""
+    design = Design.load(TASKS)
+    return None if design is None else design.sampled(scenario).set_index("user_id")["weight"]
+
+
 def _groups(params: dict, data) -> tuple[AttributePerturbations, pd.DataFrame]:
     """The attribute perturbations and the groups of the per-group curves: every single-attribute
     stratum, plus the shifted one if it is not among them."""
@@ -70,7 +77,7 @@ def curves_one(name: str, scenarios: list[str], params: dict) -> list[dict]:
     for scenario in scenarios:
         pairs = load_evaluation_split(scenario, data).tasks_with_truth()
         tasks, truth = [t for t, _ in pairs], [y for _, y in pairs]
-        kw = dict(evaluate=_evaluate, groups=groups, seed=seed, model_name=name)
+        kw = dict(evaluate=_evaluate, groups=groups, seed=seed, model_name=name, weights=_design_weights(scenario))
         recs += robustness_curve(model, tasks, truth, "support_size", [None, *rp["support_size"]], **kw)
         recs += robustness_curve(model, tasks, truth, "rating_noise", [0, *rp["rating_noise"]], **kw, **scale)
         recs += robustness_curve(model, tasks, truth, f"attribute_noise:{plan.noise_attribute}",
@@ -141,12 +148,19 @@ def main() -> None:
     with stage_executor(params) as ex:
         runs = iter(ex.map(shilling_refit, refits, label="shilling"))
         users = load_evaluation_split(scenarios[0], data).user_ids.tolist() if scenarios else []
+        weights = _design_weights(scenarios[0]) if scenarios else None
         shilling = [r for name, cells in attacks
                     for r in attack_records(cells, [next(runs) for _ in cells], model_name=name,
-                                            k=int(params["evaluation"]["catalogue_k"]), users=users)]
+                                            k=int(params["evaluation"]["catalogue_k"]), users=users, weights=weights)]
+        shilling = [{**r, "scenario": scenarios[0]} for r in shilling]   # the users it measures
         curves = [r for recs in ex.map(curves_one, curve_jobs, label="curves") for r in recs]
     worst = most_damaging_by(curves)
     records = curves + shilling + worst + skipped
+    design = Design.load(TASKS)
+    if design is not None:
+        for r in records:
+            if r.get("scenario") in design.record["scenarios"]:
+                r["sample"] = sample_note(design, r["scenario"], r.get("metric", ""), r["kind"])
     seed = int(params["robustness"]["seed"])
     long = pd.DataFrame([{"model": r["model"], "seed": seed, "scenario": r["scenario"],
                           "perturbation": f"{r['perturbation']}@{r['level']}", "attribute": r["attribute"],

@@ -7,13 +7,14 @@ import time
 
 import pandas as pd
 
+from metarec.compute import ComputeConfig
 from metarec.io import atomic_write_json, atomic_write_parquet
 from metarec.models import registry
-from metarec.predict import catalogue_rankings, query_predictions
+from metarec.predict import catalogue_rankings, join_shards, query_predictions
 from metarec.seeding import seed_everything
 from metarec.splits import SplitConfig, partition
 from pipelines.common import (load_encoder, load_evaluation_split, load_params, load_prepared, load_split,
-                              scenarios_present, stage, with_original_ids)
+                              scenarios_present, stage, stage_executor, with_original_ids)
 
 
 def _args() -> argparse.Namespace:
@@ -21,6 +22,38 @@ def _args() -> argparse.Namespace:
     p.add_argument("--model", required=True, help="a name from params.yaml models")
     p.add_argument("--seed", required=True, type=int)
     return p.parse_args()
+
+
+def rank_shard(name: str, seed: int, scenario: str, shard: int, n_shards: int, params: dict) -> pd.DataFrame:
+    """A compute job: shard `shard` of `n_shards` of one scenario's catalogue lists, scored by the
+    model the stage saved (models/<name>/seed<seed>)."""
+    data = load_prepared()
+    seed_everything(seed, torch_too=name not in registry.CLASSIC)
+    model = registry.load(name, f"models/{name}/seed{seed}", train=load_split("train", data))
+    new_items = partition(data, SplitConfig.from_params(params["tasks"])).new_items
+    ev = params["evaluation"]
+    return catalogue_rankings(model, load_evaluation_split(scenario, data), new_items, int(ev["catalogue_k"]),
+                              seed=int(ev["seed"]), shard=(shard, n_shards))
+
+
+def _rankings(model, name: str, seed: int, params: dict, data, new_items: set[int]) -> list[pd.DataFrame]:
+    """Every scenario's catalogue lists. On a cluster (`compute.address`) a model that scores each
+    task on its own is scored in shards, one compute job per CPU of the cluster, from its saved
+    copy; any shard count gives the same lists (metarec.predict.join_shards). Locally the matrix's
+    cells already fill the cores, and a model fitted on every task at once (the classic models, an
+    external one) is scored in one piece, so both stay in this process."""
+    ev = params["evaluation"]
+    scenarios = scenarios_present()
+    sharded = ComputeConfig.from_params(params).address and getattr(model, "predict_chunk", 1) is not None
+    if sharded and scenarios:
+        with stage_executor(params) as ex:
+            n = ex.width()
+            print(f"catalogue scoring: {n} shards per scenario on the cluster")
+            parts = ex.map(rank_shard, [(name, seed, s, j, n, params) for s in scenarios for j in range(n)],
+                           label="scoring")
+        return [join_shards(parts[i * n:(i + 1) * n]) for i in range(len(scenarios))]
+    return [catalogue_rankings(model, load_evaluation_split(s, data), new_items, int(ev["catalogue_k"]),
+                               seed=int(ev["seed"])) for s in scenarios]
 
 
 @stage
@@ -43,12 +76,8 @@ def main() -> None:
     out_dir = f"models/{args.model}/seed{args.seed}"
     model.save(out_dir)
     new_items = partition(data, SplitConfig.from_params(params["tasks"])).new_items
-    k = int(params["evaluation"]["catalogue_k"])
-    preds, ranks = [], []
-    for scenario in scenarios_present():
-        split = load_evaluation_split(scenario, data)
-        preds.append(query_predictions(model, split))
-        ranks.append(catalogue_rankings(model, split, new_items, k, seed=int(params["evaluation"]["seed"])))
+    preds = [query_predictions(model, load_evaluation_split(scenario, data)) for scenario in scenarios_present()]
+    ranks = _rankings(model, args.model, args.seed, params, data, new_items)
     atomic_write_parquet(f"predictions/{args.model}/seed{args.seed}.parquet",
                          with_original_ids(pd.concat(preds, ignore_index=True), data))
     atomic_write_parquet(f"rankings/{args.model}/seed{args.seed}.parquet",

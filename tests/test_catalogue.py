@@ -17,7 +17,7 @@ import pytest
 from metarec.features import FeatureEncoder
 from metarec.models.registry import build
 from metarec.predict import (candidate_counts, catalogue_exclusions, catalogue_rankings, catalogue_tasks,
-                             task_rng, top_k)
+                             join_shards, task_rng, top_k)
 from metarec.splits import SplitConfig, build_splits, partition
 from metarec.tasks import Task, TaskSet
 
@@ -74,6 +74,28 @@ def test_streamed_lists_equal_the_all_at_once_lists(world, name: str) -> None:
             pd.testing.assert_frame_equal(small, want, check_exact=True)
 
 
+@pytest.mark.parametrize("name", ["melu", "svd"])
+def test_shards_of_a_saved_model_join_into_the_lists_of_the_fitted_one(world, name: str, tmp_path) -> None:
+    """What the train stage does on a cluster: shards scored by the model reloaded from disk, in any
+    number (more than chunks too), join into the fitted model's lists byte for byte."""
+    from metarec.models.registry import load
+
+    data, sets, new, encoder = world
+    model = build(name, MODELS[name], seed=0).fit(sets["train"], sets["val"], encoder)
+    model.save(tmp_path / name)
+    again = load(name, tmp_path / name, train=sets["train"])
+    for scenario in ("warm", "user_cold"):
+        want = catalogue_rankings(model, sets[scenario], new, k=10, seed=4, chunk_pairs=3000)   # several chunks
+        for n in (1, 2, 5, 400):
+            parts = [catalogue_rankings(again, sets[scenario], new, k=10, seed=4, chunk_pairs=3000, shard=(j, n))
+                     for j in range(n)]
+            if n == 2 and name == "melu":
+                assert all(len(p) for p in parts)                     # both shards hold lists
+            pd.testing.assert_frame_equal(join_shards(parts), want, check_exact=True)
+    with pytest.raises(ValueError, match="shard 2 of 2 does not exist"):
+        catalogue_rankings(model, sets["warm"], new, shard=(2, 2))
+
+
 def test_top_k_equals_the_full_sort_with_ties_and_nans() -> None:
     gen = np.random.default_rng(0)
     for trial in range(300):
@@ -84,6 +106,19 @@ def test_top_k_equals_the_full_sort_with_ties_and_nans() -> None:
         k = int(gen.integers(0, n + 2))
         full = np.lexsort((np.random.default_rng([trial, 1]).random(n), -scores))[:k]
         np.testing.assert_array_equal(top_k(scores, k, np.random.default_rng([trial, 1])), full)
+
+
+def test_top_k_equals_the_full_sort_when_most_of_a_large_catalogue_ties() -> None:
+    """The partition over tied scores (a constant predictor's case) picks the full sort's items."""
+    gen = np.random.default_rng(1)
+    for trial in range(100):
+        n = int(gen.integers(50, 3000))
+        scores = np.full(n, 3.5) if trial % 2 else np.where(gen.random(n) < 0.9, 3.5, gen.normal(3.5, 1.0, n))
+        if trial % 5 == 0:
+            scores[gen.random(n) < 0.01] = np.nan
+        k = int(gen.integers(1, 40))
+        full = np.lexsort((np.random.default_rng([trial, 2]).random(n), -scores))[:k]
+        np.testing.assert_array_equal(top_k(scores, k, np.random.default_rng([trial, 2])), full)
 
 
 def _task(user: int, support: list[int], scenario: str = "user_cold") -> Task:

@@ -16,6 +16,7 @@ from audit.counterfactual import (
     gains_from_ratings,
     gains_from_relevant,
     jaccard,
+    merge_shards,
     ndcg_at_k,
     own_groups,
     substitutes,
@@ -425,6 +426,24 @@ def test_shared_scoring_gives_the_reference_numbers_bit_for_bit(max_values: int,
     assert got["user_id"].tolist().count(5) == 0            # NaN predictions: no finite change, no row
     assert np.isnan(got[got.user_id == 9]["delta_ndcg"]).all()
     assert (got[got.user_id == 7]["top10_jaccard"] == 1.0).all()
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 3, 7, 40])
+@pytest.mark.parametrize("joint", [False, True])
+def test_shards_merge_into_the_unsharded_frame_byte_for_byte(n_shards: int, joint: bool) -> None:
+    """Any number of shards (more than blocks too: some are then empty) gives back the same frame."""
+    tasks, truth = edge_tasks()
+    relevant = {t.user_id: set(t.candidates[y >= 4].tolist()) for t, y in zip(tasks, truth)}
+    model = type("JointWobbly", (Wobbly,), {"predict_chunk": None})() if joint else Wobbly()
+    kw = dict(gains=gains_from_relevant(tasks, relevant), k=5, seed=2, max_values=200)
+    whole = counterfactual_changes(model, tasks, ATTRS, **kw)
+    parts = [counterfactual_changes(model, tasks, ATTRS, shard=(j, n_shards), **kw) for j in range(n_shards)]
+    assert sum(len(p) for p in parts) == len(whole)
+    if n_shards > 1 and not joint:
+        assert sum(len(p) > 0 for p in parts) > 1              # the work really is split
+    pd.testing.assert_frame_equal(merge_shards(parts, ATTRS), whole, check_exact=True)
+    with pytest.raises(ValueError, match="shard 3 of 3 does not exist"):
+        counterfactual_changes(model, tasks, ATTRS, shard=(3, 3), **kw)
 
 
 def test_relevant_gains_are_built_on_access() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from metarec.models.melu import MeLU, loop_meta_gradient, meta_gradient, meta_objective
-from metarec.models.gram import GRAM_WIDTH_FACTOR, gram_adapt_predict
+from metarec.models.gram import GRAM_WIDTH_FACTOR, fold_query, gram_adapt_predict
 from metarec.models.network import NetworkSpec, RatingNetwork, adapt_predict, adapted_layers, dense_names
 from metarec.models.training import mae
 from metarec.tasks import Batch
@@ -98,14 +98,17 @@ def test_closed_form_local_update_equals_autograd_for_any_depth(tiny, hidden, or
         torch.testing.assert_close(g_a[k], g_b[k], atol=1e-11, rtol=1e-9, msg=k)
 
 
+@pytest.mark.parametrize("Q", [3, 40])
 @pytest.mark.parametrize("gram", [True, False])
 @pytest.mark.parametrize("order", ["first", "second"])
-def test_both_first_layer_forms_equal_autograd_per_task(order, gram):
+def test_both_first_layer_forms_equal_autograd_per_task(order, gram, Q):
     """Two tasks with different padded tails, random float64 inputs: both forms of the batched
     closed-form update give, task by task, autograd's adapted predictions and the same gradients
-    of a query loss w.r.t. every input."""
+    of a query loss w.r.t. every input; with 40 query rows the query side takes the folded form
+    (the update folded into per-task item weights), with 3 the shared product and correction."""
     g = torch.Generator().manual_seed(0)
-    du, da, hs, S, Q = 5, 7, (6, 4), 9, 3
+    du, da, hs, S = 5, 7, (6, 4), 9
+    assert fold_query(Q, da, hs[0]) == (Q == 40)
     dims = [du + da, *hs, 1]
     W = [torch.randn(o, i, generator=g, dtype=torch.float64) / i ** 0.5 for i, o in zip(dims[:-1], dims[1:])]
     b = [torch.randn(o, generator=g, dtype=torch.float64) * 0.1 for o in dims[1:]]
@@ -126,6 +129,26 @@ def test_both_first_layer_forms_equal_autograd_per_task(order, gram):
     for t, x, y in zip(inputs, ga, gb):     # first order: the support rows reach the query only via detached steps
         torch.testing.assert_close(torch.zeros_like(t) if x is None else x, torch.zeros_like(t) if y is None else y,
                                    atol=1e-11, rtol=1e-9)
+
+
+def test_catalogue_sized_queries_fold_and_training_queries_do_not() -> None:
+    """At the default widths (item part 3 x 32, first hidden layer 64) a ten-item query keeps the
+    Gram form, a catalogue of candidates folds; predictions agree in float32 without gradients."""
+    assert not fold_query(10, 96, 64) and fold_query(3000, 96, 64)
+    g = torch.Generator().manual_seed(3)
+    du, da, hs, S = 6, 12, (16, 8), 7
+    dims = [du + da, *hs, 1]
+    W = [torch.randn(o, i, generator=g) / i ** 0.5 for i, o in zip(dims[:-1], dims[1:])]
+    b = [torch.randn(o, generator=g) * 0.1 for o in dims[1:]]
+    u, xs, xq = (torch.randn(*s, generator=g) for s in ((4, du), (4, S, da), (4, 500, da)))
+    ys, ms = torch.randn(4, S, generator=g) + 3.0, torch.arange(S)[None, :] < torch.tensor([[3], [7], [1], [5]])
+    with torch.no_grad():
+        for gram in (True, False):
+            whole = gram_adapt_predict(W, b, (0, 1, 2), u, xs, ys, ms, xq, 0.3, 3, gram=gram)
+            # the same query in 50 slices of 10 rows: each slice takes the unfolded form
+            parts = torch.cat([gram_adapt_predict(W, b, (0, 1, 2), u, xs, ys, ms, xq[:, i:i + 10], 0.3, 3, gram=gram)
+                               for i in range(0, 500, 10)], dim=1)
+            torch.testing.assert_close(whole, parts, atol=2e-6, rtol=2e-6)
 
 
 def test_closed_form_applies_to_whole_layers_only():

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from audit.sampling import (SampleRule, allocate, draw, sample_scenario, stratified_mean,
+from audit.sampling import (SampleRule, allocate, domain_contrast, draw, sample_scenario, stratified_mean,
                             stratified_user_weights)
 from metarec.prepared import SAMPLE_FILE, load_evaluation_split
 
@@ -89,6 +89,62 @@ def test_interval_covers_the_full_evaluation_value_under_repeated_sampling() -> 
         hit_p += r["ci_low"] <= truth <= r["ci_high"]
     assert hit_s / draws >= 0.93, hit_s / draws
     assert hit_p / draws >= hit_s / draws
+
+
+def _draw(rng: np.random.Generator, strata: np.ndarray, n: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified simple random sample: positions and design weights N_h / n_h."""
+    idx = np.concatenate([rng.choice(np.flatnonzero(strata == h), n[h], replace=False) for h in sorted(n)])
+    big_n = np.bincount(strata)
+    return idx, big_n[strata[idx]] / np.array([n[h] for h in strata[idx]], dtype=float)
+
+
+def test_a_domain_made_of_whole_strata_is_the_stratified_mean() -> None:
+    rng = np.random.default_rng(4)
+    strata, values = _population(rng)
+    idx, w = _draw(rng, strata, {0: 40, 1: 30, 2: 25, 3: 20, 4: 12, 5: 9})
+    dom = np.isin(strata[idx], [1, 2, 4])
+    est, se, df = domain_contrast(values[idx], strata[idx], w, [dom])
+    ref = stratified_mean(values[idx][dom], strata[idx][dom], pd.Series(np.bincount(strata))[[1, 2, 4]])
+    assert est == pytest.approx(ref["estimate"], rel=1e-12)
+    assert se ** 2 == pytest.approx(ref["variance"], rel=1e-10)
+    assert df == pytest.approx(min(ref["df"], dom.sum() - 1), rel=1e-9)
+    # a contrast of two disjoint unions of strata: the variances add (independent strata)
+    est2, se2, _ = domain_contrast(values[idx], strata[idx], w, [dom, ~dom], (1.0, -1.0))
+    ref2 = stratified_mean(values[idx][~dom], strata[idx][~dom], pd.Series(np.bincount(strata))[[0, 3, 5]])
+    assert est2 == pytest.approx(ref["estimate"] - ref2["estimate"], rel=1e-12)
+    assert se2 ** 2 == pytest.approx(ref["variance"] + ref2["variance"], rel=1e-10)
+
+
+def test_domain_contrast_by_hand() -> None:
+    # stratum 0: N=20, users (y, in D) (1, T), (3, F); stratum 1: N=6, users (2, T), (4, T), (6, F)
+    v, h = np.array([1.0, 3.0, 2.0, 4.0, 6.0]), np.array([0, 0, 1, 1, 1])
+    w, dom = np.array([10.0, 10.0, 2.0, 2.0, 2.0]), np.array([True, False, True, True, False])
+    est, se, _ = domain_contrast(v, h, w, [dom])
+    assert est == pytest.approx((10 * 1 + 2 * 2 + 2 * 4) / 14)
+    z = np.where(dom, v - est, 0.0) / 14
+    var = 20 ** 2 * z[:2].var(ddof=1) / 2 + 6 ** 2 * z[2:].var(ddof=1) / 3
+    assert se ** 2 == pytest.approx(var)
+
+
+def test_a_domain_contrast_across_strata_covers_under_repeated_sampling() -> None:
+    """Null-free coverage simulation: the most active users (a domain that cuts across strata, with
+    activity tied to the value) against the rest, 1,500 stratified samples from one fixed population
+    with unequal spreads; domains of at least a dozen sampled users, as the audit's floor requires."""
+    rng = np.random.default_rng(2)
+    strata, values = _population(rng)
+    activity = rng.gamma(1.0, 50.0, strata.size) * (1 + 0.3 * strata)
+    values = values + 0.002 * activity
+    active = activity >= np.quantile(activity, 0.9)
+    truth = values[active].mean() - values[~active].mean()
+    hits, draws = 0, 1500
+    from scipy import stats
+
+    for _ in range(draws):
+        idx, w = _draw(rng, strata, {0: 40, 1: 30, 2: 25, 3: 20, 4: 12, 5: 9})
+        est, se, df = domain_contrast(values[idx], strata[idx], w, [active[idx], ~active[idx]], (1.0, -1.0))
+        half = stats.t.ppf(0.975, df) * se
+        hits += est - half <= truth <= est + half
+    assert 0.935 <= hits / draws <= 0.985, hits / draws
 
 
 def test_bootstrap_resamples_within_strata_with_design_weights() -> None:
@@ -247,7 +303,7 @@ def test_bad_sample_settings_are_one_sentence(sample, message: str) -> None:
         validate_params(params, REPO)
 
 
-def _project(root: Path, sample: dict | None) -> dict[str, str]:
+def _project(root: Path, sample: dict | None, audit_stages: tuple[str, ...] = ()) -> dict[str, str]:
     for rel in ("metarec", "audit", "pipelines"):
         os.symlink(REPO / rel, root / rel)
     params = copy.deepcopy(BASE)
@@ -267,7 +323,7 @@ def _project(root: Path, sample: dict | None) -> dict[str, str]:
                                        text=True, timeout=600)
     for args in [("pipelines.prepare",), ("pipelines.tasks",),
                  *[("pipelines.train", "--model", m, "--seed", s) for m in ("mean", "bias") for s in ("0", "1")],
-                 ("pipelines.evaluate",)]:
+                 ("pipelines.evaluate",), *[(f"pipelines.{stage}",) for stage in audit_stages]]:
         done = run(*args)
         assert done.returncode == 0, done.stderr[-2000:]
     return {"tasks": run("pipelines.tasks").stdout}
@@ -279,7 +335,7 @@ def test_stages_score_the_same_sampled_users_for_every_model_and_seed(tmp_path: 
 
     on, off = tmp_path / "on", tmp_path / "off"
     on.mkdir(), off.mkdir()
-    _project(on, {"max_per_group": 40})
+    _project(on, {"max_per_group": 40}, ("fairness", "robustness"))
     _project(off, {"max_per_group": None, "half_width": None})
     design = pd.read_parquet(on / "data/tasks" / SAMPLE_FILE)
     first = (on / "data/tasks" / SAMPLE_FILE).read_bytes()
@@ -305,6 +361,19 @@ def test_stages_score_the_same_sampled_users_for_every_model_and_seed(tmp_path: 
     est = stratified_mean(cell.value.to_numpy(), cell.stratum.to_numpy(), pop)["estimate"]
     seed0 = next(r for r in acc if r["model"] == "bias" and r["scenario"] == "user_cold")["values"][0]
     assert seed0 == pytest.approx(est, rel=1e-12)
+    # every fairness and robustness record of a sampled scenario says what it estimates, and none is
+    # left unweighted; the UGF record's advantaged side is the design-weighted mean of its users
+    for name in ("fairness", "robustness"):
+        recs = [r for r in json.loads((on / f"metrics/{name}.json").read_text())["records"]
+                if r.get("scenario") in sampled]
+        assert recs and all("sample" in r for r in recs), name
+        assert not [r["kind"] for r in recs if "without design weights" in r["sample"]["estimator"]], name
+    fair = json.loads((on / "metrics/fairness.json").read_text())["records"]
+    assert {"ugf", "parity", "exposure", "miscalibration"} <= {r["kind"] for r in fair}
+    ugf = [r for r in fair if r["kind"] == "ugf" and r["scenario"] in sampled]
+    assert ugf and all(r["n_advantaged"] + r["n_disadvantaged"] <= len(sampled[r["scenario"]]) for r in ugf)
+    assert all("linearised" in r["interval"] for r in ugf if not r["insufficient"])
+    print({(r["scenario"], r["metric"]): (r["n_advantaged"], r["insufficient"]) for r in ugf})
     # sampling off: no sample file, no sample fields, every evaluation user scored
     assert not (off / "data/tasks" / SAMPLE_FILE).exists()
     off_summary = json.loads((off / "metrics/summary.json").read_text())

@@ -22,6 +22,13 @@ detaches everything on the support side (the inner gradients are constants; the 
 then updated in place) and keeps the query side live, exactly as first-order MAML prescribes.
 
 Layers are adapted whole (weight and bias together); `network.adapted_layers` finds them.
+
+Long query lists (catalogue scoring: thousands of candidates per user) take the query side the
+other way round: the first layer's accumulated update is folded into the task's own item weights,
+W_a - (X_s^T acc)^T (or W_a - acc_w), once per task, and every candidate then costs one product
+with that folded weight instead of the shared product plus the Gram correction through [Q, S].
+`fold_query` says when that is cheaper; ten-item training queries keep the Gram form, so training
+is unchanged. Both are the same function (tests/test_melu.py checks them against each other).
 """
 
 from __future__ import annotations
@@ -38,6 +45,15 @@ threshold_backward = torch.ops.aten.threshold_backward   # ReLU's backward: keep
 # updating the first layer's weights explicitly (2 x S x Da x H), so long supports (warm users)
 # accumulate the weight update instead; the function is the same.
 GRAM_WIDTH_FACTOR = 2
+
+
+def fold_query(n_query: int, item_width: int, hidden: int) -> bool:
+    """Whether the query side is cheaper with the first-layer update folded into per-task item
+    weights: Q x Da x H0 multiply-adds, plus S x Da x H0 once per task to fold, against the shared
+    Q x Da x H0 product plus the Gram correction's Q x (Da x S + S x H0). Per support row the
+    fold costs Da x H0 and saves Q x (Da + H0), so it wins once Q (Da + H0) > Da H0: past about
+    40 candidates at the default widths, never at a ten-item training query."""
+    return n_query * (item_width + hidden) > item_width * hidden
 
 
 def gram_adapt_predict(W: Sequence[Tensor], b: Sequence[Tensor], layers: tuple[int, ...], u: Tensor, xs: Tensor,
@@ -58,11 +74,12 @@ def gram_adapt_predict(W: Sequence[Tensor], b: Sequence[Tensor], layers: tuple[i
     du = u.shape[-1]
     c = F.linear(u, W[0][:, :du], b[0])[:, None, :]                   # user columns + bias, [B, 1, H0]
     wa = W[0][:, du:]
-    zq = F.linear(xq, wa) + c
     zs = sg(F.linear(xs, wa) + c)
     lowest = min(layers) if layers else n_dense
     if steps <= 0 or lowest >= n_dense:
-        return _forward(zq, W, b, n_dense)
+        return _forward(F.linear(xq, wa) + c, W, b, n_dense)
+    folded = 0 in layers and fold_query(xq.shape[-2], xq.shape[-1], wa.shape[0])
+    zq = None if folded else F.linear(xq, wa) + c
     if gram is None:
         gram = xs.shape[-2] <= GRAM_WIDTH_FACTOR * max(xs.shape[-1], 1)
     ws, bs = [sg(w) for w in W], [sg(v) for v in b]
@@ -115,7 +132,13 @@ def gram_adapt_predict(W: Sequence[Tensor], b: Sequence[Tensor], layers: tuple[i
             acc_b = lr * g_b if acc_b is None else torch.add(acc_b, g_b, alpha=lr)
     if 0 in layers:
         uq = ((u * us).sum(-1) + 1.0)[:, None, None]
-        if gram:
+        if folded:   # the task's adapted item weights [B, Da, H0] and user-and-bias row [B, 1, H0]
+            if gram:
+                wq, cq = wa.t() - torch.bmm(xs_c.transpose(1, 2), acc), c - uq * acc.sum(1, keepdim=True)
+            else:
+                wq, cq = wa.t() - acc_w.transpose(1, 2), c - uq * acc_b
+            zq = torch.baddbmm(cq, xq, wq)
+        elif gram:
             zq = zq - torch.bmm(torch.baddbmm(uq, xq, xs_c.transpose(1, 2)), acc)
         else:
             zq = zq - torch.baddbmm(uq * acc_b, xq, acc_w.transpose(1, 2))
@@ -152,6 +175,7 @@ def _backward(delta: Tensor, w: Tensor) -> Tensor:
 def _forward(z0: Tensor, W: list[Tensor], b: list[Tensor], n_dense: int) -> Tensor:
     """Layers 1.. of the MLP from layer 0's pre-activation [B, N, H0]: ratings [B, N]."""
     h = z0
+    inplace = not torch.is_grad_enabled()   # each layer's input is a fresh tensor of this function's
     for k in range(1, n_dense):
-        h = _linear(h.relu(), W[k], b[k])
+        h = _linear(h.relu_() if inplace else h.relu(), W[k], b[k])
     return h.squeeze(-1)

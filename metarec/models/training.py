@@ -124,10 +124,16 @@ def slice_batch(batch: Batch, idx: np.ndarray | Sequence[int]) -> Batch:
                  batch.query_items[ix, :q], batch.query_y[ix, :q], qm[:, :q])
 
 
-def chunk_by_rows(lengths: Sequence[int], max_rows: int, max_tasks: int) -> list[np.ndarray]:
-    """Group tasks (sorted by length) so that tasks x padded width stays under max_rows: warm users
-    can have hundreds of support ratings, and padding everyone to the longest wastes memory."""
-    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+def chunk_by_rows(lengths: Sequence[int], max_rows: int, max_tasks: int,
+                  then: Sequence[int] | None = None) -> list[np.ndarray]:
+    """Group tasks (sorted by length, ties by `then`) so that tasks x padded width stays under
+    max_rows: warm users can have hundreds of support ratings, and padding everyone to the longest
+    wastes memory. `then`: the support lengths when scoring a catalogue, where every task's length
+    (support plus unrated items) is the catalogue's size, so without it one long support would pad
+    its whole chunk."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.lexsort((np.asarray(then, dtype=np.int64), lengths)) if then is not None else \
+        np.argsort(lengths, kind="stable")
     chunks: list[np.ndarray] = []
     start = 0
     while start < len(order):
@@ -247,8 +253,9 @@ class NeuralRecommender(Estimator):
         tasks = truncate_support(tasks, getattr(self, "max_support", None))
         out: list[np.ndarray | None] = [None] * len(tasks)
         # rows per task: support plus candidates (catalogue ranking scores a thousand candidates)
-        lengths = np.array([len(t.support_items) + len(t.candidates) for t in tasks], dtype=np.int64)
-        for chunk in chunk_by_rows(lengths, self.predict_rows, self.predict_tasks):
+        support = np.array([len(t.support_items) for t in tasks], dtype=np.int64)
+        lengths = support + np.array([len(t.candidates) for t in tasks], dtype=np.int64)
+        for chunk in chunk_by_rows(lengths, self.predict_rows, self.predict_tasks, then=support):
             sub = [tasks[i] for i in chunk]
             batch = batch_to(make_batch(sub, self.encoder_), device)
             pred = to_numpy(self._predict_batch(batch))
