@@ -151,6 +151,29 @@ def test_catalogue_sized_queries_fold_and_training_queries_do_not() -> None:
             torch.testing.assert_close(whole, parts, atol=2e-6, rtol=2e-6)
 
 
+def test_packed_tasks_pad_exactly_like_the_sliced_full_batch(tiny):
+    """`PackedTasks.take` (what training and validation pad per meta-batch) equals slicing the split's
+    fully padded batch and trimming its padding, field by field: empty supports, cut queries, one
+    task, every task, repeats and any order."""
+    from dataclasses import fields
+
+    from metarec.models.training import slice_batch
+    from metarec.tasks import make_batch, pack_tasks
+
+    pairs = tiny.train.tasks_with_truth()
+    tasks, truth = [t for t, _ in pairs], [y for _, y in pairs]
+    tasks[2] = tasks[2].replace(support_items=tasks[2].support_items[:0], support_ratings=tasks[2].support_ratings[:0])
+    tasks[1], truth[1] = tasks[1].replace(candidates=tasks[1].candidates[:2]), truth[1][:2]
+    full, packed = make_batch(tasks, tiny.encoder, truth), pack_tasks(tasks, tiny.encoder, truth)
+    assert len(packed) == len(full) and packed.query_lengths[1] == 2 and packed.support_lengths[2] == 0
+    gen = np.random.default_rng(0)
+    for idx in ([2], [0, 1, 2, 3], list(range(len(tasks))), gen.permutation(len(tasks))[:9], [5, 5, 1]):
+        want, got = slice_batch(full, idx), packed.take(idx)
+        for f in fields(want):
+            a, b = getattr(want, f.name), getattr(got, f.name)
+            assert a.dtype == b.dtype and torch.equal(a, b), f.name
+
+
 def test_closed_form_applies_to_whole_layers_only():
     assert adapted_layers(["dense.0.weight", "dense.0.bias", "dense.2.weight"], 3) is None   # weight, no bias
     assert adapted_layers(dense_names(NetworkSpec((2,), (2,), (), 4, (3, 3))), 3) == (0, 1, 2)

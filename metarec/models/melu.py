@@ -31,9 +31,9 @@ from metarec.models.base import check_choice, check_number
 from metarec.models.device import batch_to
 from metarec.models.network import (NetworkSpec, Params, adapt_and_rate, embed, embed_sets, mlp, split_params,
                                     task_mse)
-from metarec.models.training import (EarlyStopping, History, NeuralRecommender, progress, slice_batch)
+from metarec.models.training import EarlyStopping, History, NeuralRecommender, progress
 from metarec.seeding import rng, seed_everything
-from metarec.tasks import Batch, Task, TaskSet, iterate_batches, make_batch
+from metarec.tasks import Batch, PackedTasks, Task, TaskSet, iterate_batches, pack_tasks
 
 Order = Literal["first", "second"]
 Inner = Literal["gram", "autograd"]
@@ -219,17 +219,16 @@ class MeLU(NeuralRecommender):
 
     def _fit(self, train: TaskSet, val: TaskSet | None, encoder: FeatureEncoder | None) -> "MeLU":
         """Meta-train on the training tasks; early-stop on validation MAE after adaptation and keep
-        the best weights. Everything random derives from `seed`. The training tasks are padded on
-        the CPU and moved to the network's device once per epoch; meta-batches are cut there."""
+        the best weights. Everything random derives from `seed`. The training tasks are encoded once,
+        unpadded (`PackedTasks`); each meta-batch is padded on the CPU and moved to the network's device."""
         enc = self._require_encoder(encoder)
         seed_everything(int(self.seed), int(self.threads))
         net = self._build_network(enc, self.embedding_dim, self.hidden, self.seed)
         data, _, _ = self._encode_split(train)
         pooled = self._pooled_tasks(train) if self.resample else None
-        keep = np.flatnonzero(data.query_mask.any(dim=1).numpy())   # tasks without query rows teach nothing
+        keep = np.flatnonzero(data.query_lengths > 0)   # tasks without query rows teach nothing
         if len(keep) == 0:
             raise ConfigError("MeLU.fit: the training split has no task with query ratings")
-        data = batch_to(data, net.device)
         self.rating_mean_ = float(train.frame["rating"].mean())
         net.set_output_bias(self.rating_mean_)
         val_data = self._encode_split(val) if val is not None and len(val) else None
@@ -247,9 +246,9 @@ class MeLU(NeuralRecommender):
         for epoch in progress(range(1, int(self.epochs) + 1), self.verbose, desc="MeLU"):
             losses, weights = [], []
             if pooled is not None:
-                data = batch_to(self._resampled_batch(pooled, order_rng), net.device)
+                data = self._resampled_batch(pooled, order_rng)
             for block in iterate_batches(len(keep), int(self.meta_batch_size), order_rng):
-                batch = slice_batch(data, keep[block])
+                batch = batch_to(data.take(keep[block]), net.device)
                 grads, loss = meta_gradient(params, buffers, net.spec, batch, adapt, lr, steps, first_order,
                                             groups)
                 opt.zero_grad(set_to_none=True)
@@ -273,7 +272,7 @@ class MeLU(NeuralRecommender):
         return out
 
     def _resampled_batch(self, pooled: list[tuple[Task, np.ndarray, np.ndarray, int]],
-                         gen: np.random.Generator) -> Batch:
+                         gen: np.random.Generator) -> PackedTasks:
         """A fresh support/query split of every training task (same order and query sizes)."""
         assert self.encoder_ is not None
         tasks, truth = [], []
@@ -285,7 +284,7 @@ class MeLU(NeuralRecommender):
                 si = si[:cap]
             tasks.append(t.replace(support_items=items[si], support_ratings=ratings[si], candidates=items[qi]))
             truth.append(ratings[qi])
-        return make_batch(tasks, self.encoder_, truth)
+        return pack_tasks(tasks, self.encoder_, truth)
 
     def _extra_config(self) -> dict:
         return {"adapted_parameters": self._adaptation()[0]}

@@ -25,7 +25,7 @@ from metarec.io import atomic_write_bytes, atomic_write_json
 from metarec.models.base import CONFIG, Estimator
 from metarec.models.device import batch_to, device_record, resolve_device, to_numpy
 from metarec.models.network import NetworkSpec, RatingNetwork, batched_adapt_predict, dense_names
-from metarec.tasks import Batch, Task, TaskSet, make_batch
+from metarec.tasks import Batch, PackedTasks, Task, TaskSet, make_batch, pack_tasks
 
 T = TypeVar("T")
 WEIGHTS = "weights.safetensors"
@@ -224,16 +224,16 @@ class NeuralRecommender(Estimator):
                                          batch.support_items, batch.support_y, batch.support_mask,
                                          batch.query_items, adapt, lr, steps)
 
-    def _predict_padded(self, batch: Batch, lengths: np.ndarray) -> list[np.ndarray]:
-        """Predictions from one big pre-padded batch (training-time validation, kept on the CPU),
-        chunked; each chunk is computed on the network's device."""
+    def _predict_padded(self, packed: PackedTasks, lengths: np.ndarray) -> list[np.ndarray]:
+        """Predictions of tasks encoded once (training-time validation, kept on the CPU), chunked;
+        each chunk is padded to its own longest rows and computed on the network's device."""
         device = self._placed_network().device
-        out: list[np.ndarray | None] = [None] * len(batch)
+        out: list[np.ndarray | None] = [None] * len(packed)
+        q_len = packed.query_lengths
         for chunk in chunk_by_rows(lengths, self.predict_rows, self.predict_tasks):
-            b = slice_batch(batch, chunk)
-            pred = to_numpy(self._predict_batch(batch_to(b, device)))
+            pred = to_numpy(self._predict_batch(batch_to(packed.take(chunk), device)))
             for i, t in enumerate(chunk):
-                out[t] = pred[i, : int(b.query_mask[i].sum())]
+                out[t] = pred[i, : int(q_len[t])]
         return self._clip(out)
 
     def _clip(self, preds: Sequence[np.ndarray | None]) -> list[np.ndarray]:
@@ -264,16 +264,17 @@ class NeuralRecommender(Estimator):
         return self._clip(out)
 
     # -- training helpers
-    def _encode_split(self, split: TaskSet) -> tuple[Batch, np.ndarray, list[np.ndarray]]:
-        """One padded batch holding every task of a split, its support lengths and query truths."""
+    def _encode_split(self, split: TaskSet) -> tuple[PackedTasks, np.ndarray, list[np.ndarray]]:
+        """Every task of a split encoded once and unpadded (`PackedTasks`: padding all of them to the
+        longest support costs gigabytes at 10M ratings), its support lengths and query truths."""
         assert self.encoder_ is not None
         pairs = split.tasks_with_truth()
         tasks = truncate_support([t for t, _ in pairs], getattr(self, "max_support", None))
         truth = [y for _, y in pairs]
-        batch = make_batch(tasks, self.encoder_, truth)
-        return batch, np.array([len(t.support_items) for t in tasks], dtype=np.int64), truth
+        packed = pack_tasks(tasks, self.encoder_, truth)
+        return packed, np.array([len(t.support_items) for t in tasks], dtype=np.int64), truth
 
-    def _end_epoch(self, epoch: int, train_loss: float, val: tuple[Batch, np.ndarray, list[np.ndarray]] | None,
+    def _end_epoch(self, epoch: int, train_loss: float, val: tuple[PackedTasks, np.ndarray, list[np.ndarray]] | None,
                    stopper: EarlyStopping, params: dict[str, Tensor]) -> bool:
         """Record the epoch; True when early stopping says training is over."""
         val_mae = self._val_mae(val)
@@ -288,7 +289,7 @@ class NeuralRecommender(Estimator):
         else:
             self.best_epoch_ = len(self.history_)
 
-    def _val_mae(self, val: tuple[Batch, np.ndarray, list[np.ndarray]] | None) -> float | None:
+    def _val_mae(self, val: tuple[PackedTasks, np.ndarray, list[np.ndarray]] | None) -> float | None:
         if val is None or len(val[0]) == 0:
             return None
         return mae(self._predict_padded(val[0], val[1]), val[2])
