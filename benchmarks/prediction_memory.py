@@ -1,0 +1,62 @@
+"""Where a train cell's prediction phase holds its memory: resident set (now and peak) after each step.
+
+Run inside a scaling project whose `train@<model>-<seed>` cell has been trained (its saved model is
+reloaded; nothing is written): the prepared data, the training split, the model, then per scenario
+the split, its query predictions, its catalogue lists, and the same once they are freed. The stage's
+malloc setting (`keep_freed_memory`) is applied first, as in the stage.
+
+    cd /tmp/metarec-scaling/10m && PYTHONPATH=$PWD python /path/to/repo/benchmarks/prediction_memory.py --model melu
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import time
+
+import psutil
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="melu")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    proc = psutil.Process()
+
+    def mark(what: str) -> None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        print(f"{time.strftime('%H:%M:%S')} {what}: rss {proc.memory_info().rss / 2 ** 30:.2f} GiB, "
+              f"peak {peak:.2f} GiB", flush=True)
+
+    from metarec.seeding import keep_freed_memory
+
+    keep_freed_memory()
+    from metarec.models import registry
+    from metarec.predict import catalogue_rankings, query_predictions
+    from metarec.splits import SplitConfig, partition
+    from pipelines.common import load_evaluation_split, load_params, load_prepared, load_split, scenarios_present
+
+    params, data = load_params(), load_prepared()
+    mark("prepared")
+    train = load_split("train", data)
+    mark("training split")
+    model = registry.load(args.model, f"models/{args.model}/seed{args.seed}", train=train)
+    mark("model")
+    new = partition(data, SplitConfig.from_params(params["tasks"])).new_items
+    k, seed = int(params["evaluation"]["catalogue_k"]), int(params["evaluation"]["seed"])
+    for scenario in scenarios_present():
+        split = load_evaluation_split(scenario, data)
+        mark(f"{scenario} split ({len(split)} tasks)")
+        preds = query_predictions(model, split)
+        mark(f"{scenario} query predictions")
+        lists = catalogue_rankings(model, split, new, k, seed=seed)
+        mark(f"{scenario} catalogue lists")
+        del split, preds, lists
+        gc.collect()
+        mark(f"{scenario} freed")
+
+
+if __name__ == "__main__":
+    main()
