@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from audit.robustness import _is_missing, _sorted_values
+from metarec.predict import join_shards, shard_of
 
 if TYPE_CHECKING:
     from metarec.data.schema import DataSpec
@@ -288,11 +289,7 @@ def counterfactual_changes(model: "Recommender", tasks: Sequence["Task"], attrib
         raise ValueError(f"{len(gains)} gain arrays for {len(tasks)} tasks")
     plan = _plan(tasks, attributes, values, own)
     joint = hasattr(model, "predict_chunk") and model.predict_chunk is None
-    blocks = [range(len(tasks))] if joint else _blocks(tasks, plan, int(max_values))
-    j, n = (int(x) for x in shard)
-    if not 0 <= j < n:
-        raise ValueError(f"shard {j} of {n} does not exist; expected 0 <= shard < {n}")
-    blocks = blocks[j * len(blocks) // n:(j + 1) * len(blocks) // n]
+    blocks = shard_of([range(len(tasks))] if joint else _blocks(tasks, plan, int(max_values)), shard)
     rows: dict[str, list[dict]] = {a: [] for a in plan.attributes}
     for block in blocks:
         base, alt = _score(model, tasks, block, plan, joint)
@@ -335,7 +332,7 @@ def merge_shards(frames: Sequence[pd.DataFrame], attributes: Sequence[str]) -> p
     `attributes` order, users within one in shard (task) order."""
     if not frames:
         raise ValueError("no shards to merge")
-    whole = pd.concat([f for f in frames if len(f)] or list(frames[:1]), ignore_index=True)   # empty: no dtypes
+    whole = join_shards(frames)
     rank = whole["attribute"].map({a: i for i, a in enumerate(attributes)})
     return whole.iloc[np.argsort(rank.to_numpy(), kind="stable")].reset_index(drop=True)
 

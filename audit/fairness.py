@@ -21,7 +21,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 from audit import stats
-from audit.metrics import gini, short_head
+from audit.metrics import design_weights_of, gini, short_head
 from audit.sampling import domain_contrast, stratified_mean
 from audit.strata import Strata, merge_small_groups
 
@@ -432,10 +432,7 @@ def parity(
     codes = pd.Categorical(agg["g"], categories=labels).codes.astype(np.int64)
     X = agg[["n", "pp", "pos", "tp", "neg", "fp"]].to_numpy(float)
     if weights is not None:
-        w = weights.reindex(agg.index).to_numpy(np.float64)
-        if not np.isfinite(w).all():
-            raise ValueError(f"user {agg.index[int(np.argmax(~np.isfinite(w)))]} has predictions but no design weight.")
-        X = X * w[:, None]
+        X = X * design_weights_of(agg.index, weights, "predictions")[:, None]
     G, U = len(labels), len(codes)
 
     def group_sums(code_mat: np.ndarray) -> np.ndarray:
@@ -486,12 +483,7 @@ def exposure(
     """
     top = rankings[rankings["rank"] <= k]
     w = 1.0 / np.log2(1.0 + top["rank"].to_numpy(float))
-    if weights is not None:
-        uw = top["user_id"].map(weights).to_numpy(np.float64)
-        if not np.isfinite(uw).all():
-            raise ValueError(f"user {top['user_id'].iloc[int(np.argmax(~np.isfinite(uw)))]} has a list but no "
-                             "design weight.")
-        w = w * uw
+    w = w * design_weights_of(top["user_id"], weights, "a list")
     per_item = pd.Series(w, index=top["item_id"].to_numpy()).groupby(level=0).sum()
     total = float(per_item.sum())
     head = short_head(popularity, head_share)

@@ -351,13 +351,17 @@ def intra_list_diversity(sets: list) -> float:
     return float(np.mean(d))
 
 
-def _user_weights(user_ids: pd.Series, weights: pd.Series | None, what: str) -> np.ndarray:
-    """Each row's user weight (ones without ``weights``); a user without one is an error."""
+def design_weights_of(user_ids: pd.Series | pd.Index, weights: pd.Series | None, what: str,
+                      where: str = "") -> np.ndarray:
+    """Each row's design weight, from `weights` (user_id -> N_h / n_h), or ones without a design. A
+    user with no weight is not in the sample, which no estimate here can absorb: one sentence naming
+    the user (and `where`, e.g. " (warm)") and what it has."""
+    ids = pd.Series(user_ids)
     if weights is None:
-        return np.ones(len(user_ids))
-    w = user_ids.map(weights).to_numpy(np.float64)
+        return np.ones(len(ids))
+    w = ids.map(weights).to_numpy(np.float64)
     if not np.isfinite(w).all():
-        raise ValueError(f"user {user_ids.iloc[int(np.argmax(~np.isfinite(w)))]} has {what} but no design weight.")
+        raise ValueError(f"user {ids.iloc[int(np.argmax(~np.isfinite(w)))]}{where} has {what} but no design weight.")
     return w
 
 
@@ -377,13 +381,13 @@ def beyond_accuracy(
     """
     cat = list(popularity.index if catalogue is None else catalogue)
     top = rankings[rankings["rank"] <= k]
-    counts = pd.Series(_user_weights(top["user_id"], weights, "a list"), index=top["item_id"].to_numpy())
+    counts = pd.Series(design_weights_of(top["user_id"], weights, "a list"), index=top["item_id"].to_numpy())
     counts = counts.groupby(level=0).sum()
     exp = pd.Series(0.0, index=pd.Index(cat)).add(counts.reindex(cat).fillna(0.0), fill_value=0)
     pu = per_user_beyond(rankings, popularity, genres, k, head_share)
     out = {"coverage": catalogue_coverage(rankings, cat, k), "gini": gini(exp.to_numpy())}
     pu = pu[np.isfinite(pu["value"].to_numpy(np.float64))]
-    pu = pu.assign(w=_user_weights(pu["user_id"], weights, "a list"))
+    pu = pu.assign(w=design_weights_of(pu["user_id"], weights, "a list"))
     means = (pu["value"] * pu["w"]).groupby(pu["metric"]).sum() / pu["w"].groupby(pu["metric"]).sum()
     for m in ["arp", "aplt", "novelty", "diversity"]:
         if m in means.index:
@@ -410,8 +414,8 @@ def pooled_metrics(pred: pd.DataFrame, threshold: float = 4.0, weights: pd.DataF
     for scen, g in pred.groupby("scenario", sort=True):
         yt = g["y_true"].to_numpy(float)
         yp = g["y_pred"].to_numpy(float)
-        w = _user_weights(g["user_id"], None if weights is None else
-                          weights[weights["scenario"] == scen].set_index("user_id")["weight"], "predictions")
+        w = design_weights_of(g["user_id"], None if weights is None else
+                              weights[weights["scenario"] == scen].set_index("user_id")["weight"], "predictions")
         liked, pl = yt >= threshold, yp >= threshold
         auc = roc_auc_score(liked, yp, sample_weight=None if weights is None else w) \
             if 0 < liked.sum() < liked.size else np.nan

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Mapping, Se
 import numpy as np
 import pandas as pd
 
+from audit.metrics import design_weights_of
 from audit.strata import available_strata, derive_strata
 from metarec.errors import ConfigError
 
@@ -412,10 +413,7 @@ def _summaries(per_user: pd.DataFrame, groups: pd.DataFrame | None,
 
     for (scenario, metric), g in pu.groupby(["scenario", "metric"], sort=True):
         v = g["value"].to_numpy(float)
-        dw = np.ones(len(g)) if weights is None else g["user_id"].map(weights).to_numpy(np.float64)
-        if weights is not None and not np.isfinite(dw).all():
-            raise ValueError(f"user {g['user_id'].iloc[int(np.argmax(~np.isfinite(dw)))]} ({scenario}) has a "
-                             "value but no design weight.")
+        dw = design_weights_of(g["user_id"], weights, "a value", f" ({scenario})")
         if shift is None:
             w = dw
         else:

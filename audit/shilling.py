@@ -34,6 +34,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from audit.metrics import design_weights_of
+
 RATING_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
 STRATEGIES = ("random", "average", "bandwagon")
 
@@ -149,8 +151,7 @@ def _weighted(values: pd.Series, user_ids: pd.Series | pd.Index, weights: pd.Ser
     """Mean of `values`, each at its user's design weight when `weights` (user_id -> weight) is given."""
     if weights is None:
         return float(values.mean())
-    w = pd.Series(user_ids).map(weights).to_numpy(np.float64)
-    return float(np.average(values.to_numpy(np.float64), weights=w))
+    return float(np.average(values.to_numpy(np.float64), weights=design_weights_of(user_ids, weights, "a value")))
 
 
 def hit_ratio(topk: pd.DataFrame, targets: Sequence[int], k: int = 10,

@@ -224,15 +224,21 @@ def catalogue_rankings(model: Recommender, split: TaskSet, new_items: set[int], 
     keep = np.flatnonzero(counts > k)
     pools = catalogue_pools(split.items, new_items)
     score, per_call = task_scorer(model, tasks)
-    blocks = list(_chunks(counts[keep], per_call, chunk_pairs))
-    j, n = (int(x) for x in shard)
-    if not 0 <= j < n:
-        raise ValueError(f"shard {j} of {n} does not exist; expected 0 <= shard < {n}")
     lists = []
-    for block in blocks[j * len(blocks) // n:(j + 1) * len(blocks) // n]:
+    for block in shard_of(list(_chunks(counts[keep], per_call, chunk_pairs)), shard):
         chunk = [_with_catalogue(tasks[i], pools) for i in keep[block]]
         lists.append(top_k_lists(chunk, _checked(chunk, score(chunk)), k, seed))
     return pd.concat(lists, ignore_index=True) if lists else top_k_lists([], [], k, seed)
+
+
+def shard_of(blocks: Sequence, shard: tuple[int, int]) -> Sequence:
+    """Shard j of n of `blocks`: the j-th of n consecutive runs (empty when n exceeds the blocks).
+    Consecutive runs joined in shard order give the blocks back in order, which is what lets a
+    sharded result equal the unsharded one."""
+    j, n = (int(x) for x in shard)
+    if not 0 <= j < n:
+        raise ValueError(f"shard {j} of {n} does not exist; expected 0 <= shard < {n}")
+    return blocks[j * len(blocks) // n:(j + 1) * len(blocks) // n]
 
 
 def join_shards(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:

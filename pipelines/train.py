@@ -36,24 +36,23 @@ def rank_shard(name: str, seed: int, scenario: str, shard: int, n_shards: int, p
                               seed=int(ev["seed"]), shard=(shard, n_shards))
 
 
-def _rankings(model, name: str, seed: int, params: dict, data, new_items: set[int]) -> list[pd.DataFrame]:
-    """Every scenario's catalogue lists. On a cluster (`compute.address`) a model that scores each
-    task on its own is scored in shards, one compute job per CPU of the cluster, from its saved
-    copy; any shard count gives the same lists (metarec.predict.join_shards). Locally the matrix's
-    cells already fill the cores, and a model fitted on every task at once (the classic models, an
+def _sharded(model, params: dict) -> bool:
+    """Whether catalogue scoring runs in shards on the engine: on a cluster (`compute.address`) and
+    for a model that scores each task on its own (MeLU, the torch baselines), from its saved copy;
+    any shard count gives the same lists (metarec.predict.join_shards). Locally the matrix's cells
+    already fill the cores, and a model fitted on every task at once (the classic models, an
     external one) is scored in one piece, so both stay in this process."""
-    ev = params["evaluation"]
-    scenarios = scenarios_present()
-    sharded = ComputeConfig.from_params(params).address and getattr(model, "predict_chunk", 1) is not None
-    if sharded and scenarios:
-        with stage_executor(params) as ex:
-            n = ex.width()
-            print(f"catalogue scoring: {n} shards per scenario on the cluster")
-            parts = ex.map(rank_shard, [(name, seed, s, j, n, params) for s in scenarios for j in range(n)],
-                           label="scoring")
-        return [join_shards(parts[i * n:(i + 1) * n]) for i in range(len(scenarios))]
-    return [catalogue_rankings(model, load_evaluation_split(s, data), new_items, int(ev["catalogue_k"]),
-                               seed=int(ev["seed"])) for s in scenarios]
+    return bool(ComputeConfig.from_params(params).address) and getattr(model, "predict_chunk", 1) is not None
+
+
+def _sharded_rankings(name: str, seed: int, params: dict, scenarios: list[str]) -> list[pd.DataFrame]:
+    """Every scenario's catalogue lists, in one shard per CPU of the cluster."""
+    with stage_executor(params) as ex:
+        n = ex.width()
+        print(f"catalogue scoring: {n} shards per scenario on the cluster")
+        parts = ex.map(rank_shard, [(name, seed, s, j, n, params) for s in scenarios for j in range(n)],
+                       label="scoring")
+    return [join_shards(parts[i * n:(i + 1) * n]) for i in range(len(scenarios))]
 
 
 @stage
@@ -76,8 +75,15 @@ def main() -> None:
     out_dir = f"models/{args.model}/seed{args.seed}"
     model.save(out_dir)
     new_items = partition(data, SplitConfig.from_params(params["tasks"])).new_items
-    preds = [query_predictions(model, load_evaluation_split(scenario, data)) for scenario in scenarios_present()]
-    ranks = _rankings(model, args.model, args.seed, params, data, new_items)
+    ev, sharded = params["evaluation"], _sharded(model, params)
+    preds, ranks = [], []
+    for scenario in scenarios_present():
+        split = load_evaluation_split(scenario, data)
+        preds.append(query_predictions(model, split))
+        if not sharded:
+            ranks.append(catalogue_rankings(model, split, new_items, int(ev["catalogue_k"]), seed=int(ev["seed"])))
+    if sharded:
+        ranks = _sharded_rankings(args.model, args.seed, params, list(scenarios_present()))
     atomic_write_parquet(f"predictions/{args.model}/seed{args.seed}.parquet",
                          with_original_ids(pd.concat(preds, ignore_index=True), data))
     atomic_write_parquet(f"rankings/{args.model}/seed{args.seed}.parquet",
