@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from audit.robustness import _is_missing, _sorted_values
+from metarec.memory import bounded
 from metarec.predict import join_shards, shard_of
 
 if TYPE_CHECKING:
@@ -291,7 +292,7 @@ def counterfactual_changes(model: "Recommender", tasks: Sequence["Task"], attrib
     joint = hasattr(model, "predict_chunk") and model.predict_chunk is None
     blocks = shard_of([range(len(tasks))] if joint else _blocks(tasks, plan, int(max_values)), shard)
     rows: dict[str, list[dict]] = {a: [] for a in plan.attributes}
-    for block in blocks:
+    for block in bounded(blocks):
         base, alt = _score(model, tasks, block, plan, joint)
         for i in block:
             asks = plan.asks(i)

@@ -22,6 +22,7 @@ markdown table (docs/SCALING.md quotes it) to stdout and `--out`:
     python benchmarks/scaling.py --sizes 100k,1m --workdir /tmp/scaling --out /tmp/scaling/table.md
     python benchmarks/scaling.py --sizes 100k,1m --workdir /tmp/scaling --reuse    # table from saved runs
     python benchmarks/scaling.py --sizes 1m --address 127.0.0.1:6379              # on a Ray cluster
+    python benchmarks/scaling.py --sizes 1m,10m --max-per-group 500 --workdir /tmp/scaling-sampled
     python benchmarks/scaling.py --sizes 100k,1m --reuse --profile fairness,robustness
 
 `--profile` re-runs the named stages (after the measured runs, in the same scratch project) under
@@ -72,10 +73,12 @@ class StageCost:
     load_1min: float = 0.0    # the machine's load average when the stage ended (others' work included)
 
 
-def scaling_params(base: Mapping, size: str, address: str | None = None) -> dict:
+def scaling_params(base: Mapping, size: str, address: str | None = None, max_per_group: int | None = None) -> dict:
     """The fixed trimmed configuration at one size: `base` (the repository's params.yaml) with the
     synthetic source scaled like MovieLens, two seeds and four models, and every audit section kept
-    on but pointed at models in the list. `address` adds `compute: {address: ...}` (a Ray cluster)."""
+    on but pointed at models in the list. `address` adds `compute: {address: ...}` (a Ray cluster);
+    `max_per_group` sets `evaluation.sample: {max_per_group: N}` (the users x items steps then score a
+    stratified sample of each scenario's users, the supported bound at sizes past one machine)."""
     n_ratings, n_users, n_items = SIZES[size]
     params = json.loads(json.dumps(base))   # a deep copy that leaves the caller's mapping alone
     params["data"] = {**params["data"], "source": "synthetic",
@@ -94,6 +97,8 @@ def scaling_params(base: Mapping, size: str, address: str | None = None) -> dict
     params["baseline"] = None
     if address:
         params["compute"] = {**(params.get("compute") or {}), "address": address}
+    if max_per_group is not None:
+        params["evaluation"]["sample"] = {"max_per_group": int(max_per_group)}
     return params
 
 
@@ -163,7 +168,8 @@ def stage_names(cwd: Path, env: Mapping[str, str]) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
-def measure_size(size: str, workdir: Path, address: str | None = None, only: Sequence[str] = ()) -> dict:
+def measure_size(size: str, workdir: Path, address: str | None = None, only: Sequence[str] = (),
+                 max_per_group: int | None = None) -> dict:
     """Build the scratch project for one size and run every stage in it; returns the record saved
     as `<workdir>/<size>.json`. A failing stage ends this size (its name is recorded as `failed` and
 the log's tail printed); the next size still runs. `only`: run just these stages (their inputs must
@@ -174,7 +180,7 @@ come from stages also named, earlier in dvc.yaml); the record is then not `compl
     root.mkdir(parents=True)
     copy_tracked(root)
     base = yaml.safe_load((root / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(scaling_params(base, size, address), sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(scaling_params(base, size, address, max_per_group), sort_keys=False))
     bindir = Path(sys.executable).parent
     env = {**os.environ, "PYTHONPATH": str(root), "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
            "CI": "1"}
@@ -184,7 +190,7 @@ come from stages also named, earlier in dvc.yaml); the record is then not `compl
     costs: list[StageCost] = []
     n_ratings, n_users, n_items = SIZES[size]
     record = {"size": size, "n_ratings": n_ratings, "n_users": n_users, "n_items": n_items, "address": address,
-              "cores": os.cpu_count(), "complete": False, "stages": []}
+              "max_per_group": max_per_group, "cores": os.cpu_count(), "complete": False, "stages": []}
     names = stage_names(root, env)
     missing = [n for n in only if n not in names]
     if missing:
@@ -310,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--stages", default="", help="comma-separated stages to measure (default: all); e.g. the "
                    "data-bound ones at a size too large to run whole: prepare,tasks,provenance")
     p.add_argument("--profile", default="", help="comma-separated stages to re-run under cProfile at every size")
+    p.add_argument("--max-per-group", type=int, default=None,
+                   help="evaluate a stratified sample of at most N users per group and scenario (evaluation.sample)")
     args = p.parse_args(argv)
     sizes = [s.strip().lower() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
@@ -321,7 +329,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         saved = args.workdir / f"{size}.json"
         records.append(json.loads(saved.read_text()) if args.reuse and saved.exists()
                        else measure_size(size, args.workdir, args.address,
-                                         [n.strip() for n in args.stages.split(",") if n.strip()]))
+                                         [n.strip() for n in args.stages.split(",") if n.strip()],
+                                         args.max_per_group))
     table = markdown_table(records)
     print(table, end="")
     if args.out:

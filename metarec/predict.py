@@ -7,9 +7,11 @@ items is what keeps @10 ranking metrics from being trivially perfect.
 
 Catalogue scoring streams: candidates are built for a chunk of tasks at a time and only each
 task's top-k is kept, so memory grows with the chunk (at most CATALOGUE_CHUNK_TASKS tasks and
-CATALOGUE_CHUNK_PAIRS task-candidate pairs, at least one task), not with users x items. A task with
-k or fewer candidates cannot be ranked honestly (every candidate would be listed): it is left out
-of the lists and counted (`catalogue_exclusions`), not an error.
+CATALOGUE_CHUNK_PAIRS task-candidate pairs, at least one task), not with users x items; the heap
+holes that chunks of changing sizes leave behind are handed back as they pile up
+(`metarec.memory.bounded`). A task with k or fewer candidates cannot be ranked honestly (every
+candidate would be listed): it is left out of the lists and counted (`catalogue_exclusions`), not
+an error.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from metarec.memory import bounded
 from metarec.models.base import Recommender
 from metarec.tasks import Task, TaskSet
 
@@ -46,7 +49,7 @@ def predict_in_chunks(model: Recommender, tasks: Sequence[Task], chunk: int = 25
     if hasattr(model, "predict_chunk"):
         chunk = model.predict_chunk or max(len(tasks), 1)
     out: list[np.ndarray] = []
-    for start in range(0, len(tasks), chunk):
+    for start in bounded(range(0, len(tasks), chunk)):
         part = list(tasks[start: start + chunk])
         out.extend(_checked(part, model.predict(part)))
     return out
@@ -225,7 +228,7 @@ def catalogue_rankings(model: Recommender, split: TaskSet, new_items: set[int], 
     pools = catalogue_pools(split.items, new_items)
     score, per_call = task_scorer(model, tasks)
     lists = []
-    for block in shard_of(list(_chunks(counts[keep], per_call, chunk_pairs)), shard):
+    for block in bounded(shard_of(list(_chunks(counts[keep], per_call, chunk_pairs)), shard)):
         chunk = [_with_catalogue(tasks[i], pools) for i in keep[block]]
         lists.append(top_k_lists(chunk, _checked(chunk, score(chunk)), k, seed))
     return pd.concat(lists, ignore_index=True) if lists else top_k_lists([], [], k, seed)

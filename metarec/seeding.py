@@ -9,14 +9,12 @@ untouched by any of that.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import os
 import random
-import sys
 
 import numpy as np
+
+from metarec.memory import keep_freed_memory
 
 # One torch thread per process, and the torch models' `threads` default to it too. Why: the audit's
 # parallelism is across processes (matrix cells and compute jobs, one CPU each), and a process on
@@ -62,31 +60,6 @@ def seed_everything(seed: int, threads: int = DEFAULT_THREADS, torch_too: bool =
     return {"seed": int(seed), "torch_threads": torch.get_num_threads(),
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             "fill_uninitialized_memory": False, "cuda_seeded": cuda}
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_KEEP_BYTES = 1 << 30
-
-
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed blocks of up to 1 GiB for reuse instead of unmapping them.
-
-    Why: a meta-batch allocates and frees hundreds of sub-megabyte tensors. By default glibc serves
-    each of those with a fresh mmap and returns it on free, so every tensor first page-faults its
-    memory in; on a 2-core VM that doubled the time of a MeLU meta-batch. Results are unchanged
-    (only where memory comes from). A no-op away from glibc; set once per process. Returns whether
-    it applied.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
 
 
 def rng(seed: int, *stream: int | str) -> np.random.Generator:

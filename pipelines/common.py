@@ -14,7 +14,7 @@ from metarec.errors import MetarecError
 from metarec.prepared import (ID_TABLES, PREPARED, TASKS, empty_scenarios, load_encoder,  # noqa: F401
                               load_evaluation_split, load_prepared, load_split, scenarios_present,
                               with_original_ids)
-from metarec.seeding import keep_freed_memory
+from metarec.memory import keep_freed_memory
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:

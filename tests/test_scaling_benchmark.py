@@ -41,6 +41,12 @@ def test_every_size_runs_the_same_valid_configuration() -> None:
     assert all(p == without_data[0] for p in without_data)
     assert base == base_params()                                  # the caller's mapping is left alone
     assert scaling_params(base, "1m", "127.0.0.1:6379")["compute"]["address"] == "127.0.0.1:6379"
+    assert all(p["evaluation"]["sample"] is None for p in configs.values())   # everyone, unless asked
+    sampled = scaling_params(base, "10m", max_per_group=500)
+    validate_params(sampled, REPO)
+    assert sampled["evaluation"]["sample"] == {"max_per_group": 500}
+    assert {k: v for k, v in sampled.items() if k != "evaluation"} == \
+        {k: v for k, v in configs["10m"].items() if k != "evaluation"}
     assert SIZES["1m"] == (1_000_000, 6_040, 3_706) and SIZES["10m"] == (10_000_000, 69_878, 10_677)
 
 

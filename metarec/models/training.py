@@ -8,6 +8,7 @@ candidates), validation MAE, save and load.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -33,6 +34,31 @@ HISTORY = "history.json"
 
 
 # ------------------------------------------------------------------------------------------ loop helpers
+@contextlib.contextmanager
+def flush_denormals() -> Iterator[None]:
+    """Treat float denormals as zero on this thread while a network trains (`torch.set_flush_denormal`).
+
+    Why: Adam's first moment of an embedding row that no batch touches shrinks by beta1 every step;
+    about 750 steps after its last gradient it is a float32 denormal, where x86 arithmetic is many
+    times slower, and it stays one (0.9 times the smallest denormal rounds back to it). A user
+    attribute with tens of thousands of values (a zip-like code at 10M ratings) leaves most of its
+    rows untouched by any one meta-batch, so the denormal rows pile up: the fused AdamW step over a
+    37,715 x 32 table went from 0.8 to 5.1 ms within 2,000 steps (benchmarks/adam_denormals.py),
+    and the optimizer was 29% of the 10M MeLU fit (docs/SCALING.md). Flushing turns a value under
+    1.2e-38 into zero; in Adam that changes a parameter by under lr * 1e-38 / eps, far below
+    float32's resolution at any weight's size, so the weights are the same (tests/test_denormals.py
+    checks AdamW bit for bit over 800 steps; the 10M and ML-100K cells are byte-identical). Only the
+    calling thread is affected (one torch thread by default; other threads keep the hardware default).
+    """
+    if not torch.set_flush_denormal(True):     # not supported on this CPU: nothing to restore
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 class EarlyStopping:
     """Stop when the monitored value (lower is better) has not improved for `patience` epochs,
     remembering a copy of the best state so that training can end on it rather than the last."""
@@ -172,6 +198,11 @@ class NeuralRecommender(Estimator):
     best_epoch_: int = 0
     predict_rows: int = 65536     # tasks x padded width per prediction chunk
     predict_tasks: int = 1024
+
+    def fit(self, train: TaskSet, val: TaskSet | None = None, encoder: FeatureEncoder | None = None):
+        """As `Estimator.fit`, with denormals flushed while the network trains (`flush_denormals`)."""
+        with flush_denormals():
+            return super().fit(train, val, encoder)
 
     # -- hooks
     def _adaptation(self) -> tuple[list[str], float, int]:
