@@ -15,8 +15,7 @@ def _flushed() -> bool:
     return float(torch.tensor([TINY], dtype=torch.float32)[0] * 1.0) == 0.0
 
 
-supported = pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability() or not torch.set_flush_denormal(False),
-                               reason="this CPU cannot flush denormals")
+supported = pytest.mark.skipif(not torch.set_flush_denormal(False), reason="this CPU cannot flush denormals")
 
 
 @supported
@@ -77,3 +76,14 @@ def test_network_models_fit_with_denormals_flushed(monkeypatch):
     MeLU(device="cpu").fit(None)
     assert seen == [True]
     assert not _flushed()
+
+
+@supported
+def test_leaves_a_flush_that_was_already_on_as_it_found_it():
+    torch.set_flush_denormal(True)
+    try:
+        with flush_denormals():
+            assert _flushed()
+        assert _flushed()
+    finally:
+        torch.set_flush_denormal(False)

@@ -58,10 +58,20 @@ def _imports(path: Path) -> set[str]:
     return out
 
 
+def _registered_models() -> list[str]:
+    """The modules the model registry imports by name (`registry.BUILTIN`, "module:Class"): a stage
+    that reaches the registry can run any of them, and the import statements do not show it."""
+    from metarec.models.registry import BUILTIN
+
+    return sorted({target.split(":")[0] for target in BUILTIN.values()})
+
+
 def import_closure(module: str) -> set[Path]:
-    """Project files reached from `module` by imports, with the packages' __init__ files."""
+    """Project files reached from `module` by imports, with the packages' __init__ files; reaching
+    the model registry reaches every model it names."""
     seen: set[Path] = set()
     todo = [module]
+    registry = _module_file("metarec.models.registry")
     while todo:
         name = todo.pop()
         parts = name.split(".")
@@ -70,6 +80,8 @@ def import_closure(module: str) -> set[Path]:
             if f is not None and f not in seen:
                 seen.add(f)
                 todo.extend(_imports(f))
+                if f == registry:
+                    todo.extend(_registered_models())
     return seen
 
 
@@ -98,6 +110,13 @@ def test_stage_deps_cover_its_import_closure(name: str) -> None:
     closure = import_closure(_entry(st["cmd"]))
     missing = sorted(p.relative_to(ROOT).as_posix() for p in closure if not _covered(p, deps))
     assert not missing, f"stage {name} imports project files not in its deps: {missing}"
+
+
+def test_closure_reaches_the_models_the_registry_loads_by_name() -> None:
+    """Known answer: the train stage imports no model module directly, yet runs MeLU's code."""
+    files = {p.relative_to(ROOT).as_posix() for p in import_closure("pipelines.train")}
+    assert {"metarec/models/melu.py", "metarec/models/transfer.py", "metarec/models/classic.py",
+            "metarec/models/ensemble.py", "metarec/models/training.py", "metarec/models/gram.py"} <= files
 
 
 def test_closure_finds_lazy_and_from_imports() -> None:

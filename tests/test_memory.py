@@ -92,8 +92,9 @@ glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0
 
 
 @glibc
-def test_a_trim_returns_holes_that_free_alone_keeps_resident():
-    keep_freed_memory()                         # as in every stage: freed blocks stay in the heap
+def test_a_trim_returns_freed_memory_that_free_alone_keeps_resident():
+    if not keep_freed_memory():                 # as in every stage: freed blocks stay in the heap
+        pytest.skip("this glibc refused the 1 GiB thresholds")
     release_freed_memory()
     before = resident_bytes()
     big, pins = [], []
@@ -105,8 +106,8 @@ def test_a_trim_returns_holes_that_free_alone_keeps_resident():
     del big
     gc.collect()
     after_free = resident_bytes()
-    assert after_free - before > 200 * MiB      # free() alone returns none of it: the pins hold the heap
+    assert after_free - before > 200 * MiB      # free() alone returns none of it (the kept thresholds)
     assert release_freed_memory()
     trimmed = resident_bytes()
-    assert after_free - trimmed > 200 * MiB     # the trim hands the holes back
+    assert after_free - trimmed > 200 * MiB     # the trim hands it back
     assert len(pins) == 64 and float(pins[-1].sum()) == 1024 + 63

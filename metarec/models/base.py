@@ -16,6 +16,7 @@ sentence saying what the model is, which the report's model card prints verbatim
 
 from __future__ import annotations
 
+import contextlib
 import json
 import numbers
 from pathlib import Path
@@ -58,7 +59,13 @@ class Estimator(BaseEstimator):
         scoring, never trained on). `encoder`: the split's FeatureEncoder (models using item or
         user features need it)."""
         self._check_params()
-        return self._fit(train, val, encoder)
+        with self._fit_context():
+            return self._fit(train, val, encoder)
+
+    def _fit_context(self) -> contextlib.AbstractContextManager:
+        """Run-time settings `_fit` runs under, which must not change a result (none by default; the
+        network models flush float denormals, `training.flush_denormals`)."""
+        return contextlib.nullcontext()
 
     def _check_params(self) -> None:
         """Raise ConfigError naming the first invalid hyperparameter (nothing to check by default)."""

@@ -45,18 +45,26 @@ def flush_denormals() -> Iterator[None]:
     rows untouched by any one meta-batch, so the denormal rows pile up: the fused AdamW step over a
     37,715 x 32 table went from 0.8 to 5.1 ms within 2,000 steps (benchmarks/adam_denormals.py),
     and the optimizer was 29% of the 10M MeLU fit (docs/SCALING.md). Flushing turns a value under
-    1.2e-38 into zero; in Adam that changes a parameter by under lr * 1e-38 / eps, far below
-    float32's resolution at any weight's size, so the weights are the same (tests/test_denormals.py
-    checks AdamW bit for bit over 800 steps; the 10M and ML-100K cells are byte-identical). Only the
-    calling thread is affected (one torch thread by default; other threads keep the hardware default).
+    1.2e-38 into zero; in Adam that moves a parameter by under lr * 1e-38 / eps, below float32's
+    resolution for any weight larger than about 1e-26. That is an argument, not a guarantee (the
+    flush applies to all the thread's arithmetic), so it was checked: AdamW bit for bit over 800
+    steps (tests/test_denormals.py), and byte-identical MeLU cells at 10M and ML-100K. Only the
+    calling thread is affected: with a model's `threads` above one, the other OpenMP threads keep
+    the hardware default and part of the slowdown stays. The previous setting is restored.
     """
+    was = _flushing()
     if not torch.set_flush_denormal(True):     # not supported on this CPU: nothing to restore
         yield
         return
     try:
         yield
     finally:
-        torch.set_flush_denormal(False)
+        torch.set_flush_denormal(was)
+
+
+def _flushing() -> bool:
+    """Whether this thread flushes float32 denormals now (torch has no getter for it)."""
+    return float(torch.tensor([1e-39], dtype=torch.float32)[0] * 1.0) == 0.0
 
 
 class EarlyStopping:
@@ -199,10 +207,9 @@ class NeuralRecommender(Estimator):
     predict_rows: int = 65536     # tasks x padded width per prediction chunk
     predict_tasks: int = 1024
 
-    def fit(self, train: TaskSet, val: TaskSet | None = None, encoder: FeatureEncoder | None = None):
-        """As `Estimator.fit`, with denormals flushed while the network trains (`flush_denormals`)."""
-        with flush_denormals():
-            return super().fit(train, val, encoder)
+    def _fit_context(self) -> contextlib.AbstractContextManager:
+        """Networks train with float denormals flushed (`flush_denormals`)."""
+        return flush_denormals()
 
     # -- hooks
     def _adaptation(self) -> tuple[list[str], float, int]:
