@@ -63,8 +63,9 @@ def flush_denormals() -> Iterator[None]:
 
 
 def _flushing() -> bool:
-    """Whether this thread flushes float32 denormals now (torch has no getter for it)."""
-    return float(torch.tensor([1e-39], dtype=torch.float32)[0] * 1.0) == 0.0
+    """Whether this thread flushes float32 denormals now (torch has no getter for it). On the CPU
+    whatever torch's default device is: the flag is the CPU's."""
+    return float(torch.tensor([1e-39], dtype=torch.float32, device="cpu")[0] * 1.0) == 0.0
 
 
 class EarlyStopping:
