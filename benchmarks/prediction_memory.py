@@ -35,11 +35,9 @@ def main() -> None:
         print(f"{time.strftime('%H:%M:%S')} {what}: rss {proc.memory_info().rss / 2 ** 30:.2f} GiB, "
               f"peak {peak:.2f} GiB", flush=True)
 
-    from metarec.memory import keep_freed_memory
-
-    keep_freed_memory()
     import metarec.memory
 
+    metarec.memory.keep_freed_memory()
     if args.slack is not None:
         metarec.memory.DEFAULT_SLACK = 1 << 62 if args.slack == "off" else int(args.slack) << 20
     from metarec.models import registry

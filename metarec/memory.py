@@ -7,14 +7,15 @@ Two settings of glibc's malloc, both no-ops elsewhere, neither of which can chan
   a fresh mmap and page-faults it in again, which doubled the time of a MeLU meta-batch on a 2-core
   VM.
 - `FreedMemoryLimit`: give free heap pages back to the OS (`malloc_trim(0)`) whenever the resident
-  set has grown by more than a slack past its level after the last trim. Why: long streaming loops (catalogue
-  scoring, the counterfactual's blocks) allocate tensors whose sizes change from chunk to chunk
-  between small objects that live on (each chunk's lists). Freed blocks then sit in holes that the
-  next, slightly larger request cannot use, and the heap only grows. Measured on the MeLU cell at 10M
-  ratings (docs/PERFORMANCE.md): 47,508 users x 10,677 items in chunks of 64 users left 1.1 to 1.7
-  GiB of free but resident heap, about as much with glibc's default thresholds as with
-  `keep_freed_memory`; only a trim returns holes in the middle of the heap. Trimming after every chunk cost a quarter of the
-  scoring time (every chunk faults its memory in again), so it is rationed by the resident growth.
+  set has grown by more than a slack past its level after the last trim. Why: long streaming loops
+  (catalogue scoring, the counterfactual's blocks) allocate tensors whose sizes change from chunk to
+  chunk between small objects that live on (each chunk's lists). Freed blocks then sit in holes
+  that the next, slightly larger request cannot use, and the heap only grows. Measured on the MeLU
+  cell at 10M ratings (docs/PERFORMANCE.md): 47,508 users x 10,677 items in chunks of 64 users left
+  1.1 to 1.7 GiB of free but resident heap, about as much with glibc's default thresholds as with
+  `keep_freed_memory`; only a trim returns holes in the middle of the heap. Trimming after every
+  chunk cost a quarter of the scoring time (every chunk faults its memory in again), so it is
+  rationed by the resident growth.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def keep_freed_memory() -> bool:
     libc = _libc()
     if libc is None:
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
+    return (bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES))
+            and bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)))
 
 
 def release_freed_memory() -> bool:
@@ -77,8 +79,9 @@ class FreedMemoryLimit:
     """Trims the heap whenever the resident set has grown more than `slack` bytes past its level at
     the first check after the last trim (or after construction). `check()` after each chunk of a
     streaming loop bounds the freed-but-resident part of the loop's growth to about the slack plus
-    one chunk's working set (live results still grow), at one trim per `slack` of growth. Why the level is taken at the check after a trim, not at the trim: a trim also hands
-    back the free blocks the next chunk is about to reuse, and that chunk faults its working set in
+    one chunk's working set (live results still grow), at one trim per `slack` of growth. Why the
+    level is taken at the check after a trim, not at the trim: a trim also hands back the free
+    blocks the next chunk is about to reuse, and that chunk faults its working set in
     again; measured from just after the trim, a working set larger than the slack would alone pass
     it and trim every chunk (which cost a quarter of the scoring time at 10M). `resident` and `trim`
     are injectable for tests."""

@@ -77,13 +77,14 @@ def main() -> None:
     new_items = partition(data, SplitConfig.from_params(params["tasks"])).new_items
     ev, sharded = params["evaluation"], _sharded(model, params)
     preds, ranks = [], []
-    for scenario in scenarios_present():
+    scenarios = list(scenarios_present())
+    for scenario in scenarios:
         split = load_evaluation_split(scenario, data)
         preds.append(query_predictions(model, split))
         if not sharded:
             ranks.append(catalogue_rankings(model, split, new_items, int(ev["catalogue_k"]), seed=int(ev["seed"])))
     if sharded:
-        ranks = _sharded_rankings(args.model, args.seed, params, list(scenarios_present()))
+        ranks = _sharded_rankings(args.model, args.seed, params, scenarios)
     atomic_write_parquet(f"predictions/{args.model}/seed{args.seed}.parquet",
                          with_original_ids(pd.concat(preds, ignore_index=True), data))
     atomic_write_parquet(f"rankings/{args.model}/seed{args.seed}.parquet",
