@@ -15,6 +15,11 @@ from two audits of the same users:
 4. Per scenario and sensitive attribute, fairness: the change of the MAE gap (largest minus
    smallest group mean among groups of at least the minimum size), users resampled within their
    groups, the same way. The gap must not widen by more than its margin.
+5. Under `evaluation.sample` both audits must have scored the same sample (its digest is in the
+   provenance), and every mean is design-weighted (audit.sampling): the accuracy change is the
+   stratified mean of the per-user changes, its users part the stratified variance about the
+   population the users represent; gap bootstraps resample users within sampling strata, each at
+   its design weight.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from audit import registry
+from audit.sampling import Design, stratified_mean, stratified_user_weights
 from metarec.errors import MetarecError
 
 __all__ = ["RegressionInputError", "Baseline", "load_baseline", "check_same_inputs", "accuracy_change",
@@ -36,6 +42,9 @@ __all__ = ["RegressionInputError", "Baseline", "load_baseline", "check_same_inpu
 USED_SUBJECTS = ("results/per_user.parquet", "metrics/provenance.json")
 INTERVAL = ("two-sided {level}% interval (one-sided bounds at half the rest): users paired, users and training "
             "seeds both sampled")
+SAMPLED_INTERVAL = ("; sampled users: stratified mean with design weights, its users variance the stratified one "
+                    "about the population the users represent, plus each seed spread (conservative: the "
+                    "seed-by-user noise counts in both)")
 
 
 class RegressionInputError(MetarecError):
@@ -78,13 +87,18 @@ def load_baseline(cfg: dict[str, Any], root: Path) -> Baseline:
 
 
 def check_same_inputs(current: dict[str, Any], baseline: dict[str, Any]) -> None:
-    """Refuse a comparison across different data or task splits."""
+    """Refuse a comparison across different data, task splits or evaluation samples."""
     for key, what in (("data_canonical_sha256", "data (canonical ratings checksum)"),
-                      ("tasks_sha256", "task split")):
+                      ("tasks_sha256", "task split"), ("sample_sha256", "evaluation sample")):
         if current.get(key) != baseline.get(key):
-            raise RegressionInputError(f"the baseline audit used other {what}: {str(baseline.get(key))[:16]}... "
-                                       f"against this audit's {str(current.get(key))[:16]}...; a paired "
+            raise RegressionInputError(f"the baseline audit used other {what}: {_short(baseline.get(key))} "
+                                       f"against this audit's {_short(current.get(key))}; a paired "
                                        f"comparison needs the same users and ratings")
+
+
+def _short(digest: Any) -> str:
+    """A digest's first 16 characters, or "none" (an audit without an evaluation sample has none)."""
+    return "none" if digest is None else f"{str(digest)[:16]}..."
 
 
 def _matrix(per_user: pd.DataFrame, model: str, scenario: str, metric: str) -> pd.DataFrame:
@@ -143,48 +157,97 @@ def _two_way_variance(x: np.ndarray) -> tuple[float, float]:
     return total / (s * u), (total ** 2 / denom) if denom > 0 else float("inf")
 
 
+def _satterthwaite(parts: list[tuple[float, float]]) -> tuple[float, float]:
+    """Sum of independent variance parts (variance, df) and its Satterthwaite degrees of freedom."""
+    var = sum(v for v, _ in parts)
+    denom = sum(v ** 2 / d for v, d in parts if np.isfinite(d) and d > 0)
+    return var, (var ** 2 / denom if denom > 0 else float("inf"))
+
+
+def _seed_parts(xs: list[np.ndarray], w: np.ndarray | None = None) -> list[tuple[float, float]]:
+    """The variance of each seeds x users table's grand mean (users weighted by w, summing to one,
+    or equally) that its seeds add."""
+    return [(float((x.mean(axis=1) if w is None else x @ w).var(ddof=1)) / x.shape[0], x.shape[0] - 1)
+            for x in xs if x.shape[0] > 1]
+
+
+def _sampled_variance(a: np.ndarray, b: np.ndarray, same_seeds: bool, design: pd.DataFrame,
+                      population: pd.Series) -> tuple[float, float, float, float, float]:
+    """(new, old, variance of new - old, df, n) for sampled users (columns of a and b in design's order).
+
+    Users part: `stratified_mean` of the per-user (seed-averaged) differences, about the population
+    the users represent. Seeds part: the spread over seeds of the design-weighted mean, of the
+    paired differences when both audits ran the same seeds, else of each audit. Unlike the
+    unsampled two-way formula, the seed-by-user noise is not subtracted once, so the sum is a little
+    conservative."""
+    strata = design["stratum"].to_numpy()
+    present = population[population.index.isin(np.unique(strata))]     # strata with a user both audits scored
+    d_u = a.mean(axis=0) - b.mean(axis=0)
+    users = stratified_mean(d_u, strata, present)
+    w = design["weight"].to_numpy(float)
+    w = w / w.sum()
+    seeds = _seed_parts([a - b] if same_seeds else [a, b], w)
+    var, df = _satterthwaite([(users["variance"], users["df"]), *seeds])
+    return float(a.mean(axis=0) @ w), float(b.mean(axis=0) @ w), var, df, users["estimate"]
+
+
 def accuracy_change(new: pd.DataFrame, old: pd.DataFrame, metric: str, margin: float, *,
-                    level: float = 0.90) -> dict[str, Any]:
+                    level: float = 0.90, design: pd.DataFrame | None = None,
+                    population: pd.Series | None = None) -> dict[str, Any]:
     """Change of a per-user metric, new minus old, signed so that positive means worse.
 
     Paired over users. When both audits ran the same seeds, seed pairs are differenced too (an
     unchanged model then compares as exactly unchanged); otherwise each audit's seed spread adds
     its own variance. The interval is a t interval with Satterthwaite degrees of freedom, so few
     seeds widen it as they should (a bootstrap over 3 to 5 seeds under-covers).
+
+    ``design`` (user_id-indexed stratum and weight) and ``population`` (stratum -> N_h): the users
+    are a stratified sample (audit.sampling); means and the users variance are then stratified.
     """
     from scipy import stats as sps
 
     users = new.columns.intersection(old.columns)
+    if design is not None:
+        users = users.intersection(design.index)
     a, b = new[users].to_numpy(float), old[users].to_numpy(float)
     keep = np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0)
     a, b = a[:, keep], b[:, keep]
     sign = -registry.direction(metric) or 1          # lower better: +1; higher better: -1
     n = a.shape[1]
-    base = {"metric": metric, "n_users": int(n), "margin": float(margin), "worse_is": "positive",
-            "interval": INTERVAL.format(level=round(100 * level))}
+    same_seeds = list(new.index) == list(old.index)
+    interval = INTERVAL.format(level=round(100 * level)) + ("" if design is None else SAMPLED_INTERVAL)
+    base = {"metric": metric, "n_users": int(n), "margin": float(margin), "worse_is": "positive", "interval": interval}
     if n < 2:
         return {**base, "new": None, "old": None, "change": None, "ci_low": None, "ci_high": None,
                 "outcome": "inconclusive"}
-    if list(new.index) == list(old.index):
-        var, df = _two_way_variance(a - b)
-    else:   # users shared, seeds independent: user part from per-user differences, plus each seed spread
-        d_u = a.mean(axis=0) - b.mean(axis=0)
-        parts = [(float(d_u.var(ddof=1)) / n, n - 1)]
-        parts += [(float(x.mean(axis=1).var(ddof=1)) / x.shape[0], x.shape[0] - 1) for x in (a, b) if x.shape[0] > 1]
-        var = sum(v for v, _ in parts)
-        denom = sum(v ** 2 / d for v, d in parts)
-        df = var ** 2 / denom if denom > 0 else float("inf")
-    point = sign * float(a.mean() - b.mean())
+    if design is not None:
+        m_new, m_old, var, df, diff = _sampled_variance(a, b, same_seeds, design.loc[users[keep]], population)
+    else:
+        m_new, m_old = float(a.mean()), float(b.mean())
+        diff = m_new - m_old
+        if same_seeds:
+            var, df = _two_way_variance(a - b)
+        else:   # users shared, seeds independent: user part from per-user differences, plus each seed spread
+            d_u = a.mean(axis=0) - b.mean(axis=0)
+            var, df = _satterthwaite([(float(d_u.var(ddof=1)) / n, n - 1),
+                                      *_seed_parts([a, b])])
+    point = sign * float(diff)
     half = float(sps.t.ppf(0.5 + level / 2, df)) * float(np.sqrt(var)) if var > 0 else 0.0
     lo, hi = point - half, point + half
-    return {**base, "new": float(a.mean()), "old": float(b.mean()), "change": point, "ci_low": lo, "ci_high": hi,
+    return {**base, "new": m_new, "old": m_old, "change": point, "ci_low": lo, "ci_high": hi,
             "df": float(df), "outcome": _outcome(lo, hi, margin)}
 
 
 def gap_change(new: pd.DataFrame, old: pd.DataFrame, groups: pd.Series, margin: float, *, min_size: int,
-               n_boot: int, seed: int) -> dict[str, Any] | None:
-    """Change of the largest-minus-smallest group mean, new minus old; None with under two groups."""
+               n_boot: int, seed: int, design: pd.DataFrame | None = None) -> dict[str, Any] | None:
+    """Change of the largest-minus-smallest group mean, new minus old; None with under two groups.
+
+    ``design`` (user_id-indexed stratum and weight): the users are a stratified sample whose strata
+    nest within the groups (audit.sampling); group means are then design-weighted, the bootstrap
+    resamples users within strata, and a group's size is its sampled users."""
     users = new.columns.intersection(old.columns).intersection(groups.dropna().index)
+    if design is not None:
+        users = users.intersection(design.index)
     labels = groups.loc[users].astype(str)
     sizes = labels.value_counts()
     kept = sorted(sizes[sizes >= min_size].index)
@@ -207,36 +270,47 @@ def gap_change(new: pd.DataFrame, old: pd.DataFrame, groups: pd.Series, margin: 
         m = np.stack(means, axis=1)
         return m.max(axis=1) - m.min(axis=1)
 
-    # users resampled within their group: per group, multinomial counts over its members
-    w = np.zeros((n_boot, len(users)))
-    for g in range(len(kept)):
-        cols = np.flatnonzero(code == g)
-        w[:, cols] = rng.multinomial(cols.size, np.full(cols.size, 1.0 / cols.size), size=n_boot)
+    if design is None:
+        # users resampled within their group: per group, multinomial counts over its members
+        w = np.zeros((n_boot, len(users)))
+        for g in range(len(kept)):
+            cols = np.flatnonzero(code == g)
+            w[:, cols] = rng.multinomial(cols.size, np.full(cols.size, 1.0 / cols.size), size=n_boot)
+        point_w = None
+        how = "users resampled within their groups"
+    else:
+        strata, point_w = design.loc[users, "stratum"].to_numpy(), design.loc[users, "weight"].to_numpy(float)[None, :]
+        w = stratified_user_weights(strata, point_w[0], n_boot, [seed, 1])
+        how = "sampled users resampled within their sampling strata, each at its design weight"
     boot = gaps(ua, w) - gaps(ub, w)
-    g_new, g_old = float(gaps(a.mean(axis=0, keepdims=True), None)[0]), float(gaps(b.mean(axis=0, keepdims=True), None)[0])
+    g_new = float(gaps(a.mean(axis=0, keepdims=True), point_w)[0])
+    g_old = float(gaps(b.mean(axis=0, keepdims=True), point_w)[0])
     lo, hi = (float(q) for q in np.quantile(boot, [0.05, 0.95]))
     return {"gap_new": g_new, "gap_old": g_old, "change": g_new - g_old, "ci_low": lo, "ci_high": hi,
             "margin": float(margin), "outcome": _outcome(lo, hi, margin), "groups": kept,
             "n_users": int(len(users)), "worse_is": "positive",
-            "interval": "two-sided 90% percentile bootstrap: users resampled within their groups, seed pairs jointly"}
+            "interval": f"two-sided 90% percentile bootstrap: {how}, seed pairs jointly"}
 
 
 def regression_records(current: pd.DataFrame, baseline: Baseline, candidate: str, baseline_model: str,
                        strata: pd.DataFrame, margins: dict[str, float], *, min_group_size: int,
-                       n_boot: int = 4000, seed: int = 0) -> list[dict[str, Any]]:
-    """accuracy_change and gap_change records for every scenario both audits scored."""
+                       n_boot: int = 4000, seed: int = 0, design: Design | None = None) -> list[dict[str, Any]]:
+    """accuracy_change and gap_change records for every scenario both audits scored; `design`: the
+    evaluation sample both scored (None: everyone was evaluated)."""
     records: list[dict[str, Any]] = []
     attrs = [c for c in strata.columns if c != "user_id"]
     strata = strata.set_index("user_id")
     scenarios = sorted(set(current["scenario"]) & set(baseline.per_user["scenario"]))
     base = {"candidate": candidate, "baseline": baseline_model}
     for si, scenario in enumerate(scenarios):
+        sampled = None if design is None else design.sampled(scenario).set_index("user_id")
+        population = None if design is None else design.population(scenario)
         for metric in (m for m in margins if m != "gap"):
             new = _matrix(current, candidate, scenario, metric)
             old = _matrix(baseline.per_user, baseline_model, scenario, metric)
             if new.empty or old.empty:
                 continue
-            r = accuracy_change(new, old, metric, margins[metric])
+            r = accuracy_change(new, old, metric, margins[metric], design=sampled, population=population)
             records.append({"kind": "accuracy_change", "scenario": scenario, **base, **r})
         if "gap" not in margins:
             continue
@@ -244,7 +318,7 @@ def regression_records(current: pd.DataFrame, baseline: Baseline, candidate: str
         old = _matrix(baseline.per_user, baseline_model, scenario, "mae")
         for ai, attr in enumerate(attrs):
             r = gap_change(new, old, strata[attr], margins["gap"], min_size=min_group_size, n_boot=n_boot,
-                           seed=seed + 1000 * si + 500 + ai)
+                           seed=seed + 1000 * si + 500 + ai, design=sampled)
             if r is not None:
                 records.append({"kind": "gap_change", "scenario": scenario, "attribute": attr, "metric": "mae",
                                 **base, **r})
@@ -271,7 +345,8 @@ def compare(root: Path, params: dict[str, Any], strata: pd.DataFrame) -> dict[st
     records = regression_records(pd.read_parquet(root / "results" / "per_user.parquet"), base,
                                  str(cfg.get("candidate") or params["meta_learner"]), str(cfg["model"]), strata,
                                  margins, min_group_size=int(params["strata"]["min_group_size"]),
-                                 n_boot=int(ev.get("bootstrap", 4000)), seed=int(ev.get("seed", 0)))
+                                 n_boot=int(ev.get("bootstrap", 4000)), seed=int(ev.get("seed", 0)),
+                                 design=Design.load(root / "data" / "tasks"))
     outcomes = [r["outcome"] for r in records]
     verdict = "fail" if "fail" in outcomes else "inconclusive" if "inconclusive" in outcomes else "pass"
     return {"baseline": {"audit_dir": str(cfg["audit_dir"]), "model": str(cfg["model"]), "keyid": base.keyid,

@@ -335,8 +335,8 @@ def test_stages_score_the_same_sampled_users_for_every_model_and_seed(tmp_path: 
 
     on, off = tmp_path / "on", tmp_path / "off"
     on.mkdir(), off.mkdir()
-    _project(on, {"max_per_group": 40}, ("fairness", "robustness"))
-    _project(off, {"max_per_group": None, "half_width": None})
+    _project(on, {"max_per_group": 40}, ("provenance", "fairness", "robustness"))
+    _project(off, {"max_per_group": None, "half_width": None}, ("provenance",))
     design = pd.read_parquet(on / "data/tasks" / SAMPLE_FILE)
     first = (on / "data/tasks" / SAMPLE_FILE).read_bytes()
     users = {}
@@ -374,6 +374,12 @@ def test_stages_score_the_same_sampled_users_for_every_model_and_seed(tmp_path: 
     assert ugf and all(r["n_advantaged"] + r["n_disadvantaged"] <= len(sampled[r["scenario"]]) for r in ugf)
     assert all("linearised" in r["interval"] for r in ugf if not r["insufficient"])
     print({(r["scenario"], r["metric"]): (r["n_advantaged"], r["insufficient"]) for r in ugf})
+    # the provenance digests the same task split either way, and the sample on its own (None when off)
+    from audit.provenance import sample_digest
+
+    prov_on, prov_off = (json.loads((p / "metrics/provenance.json").read_text()) for p in (on, off))
+    assert prov_on["tasks_sha256"] == prov_off["tasks_sha256"]
+    assert prov_on["sample_sha256"] == sample_digest(on / "data/tasks") and prov_off["sample_sha256"] is None
     # sampling off: no sample file, no sample fields, every evaluation user scored
     assert not (off / "data/tasks" / SAMPLE_FILE).exists()
     off_summary = json.loads((off / "metrics/summary.json").read_text())
