@@ -304,6 +304,18 @@ def markdown_table(records: Sequence[Mapping]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reused(saved: Path, address: str | None, max_per_group: int | None) -> dict:
+    """A saved size's record, refused when it was measured under another configuration than the
+    one asked for (a table mixing sampled and unsampled sizes would show ratios of nothing)."""
+    record = json.loads(saved.read_text())
+    asked = {"address": address, "max_per_group": max_per_group}
+    for key, want in asked.items():
+        if record.get(key) != want:
+            raise SystemExit(f"--reuse: {saved} was measured with {key}={record.get(key)!r}, not {want!r}; "
+                             f"run without --reuse or with another --workdir")
+    return record
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="100k,1m,10m", help=f"comma-separated, from {', '.join(SIZES)}")
@@ -327,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     records = []
     for size in sizes:
         saved = args.workdir / f"{size}.json"
-        records.append(json.loads(saved.read_text()) if args.reuse and saved.exists()
+        records.append(reused(saved, args.address, args.max_per_group) if args.reuse and saved.exists()
                        else measure_size(size, args.workdir, args.address,
                                          [n.strip() for n in args.stages.split(",") if n.strip()],
                                          args.max_per_group))

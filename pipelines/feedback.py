@@ -4,7 +4,6 @@ its audit per round and group (docs/FEEDBACK.md)."""
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import replace
 
 import numpy as np
@@ -15,6 +14,7 @@ from metarec.data.validate import group_labels
 from metarec.feedback.experiment import Experiment, run_all
 from metarec.compute import scratch_dir
 from metarec.feedback.loop import SimUser, population_from
+from metarec.feedback.oracle import load_oracles, save_oracles
 from metarec.io import atomic_write_json, atomic_write_parquet, atomic_write_text
 from metarec.models import registry
 from metarec.predict import NEW_ITEM_SCENARIOS
@@ -37,13 +37,13 @@ def _population(params: dict, data) -> tuple[Experiment, TaskSet, list[SimUser],
 
 
 def simulate_seed(seed: int, params: dict, oracles_path: str) -> list[Run]:
-    """A compute job: every arm of one simulation seed, with the oracles fitted by the stage (a pickle)."""
+    """A compute job: every arm of one simulation seed, with the oracles fitted by the stage (an .npz
+    of plain arrays, `save_oracles`)."""
     data = load_prepared()
     exp, train, population, catalogue, counts = _population(params, data)
     exp = replace(exp, seeds=(int(seed),))
     seed_everything(exp.seed, torch_too=any(m not in registry.CLASSIC for m in exp.models))
-    with open(oracles_path, "rb") as fh:
-        oracles = pickle.load(fh)
+    oracles = load_oracles(oracles_path)
     load = lambda name, s: registry.load(name, f"models/{name}/seed{s}", train=train)
     return [Run(a.oracle, a.seed, a.model, a.policy, log.shown, log.heldout, log.arrivals)
             for a, log in run_all(exp, population, catalogue, oracles, exp.choice(data),
@@ -61,9 +61,7 @@ def run(params: dict) -> list[dict]:
     seed_everything(exp.seed, torch_too=any(m not in registry.CLASSIC for m in exp.models))
     oracles = exp.fit_oracles(data, np.array([u.user_id for u in population]))
     with stage_executor(params) as ex, scratch_dir() as scratch:
-        path = scratch / "oracles.pkl"
-        with open(path, "wb") as fh:
-            pickle.dump(oracles, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        path = save_oracles(scratch / "oracles.npz", oracles)
         runs = [r for seed_runs in ex.map(simulate_seed, [(s, params, str(path)) for s in exp.seeds],
                                           label="feedback") for r in seed_runs]
     genre = next(f.name for f in data.spec.item_features if f.kind == "multilabel")

@@ -20,7 +20,7 @@ from metarec.errors import ConfigError
 from metarec.feedback import policies
 from metarec.feedback.choice import ChoiceModel
 from metarec.feedback.loop import LoopConfig, arrival_rounds, population_from, simulate
-from metarec.feedback.oracle import calibrate_sigma, fit_oracle
+from metarec.feedback.oracle import calibrate_sigma, fit_oracle, load_oracles, save_oracles
 from metarec.models import registry
 from metarec.predict import query_predictions
 from metarec.splits import SplitConfig, build_splits, partition
@@ -255,3 +255,24 @@ def test_shared_prediction_cache_is_exact_and_saves_calls(world):
     pd.testing.assert_frame_equal(alone.shown, shared.shown)
     pd.testing.assert_frame_equal(alone.heldout, shared.heldout)
     assert cached.calls - before < plain.calls - len(world["population"]) // 2   # round 0 at least came from the cache
+
+
+def test_oracles_travel_to_compute_jobs_as_plain_arrays(world, tmp_path):
+    """The stage hands fitted oracles to its jobs as an .npz read back with allow_pickle=False:
+    every field comes back equal, dtypes too, and a second family keeps its own arrays."""
+    from dataclasses import fields, replace
+
+    first = world["oracle"]
+    second = replace(first, family="gbdt", utility=first.utility[:, ::-1].copy(), sigma=0.5)
+    path = save_oracles(tmp_path / "oracles.npz", {"nmf": first, "gbdt": second})
+    back = load_oracles(path)
+    assert list(back) == ["nmf", "gbdt"]
+    for want, got in ((first, back["nmf"]), (second, back["gbdt"])):
+        for f in fields(want):
+            a, b = getattr(want, f.name), getattr(got, f.name)
+            if isinstance(a, np.ndarray):
+                assert a.dtype == b.dtype and np.array_equal(a, b), f.name
+            else:
+                assert type(a) is type(b) and a == b, f.name
+    with np.load(path, allow_pickle=False) as z:      # nothing in the file needs pickle to read
+        assert all(z[k].dtype != object for k in z.files)

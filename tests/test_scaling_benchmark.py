@@ -12,8 +12,8 @@ from pathlib import Path
 import yaml
 
 from audit.config import validate_params
-from benchmarks.scaling import (SIZES, StageCost, growth_table, markdown_table, run_measured, scaling_params,
-                                stage_command)
+from benchmarks.scaling import (SIZES, StageCost, growth_table, markdown_table, reused, run_measured,
+                                scaling_params, stage_command)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,3 +121,16 @@ def test_a_cut_run_totals_only_the_stages_every_size_measured() -> None:
     lines = table.splitlines()
     assert lines[4] == "| train@melu-0 | 50.0 | 50.0 | 1.00 | - | - | - | - | - |"
     assert lines[5] == "| **the 2 stages measured at every size** | 3.0 | 3.0 | 1.00 | 30.0 | 30.0 | 1.00 | 10.0x | 10.0x |"
+
+
+def test_reuse_refuses_a_size_measured_under_another_configuration(tmp_path: Path) -> None:
+    import pytest
+
+    saved = tmp_path / "10m.json"
+    saved.write_text(json.dumps({"size": "10m", "address": None, "max_per_group": 500, "stages": []}))
+    assert reused(saved, None, 500)["size"] == "10m"
+    with pytest.raises(SystemExit, match=rf"^--reuse: {saved} was measured with max_per_group=500, not None; run "
+                                         rf"without --reuse or with another --workdir$"):
+        reused(saved, None, None)
+    with pytest.raises(SystemExit, match=r"was measured with address=None, not '127.0.0.1:6379'"):
+        reused(saved, "127.0.0.1:6379", 500)

@@ -20,7 +20,9 @@ depend on the choice of ground truth.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -57,6 +59,28 @@ class Oracle:
         """Ratings for given utilities and standard-normal draws z (same shape)."""
         r = np.rint(np.asarray(utility, dtype=float) + self.sigma * np.asarray(z, dtype=float))
         return np.clip(r, self.rating_min, self.rating_max)
+
+
+_ARRAYS = ("user_ids", "item_ids", "utility")
+_SCALARS = ("sigma", "rating_min", "rating_max", "fit_rmse")
+
+
+def save_oracles(path: str | Path, oracles: Mapping[str, Oracle]) -> Path:
+    """Write fitted oracles to one uncompressed .npz of plain arrays (never pickle): how a stage hands
+    them to its compute jobs, which read them back with `load_oracles`."""
+    arrays: dict[str, np.ndarray] = {"families": np.array([o.family for o in oracles.values()])}
+    for i, o in enumerate(oracles.values()):
+        arrays.update({f"{i}.{k}": np.asarray(getattr(o, k)) for k in (*_ARRAYS, *_SCALARS)})
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+    return Path(path)
+
+
+def load_oracles(path: str | Path) -> dict[str, Oracle]:
+    """The oracles `save_oracles` wrote, by family; arrays only (`allow_pickle=False`)."""
+    with np.load(path, allow_pickle=False) as z:
+        return {str(fam): Oracle(str(fam), *(z[f"{i}.{k}"] for k in _ARRAYS), *(float(z[f"{i}.{k}"]) for k in _SCALARS))
+                for i, fam in enumerate(z["families"])}
 
 
 def fit_oracle(family: str, data: RatingData, seed: int, rank: int = 16, only_users: np.ndarray | None = None) -> Oracle:
