@@ -60,28 +60,53 @@ def attention_weights(k: int, decay: float) -> np.ndarray:
     return np.arange(1, k + 1, dtype=float) ** -decay
 
 
-def _jaccard_matrix(consumed: pd.DataFrame, users: np.ndarray) -> np.ndarray:
-    """[users, users] Jaccard similarity of consumed-item sets (0 where both sets are empty)."""
+JACCARD_BLOCK = 2048    # users per block of the intersection counts (bounds memory whatever the population)
+
+
+def _jaccard_sums(consumed: pd.DataFrame, users: np.ndarray, labels: pd.DataFrame,
+                  block: int = JACCARD_BLOCK) -> tuple[np.ndarray, dict[tuple[str, str], float]]:
+    """(per user: sum of its Jaccard similarities with every other user; per (attribute, group),
+    ("all", "all") included: the sum over ordered pairs of distinct users inside it).
+
+    Why not the users x users matrix: at 10M ratings a scenario has about 14,000 users, and the
+    dense matrix with its intersection and union is several GB per round. Jaccard is zero unless two
+    consumed sets intersect, so only the nonzeros of the sparse intersection counts matter; they are
+    taken a block of users at a time. Users whose sets are empty have similarity 0 with everyone.
+    `labels`: users' groups, one column per attribute, indexed like `users`.
+    """
     from scipy import sparse
 
+    n = len(users)
     pos = {int(u): i for i, u in enumerate(users)}
     c = consumed[consumed["user_id"].isin(pos)]
     items, codes = np.unique(c["item_id"].to_numpy(), return_inverse=True)
     x = sparse.csr_matrix((np.ones(len(c)), (c["user_id"].map(pos).to_numpy(), codes)),
-                          shape=(len(users), max(len(items), 1)))
-    inter = (x @ x.T).toarray()
+                          shape=(n, max(len(items), 1)))
+    x.sum_duplicates()
+    x.data[:] = 1.0                                  # sets, not counts
     size = np.asarray(x.sum(axis=1)).ravel()
-    union = size[:, None] + size[None, :] - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
-
-
-def _pair_mean(j: np.ndarray, mask: np.ndarray | None = None) -> float:
-    idx = np.arange(len(j)) if mask is None else np.flatnonzero(mask)
-    if len(idx) < 2:
-        return np.nan
-    sub = j[np.ix_(idx, idx)]
-    return float((sub.sum() - np.trace(sub)) / (len(idx) * (len(idx) - 1)))
+    xt = x.T.tocsr()
+    group_codes = {a: pd.Categorical(labels[a].astype(object).where(labels[a].notna()),
+                                     categories=sorted(labels[a].dropna().unique(), key=str))
+                   for a in labels.columns}
+    row = np.zeros(n)
+    pairs = {("all", "all"): 0.0}
+    within = {a: np.zeros(len(cat.categories)) for a, cat in group_codes.items()}
+    for start in range(0, n, block):
+        b = (x[start:start + block] @ xt).tocoo()
+        i, j, inter = b.row + start, b.col, b.data
+        off = i != j
+        i, j, inter = i[off], j[off], inter[off]
+        v = inter / (size[i] + size[j] - inter)
+        row += np.bincount(i, v, n)
+        pairs[("all", "all")] += float(v.sum())
+        for a, cat in group_codes.items():
+            ci, cj = cat.codes[i], cat.codes[j]
+            same = (ci == cj) & (ci >= 0)
+            within[a] += np.bincount(ci[same], v[same], len(cat.categories))
+    for a, cat in group_codes.items():
+        pairs.update({(a, str(g)): float(t) for g, t in zip(cat.categories, within[a])})
+    return row, pairs
 
 
 def _miscalibration(arrivals: pd.DataFrame, consumed: pd.DataFrame, shown: pd.DataFrame, genres: pd.Series,
@@ -135,11 +160,11 @@ def run_metrics(run: Run, popularity: pd.Series, genres: pd.Series, catalogue: n
     s = s[catalogue[np.minimum(s["code"], len(catalogue) - 1)] == s["item_id"]]   # catalogue items only
     for r, lists in s.groupby("round", sort=True):
         users = np.unique(lists["user_id"].to_numpy())
-        jm = _jaccard_matrix(consumed_all[consumed_all["round"] <= r], users)
-        n = len(users)
-        per = (jm.sum(axis=1) - np.diag(jm)) / max(n - 1, 1) if n > 1 else np.full(n, np.nan)
-        jac.append(pd.DataFrame({"round": r, "user_id": users, "jaccard": per}))
         labels = gtab.reindex(users)
+        row, pair_sums = _jaccard_sums(consumed_all[consumed_all["round"] <= r], users, labels[group_cols])
+        n = len(users)
+        per = row / max(n - 1, 1) if n > 1 else np.full(n, np.nan)
+        jac.append(pd.DataFrame({"round": r, "user_id": users, "jaccard": per}))
         scopes = [("all", "all", np.ones(n, dtype=bool))]
         for a in group_cols:
             for grp in sorted(labels[a].dropna().unique(), key=str):
@@ -149,8 +174,10 @@ def run_metrics(run: Run, popularity: pd.Series, genres: pd.Series, catalogue: n
         for a, grp, mask in scopes:
             inside = mask[row_user]
             exposure = np.bincount(codes[inside], e[inside], len(catalogue))
+            m = int(mask.sum())
+            pair_mean = pair_sums[(a, grp)] / (m * (m - 1)) if m > 1 else np.nan
             for metric, value in (("coverage", float(np.mean(exposure > 0))), ("exposure_gini", gini(exposure)),
-                                  ("jaccard_population", _pair_mean(jm, mask))):
+                                  ("jaccard_population", pair_mean)):
                 pop_rows.append({"round": r, "attribute": a, "group": grp, "metric": metric, "value": value})
     wide = wide.merge(mis, on=["round", "user_id"], how="left").merge(pd.concat(jac), on=["round", "user_id"], how="left")
     per_user = wide.melt(id_vars=["round", "user_id"], var_name="metric", value_name="value").dropna(subset=["value"])

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy import stats as st
 
-from audit.feedback import Run, _jaccard_matrix, audit_records, collect, gap_growth
+from audit.feedback import Run, _jaccard_sums, audit_records, collect, gap_growth
 from audit.metrics import per_user_accuracy
 from metarec.data.synthetic import generate
 from metarec.data.validate import group_labels
@@ -178,8 +178,46 @@ def test_simulation_is_deterministic(world):
 
 def test_jaccard_known_answer():
     consumed = pd.DataFrame({"user_id": [1, 1, 2, 2, 2, 3], "item_id": [10, 11, 10, 11, 12, 99]})
-    j = _jaccard_matrix(consumed, np.array([1, 2, 3, 4]))
-    assert j[0, 1] == pytest.approx(2 / 3) and j[0, 2] == 0 and j[3, 3] == 0 and j[1, 1] == 1
+    labels = pd.DataFrame({"g": ["a", "a", "b", None]})
+    row, pairs = _jaccard_sums(consumed, np.array([1, 2, 3, 4]), labels)
+    # users 1 and 2 share 2 of 3 items; 3 shares nothing; 4 consumed nothing
+    assert row.tolist() == pytest.approx([2 / 3, 2 / 3, 0, 0])
+    assert pairs == pytest.approx({("all", "all"): 4 / 3, ("g", "a"): 4 / 3, ("g", "b"): 0.0})
+
+
+def _dense_jaccard(sets: list[set]) -> np.ndarray:
+    """The users x users Jaccard matrix from Python sets (0 when both are empty)."""
+    n = len(sets)
+    j = np.zeros((n, n))
+    for a in range(n):
+        for b in range(n):
+            union = len(sets[a] | sets[b])
+            j[a, b] = len(sets[a] & sets[b]) / union if union else 0.0
+    return j
+
+
+@pytest.mark.parametrize("block", [1, 7, 2048])
+def test_jaccard_sums_match_the_dense_matrix_in_any_block_size(block):
+    """Row sums and within-group pair sums from blocks of sparse intersections equal those of the
+    dense matrix computed from Python sets: skewed item popularity, repeated consumption, empty
+    users, a missing group label."""
+    rng = np.random.default_rng(3)
+    users = np.arange(100, 160)
+    rows = [(int(u), int(rng.zipf(1.6) % 40)) for u in users for _ in range(rng.integers(0, 6))]
+    consumed = pd.DataFrame(rows + rows[:5], columns=["user_id", "item_id"])   # some items consumed twice
+    labels = pd.DataFrame({"gender": rng.choice(["F", "M"], users.size),
+                           "age": pd.Series(rng.choice(["18-24", "25-34", "35-44"], users.size)).where(lambda x: x != "35-44")})
+    row, pairs = _jaccard_sums(consumed, users, labels, block=block)
+    sets = [set(consumed.item_id[consumed.user_id == u]) for u in users]
+    j = _dense_jaccard(sets)
+    np.fill_diagonal(j, 0.0)
+    assert row == pytest.approx(j.sum(axis=1), abs=1e-12)
+    assert pairs[("all", "all")] == pytest.approx(j.sum())
+    for a in labels:
+        for g in labels[a].dropna().unique():
+            m = (labels[a] == g).to_numpy()
+            assert pairs[(a, str(g))] == pytest.approx(j[np.ix_(m, m)].sum()), (a, g)
+    assert {k for k in pairs if k[0] == "age"} == {("age", "18-24"), ("age", "25-34")}
 
 
 def test_noise_calibration_recovers_a_known_sigma():
