@@ -84,3 +84,22 @@ def test_em_steps_equal_a_dense_re_implementation(ratings) -> None:
         filled = dw @ dh
         filled[ui, ii] = y
     assert np.allclose(w @ h, dw @ dh, atol=1e-9)
+
+
+def test_the_gbdt_oracle_fits_on_a_seeded_sample_only_above_its_cap(monkeypatch) -> None:
+    """Above GBDT_MAX_FIT ratings the trees see a seeded sample (the same on every run), and still
+    score every observed rating and every kept user x item; at or below it nothing changes."""
+    from metarec.data.synthetic import generate
+    from metarec.feedback import oracle
+
+    data, _ = generate({"seed": 5, "n_users": 120, "n_items": 90, "n_ratings": 4000, "min_per_user": 20})
+    users = np.sort(data.users["user_id"].to_numpy())[:30]
+    whole = oracle.fit_oracle("gbdt", data, 0, only_users=users)
+    monkeypatch.setattr(oracle, "GBDT_MAX_FIT", len(data.ratings))
+    assert np.array_equal(oracle.fit_oracle("gbdt", data, 0, only_users=users).utility, whole.utility)
+    monkeypatch.setattr(oracle, "GBDT_MAX_FIT", 1500)
+    capped = oracle.fit_oracle("gbdt", data, 0, only_users=users)
+    again = oracle.fit_oracle("gbdt", data, 0, only_users=users)
+    assert capped.utility.shape == whole.utility.shape == (30, 90)
+    assert np.array_equal(capped.utility, again.utility) and capped.fit_rmse == again.fit_rmse
+    assert not np.array_equal(capped.utility, whole.utility)

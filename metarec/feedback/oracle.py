@@ -34,6 +34,10 @@ from metarec.seeding import rng
 FAMILIES = ("gbdt", "nmf")
 _SHRINK = 5.0          # pseudo-count of the bias and affinity encodings (a user with 5 ratings keeps half)
 _MAX_CATEGORIES = 255  # HistGradientBoosting's limit for a categorical column
+# The gbdt oracle fits on at most this many ratings (a seeded sample beyond it): 50 trees of 31
+# leaves learn nothing more from more rows, and the feature matrix of 10M ratings is 2 GB before
+# scikit-learn copies it. Every size up to MovieLens-1M fits on all its ratings, as before.
+GBDT_MAX_FIT = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -307,12 +311,17 @@ def _gbdt_utility(data: RatingData, users: np.ndarray, items: np.ndarray, ui: np
     model = HistGradientBoostingRegressor(max_iter=50, learning_rate=0.2, max_leaf_nodes=31, early_stopping=False,
                                           categorical_features=cat_mask if cat_mask.any() else None,
                                           random_state=seed)
-    x = features(ui, ii)
-    model.fit(x, y)
+    fit = (slice(None) if len(y) <= GBDT_MAX_FIT
+           else np.sort(rng(seed, "gbdt-fit").choice(len(y), GBDT_MAX_FIT, replace=False)))
+    model.fit(features(ui[fit], ii[fit]), y[fit])
     out = np.empty((len(keep), n_i))
     block = max(1, 200_000 // max(n_i, 1))
     all_items = np.arange(n_i)
     for start in range(0, len(keep), block):
         rows = keep[start:start + block]
         out[start:start + len(rows)] = model.predict(features(np.repeat(rows, n_i), np.tile(all_items, len(rows)))).reshape(len(rows), n_i)
-    return out, model.predict(x)
+    fitted = np.empty(len(y))
+    for start in range(0, len(y), 200_000):      # the feature matrix of every rating is GBs at 10M
+        end = start + 200_000
+        fitted[start:end] = model.predict(features(ui[start:end], ii[start:end]))
+    return out, fitted
