@@ -49,7 +49,8 @@ def feedback_context(path: str | Path = "metrics/feedback.json") -> dict | None:
     growth = [r for r in recs if r["kind"] == "gap_growth" and r["metric"] == "utility_shown"
               and r["attribute"] == attribute]
     growing = [r for r in growth if r.get("p_adjusted") is not None and r["p_adjusted"] < 0.05 and r["growth"] > 0]
-    return {"oracles": data.get("oracles", []), "config": cfg, "headline": head, "charts": charts,
+    return {"oracles": data.get("oracles", []), "config": cfg, "population": data.get("population"),
+            "headline": head, "charts": charts,
             "growth": growth, "growing": growing, "exploration": [r for r in recs if r["kind"] == "exploration"],
             "sensitivity": [r for r in recs if r["kind"] == "oracle_sensitivity"],
             "disagreements": sum(1 for r in recs if r["kind"] == "oracle_sensitivity" and not r["agree"])}

@@ -22,7 +22,7 @@ markdown table (docs/SCALING.md quotes it) to stdout and `--out`:
     python benchmarks/scaling.py --sizes 100k,1m --workdir /tmp/scaling --out /tmp/scaling/table.md
     python benchmarks/scaling.py --sizes 100k,1m --workdir /tmp/scaling --reuse    # table from saved runs
     python benchmarks/scaling.py --sizes 1m --address 127.0.0.1:6379              # on a Ray cluster
-    python benchmarks/scaling.py --sizes 1m,10m --max-per-group 500 --workdir /tmp/scaling-sampled
+    python benchmarks/scaling.py --sizes 1m,10m --max-per-group 500 --feedback-users 2000 --workdir /tmp/scaling-sampled
     python benchmarks/scaling.py --sizes 100k,1m --reuse --profile fairness,robustness
 
 `--profile` re-runs the named stages (after the measured runs, in the same scratch project) under
@@ -73,12 +73,14 @@ class StageCost:
     load_1min: float = 0.0    # the machine's load average when the stage ended (others' work included)
 
 
-def scaling_params(base: Mapping, size: str, address: str | None = None, max_per_group: int | None = None) -> dict:
+def scaling_params(base: Mapping, size: str, address: str | None = None, max_per_group: int | None = None,
+                   feedback_users: int | None = None) -> dict:
     """The fixed trimmed configuration at one size: `base` (the repository's params.yaml) with the
     synthetic source scaled like MovieLens, two seeds and four models, and every audit section kept
     on but pointed at models in the list. `address` adds `compute: {address: ...}` (a Ray cluster);
     `max_per_group` sets `evaluation.sample: {max_per_group: N}` (the users x items steps then score a
-    stratified sample of each scenario's users, the supported bound at sizes past one machine)."""
+    stratified sample of each scenario's users, the supported bound at sizes past one machine);
+    `feedback_users` sets `feedback.max_users` (the simulation's users x items bound)."""
     n_ratings, n_users, n_items = SIZES[size]
     params = json.loads(json.dumps(base))   # a deep copy that leaves the caller's mapping alone
     params["data"] = {**params["data"], "source": "synthetic",
@@ -99,6 +101,8 @@ def scaling_params(base: Mapping, size: str, address: str | None = None, max_per
         params["compute"] = {**(params.get("compute") or {}), "address": address}
     if max_per_group is not None:
         params["evaluation"]["sample"] = {"max_per_group": int(max_per_group)}
+    if feedback_users is not None:
+        params["feedback"]["max_users"] = int(feedback_users)
     return params
 
 
@@ -169,7 +173,7 @@ def stage_names(cwd: Path, env: Mapping[str, str]) -> list[str]:
 
 
 def measure_size(size: str, workdir: Path, address: str | None = None, only: Sequence[str] = (),
-                 max_per_group: int | None = None) -> dict:
+                 max_per_group: int | None = None, feedback_users: int | None = None) -> dict:
     """Build the scratch project for one size and run every stage in it; returns the record saved
     as `<workdir>/<size>.json`. A failing stage ends this size (its name is recorded as `failed` and
 the log's tail printed); the next size still runs. `only`: run just these stages (their inputs must
@@ -180,7 +184,7 @@ come from stages also named, earlier in dvc.yaml); the record is then not `compl
     root.mkdir(parents=True)
     copy_tracked(root)
     base = yaml.safe_load((root / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(scaling_params(base, size, address, max_per_group), sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(scaling_params(base, size, address, max_per_group, feedback_users), sort_keys=False))
     bindir = Path(sys.executable).parent
     env = {**os.environ, "PYTHONPATH": str(root), "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
            "CI": "1"}
@@ -190,7 +194,8 @@ come from stages also named, earlier in dvc.yaml); the record is then not `compl
     costs: list[StageCost] = []
     n_ratings, n_users, n_items = SIZES[size]
     record = {"size": size, "n_ratings": n_ratings, "n_users": n_users, "n_items": n_items, "address": address,
-              "max_per_group": max_per_group, "cores": os.cpu_count(), "complete": False, "stages": []}
+              "max_per_group": max_per_group, "feedback_users": feedback_users, "cores": os.cpu_count(),
+              "complete": False, "stages": []}
     names = stage_names(root, env)
     missing = [n for n in only if n not in names]
     if missing:
@@ -304,11 +309,11 @@ def markdown_table(records: Sequence[Mapping]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def reused(saved: Path, address: str | None, max_per_group: int | None) -> dict:
+def reused(saved: Path, address: str | None, max_per_group: int | None, feedback_users: int | None = None) -> dict:
     """A saved size's record, refused when it was measured under another configuration than the
     one asked for (a table mixing sampled and unsampled sizes would show ratios of nothing)."""
     record = json.loads(saved.read_text())
-    asked = {"address": address, "max_per_group": max_per_group}
+    asked = {"address": address, "max_per_group": max_per_group, "feedback_users": feedback_users}
     for key, want in asked.items():
         if record.get(key) != want:
             raise SystemExit(f"--reuse: {saved} was measured with {key}={record.get(key)!r}, not {want!r}; "
@@ -330,6 +335,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--profile", default="", help="comma-separated stages to re-run under cProfile at every size")
     p.add_argument("--max-per-group", type=int, default=None,
                    help="evaluate a stratified sample of at most N users per group and scenario (evaluation.sample)")
+    p.add_argument("--feedback-users", type=int, default=None,
+                   help="simulate a seeded simple random sample of at most N users in the feedback stage "
+                        "(feedback.max_users)")
     args = p.parse_args(argv)
     sizes = [s.strip().lower() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
@@ -339,10 +347,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     records = []
     for size in sizes:
         saved = args.workdir / f"{size}.json"
-        records.append(reused(saved, args.address, args.max_per_group) if args.reuse and saved.exists()
+        records.append(reused(saved, args.address, args.max_per_group, args.feedback_users)
+                       if args.reuse and saved.exists()
                        else measure_size(size, args.workdir, args.address,
                                          [n.strip() for n in args.stages.split(",") if n.strip()],
-                                         args.max_per_group))
+                                         args.max_per_group, args.feedback_users))
     table = markdown_table(records)
     print(table, end="")
     if args.out:

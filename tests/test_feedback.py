@@ -261,7 +261,34 @@ def test_report_section_renders_from_the_metrics_file(arms, world, tmp_path):
     assert '<section id="feedback">' in html and html.count("<svg") == len(ctx["charts"]) == 5
     g = head[0]["utility_shown@round3"]
     assert f"{g[0]:.3f}" in html
+    assert "simple random sample" not in html
     assert feedback_context(tmp_path / "absent.json") is None
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({**doc, "population": {"n_population": 900, "n_simulated": 300, "design": "x"}}))
+    html = environment().get_template("feedback.html.j2").render(fb=feedback_context(path))
+    assert "user_cold users (300 of 900, a seeded simple random sample set by\nfeedback.max_users" in html
+
+
+def test_max_users_draws_a_seeded_simple_random_sample_in_population_order(world):
+    from dataclasses import replace
+
+    from metarec.feedback.experiment import Experiment
+
+    params = {"oracles": ["nmf"], "seeds": [0], "models": ["bias"], "policies": ["greedy", "oracle"], "seed": 4}
+    exp = Experiment.from_params(params, [0], ["bias"])
+    population = world["population"]
+    assert exp.max_users is None and exp.sample_population(population) == population
+    assert replace(exp, max_users=len(population)).sample_population(population) == population
+    capped = Experiment.from_params({**params, "max_users": 25}, [0], ["bias"])
+    picked = capped.sample_population(population)
+    ids = [u.user_id for u in picked]
+    assert len(picked) == 25 and ids == sorted(ids, key=[u.user_id for u in population].index)
+    assert ids == [u.user_id for u in capped.sample_population(population)]               # seeded
+    assert ids != [u.user_id for u in replace(capped, seed=5).sample_population(population)]
+    for bad in (1, 2.5, True, "10"):
+        with pytest.raises(ConfigError, match=rf"^params.yaml feedback.max_users is {bad!r}; expected null \(every "
+                                              rf"user\) or an integer >= 2$"):
+            Experiment.from_params({**params, "max_users": bad}, [0], ["bias"])
 
 
 class _SupportMean:

@@ -47,6 +47,12 @@ def test_every_size_runs_the_same_valid_configuration() -> None:
     assert sampled["evaluation"]["sample"] == {"max_per_group": 500}
     assert {k: v for k, v in sampled.items() if k != "evaluation"} == \
         {k: v for k, v in configs["10m"].items() if k != "evaluation"}
+    assert all(p["feedback"]["max_users"] is None for p in configs.values())
+    capped = scaling_params(base, "10m", feedback_users=2000)
+    validate_params(capped, REPO)
+    assert capped["feedback"] == {**configs["10m"]["feedback"], "max_users": 2000}
+    assert {k: v for k, v in capped.items() if k != "feedback"} == \
+        {k: v for k, v in configs["10m"].items() if k != "feedback"}
     assert SIZES["1m"] == (1_000_000, 6_040, 3_706) and SIZES["10m"] == (10_000_000, 69_878, 10_677)
 
 
@@ -127,10 +133,13 @@ def test_reuse_refuses_a_size_measured_under_another_configuration(tmp_path: Pat
     import pytest
 
     saved = tmp_path / "10m.json"
-    saved.write_text(json.dumps({"size": "10m", "address": None, "max_per_group": 500, "stages": []}))
+    saved.write_text(json.dumps({"size": "10m", "address": None, "max_per_group": 500, "feedback_users": None,
+                                 "stages": []}))
     assert reused(saved, None, 500)["size"] == "10m"
     with pytest.raises(SystemExit, match=rf"^--reuse: {saved} was measured with max_per_group=500, not None; run "
                                          rf"without --reuse or with another --workdir$"):
         reused(saved, None, None)
     with pytest.raises(SystemExit, match=r"was measured with address=None, not '127.0.0.1:6379'"):
         reused(saved, "127.0.0.1:6379", 500)
+    with pytest.raises(SystemExit, match=r"was measured with feedback_users=None, not 2000"):
+        reused(saved, None, 500, 2000)
