@@ -64,12 +64,13 @@ class Experiment:
         their original order.
 
         Why a cap: every round scores each simulated user against the whole catalogue, so the stage
-        grows with users x items (33x from MovieLens-1M to -10M). Simulated users do not interact (no
-        model is refitted between rounds), so a simple random sample keeps per-user means unbiased
-        and their t intervals over users valid; pairwise Jaccard means stay unbiased too. Coverage
-        and exposure Gini are unions and concentrations over the simulated lists: with a cap they
-        describe a population of `max_users` users, comparable across data sizes but not with an
-        uncapped run."""
+        grows with users x items (33x from MovieLens-1M to -10M). A meta-learner's lists depend on
+        each user's own history only, so for its arms a simple random sample keeps per-user means
+        unbiased and their t intervals over users valid, and pairwise Jaccard means unbiased too.
+        Users do interact in two places, which then see only the simulated users: the popularity
+        arm's acceptance counts and a classic model's joint refit. Coverage and exposure Gini are
+        unions and concentrations over the simulated lists: with a cap they describe a population
+        of `max_users` users, comparable across data sizes but not with an uncapped run."""
         if self.max_users is None or len(population) <= self.max_users:
             return list(population)
         picked = np.sort(rng(self.seed, "feedback-population").choice(len(population), self.max_users, replace=False))
