@@ -232,6 +232,9 @@ def accuracy_change(new: pd.DataFrame, old: pd.DataFrame, metric: str, margin: f
             var, df = _satterthwaite([(float(d_u.var(ddof=1)) / n, n - 1),
                                       *_seed_parts([a, b])])
     point = sign * float(diff)
+    if not np.isfinite(var):     # a sampling stratum left with one scored user of several: no variance
+        return {**base, "new": m_new, "old": m_old, "change": point, "ci_low": None, "ci_high": None,
+                "outcome": "inconclusive"}
     half = float(sps.t.ppf(0.5 + level / 2, df)) * float(np.sqrt(var)) if var > 0 else 0.0
     lo, hi = point - half, point + half
     return {**base, "new": m_new, "old": m_old, "change": point, "ci_low": lo, "ci_high": hi,

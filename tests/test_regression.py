@@ -261,3 +261,15 @@ def test_sampled_non_inferiority_interval_covers_the_population_change() -> None
         naive += u["ci_low"] <= target <= u["ci_high"]
     assert 0.87 <= hits / reps <= 0.95, hits / reps          # nominal 0.90; 600 draws: MC sd 0.012
     assert naive / reps < 0.4, naive / reps                 # 0.25 here: three seeds keep every interval wide
+
+
+def test_a_stratum_left_with_one_scored_user_is_inconclusive() -> None:
+    """Stratum 1 has 40 users in the population but only one with a finite value in both audits:
+    its variance is unknown, so the change has no interval and cannot pass."""
+    users = list(range(6))
+    new = pd.DataFrame([[0.8, 0.9, 0.7, 1.0, 0.6, np.nan]], columns=users)
+    old = pd.DataFrame([[0.8, 0.8, 0.8, 0.8, 0.8, 0.8]], columns=users)
+    design = pd.DataFrame({"stratum": [0, 0, 0, 0, 1, 1], "weight": [2.5] * 4 + [20.0] * 2}, index=users)
+    r = accuracy_change(new, old, "mae", 0.005, design=design, population=pd.Series({0: 10, 1: 40}))
+    assert r["outcome"] == "inconclusive" and r["ci_low"] is None and r["ci_high"] is None
+    assert r["change"] == pytest.approx((10 * 0.05 + 40 * -0.2) / 50)
