@@ -42,9 +42,9 @@ __all__ = ["RegressionInputError", "Baseline", "load_baseline", "check_same_inpu
 USED_SUBJECTS = ("results/per_user.parquet", "metrics/provenance.json")
 INTERVAL = ("two-sided {level}% interval (one-sided bounds at half the rest): users paired, users and training "
             "seeds both sampled")
-SAMPLED_INTERVAL = ("; sampled users: stratified mean with design weights, its users variance the stratified one "
-                    "about the population the users represent, plus each seed spread (conservative: the "
-                    "seed-by-user noise counts in both)")
+SAMPLED_INTERVAL = ("; sampled users: stratified mean with design weights, its variance the stratified users "
+                    "part about the population the users represent plus the seeds part, less the seed-by-user "
+                    "noise both hold")
 
 
 class RegressionInputError(MetarecError):
@@ -171,24 +171,44 @@ def _seed_parts(xs: list[np.ndarray], w: np.ndarray | None = None) -> list[tuple
             for x in xs if x.shape[0] > 1]
 
 
-def _sampled_variance(a: np.ndarray, b: np.ndarray, same_seeds: bool, design: pd.DataFrame,
-                      population: pd.Series) -> tuple[float, float, float, float, float]:
-    """(new, old, variance of new - old, df, n) for sampled users (columns of a and b in design's order).
+def _residual_ms(x: np.ndarray) -> float:
+    """MS_error of a seeds x users table under the two-way model x_su = mu + seed_s + user_u + e_su."""
+    s, u = x.shape
+    e = x - x.mean(axis=1, keepdims=True) - x.mean(axis=0, keepdims=True) + x.mean()
+    return float((e ** 2).sum()) / ((s - 1) * (u - 1))
 
-    Users part: `stratified_mean` of the per-user (seed-averaged) differences, about the population
-    the users represent. Seeds part: the spread over seeds of the design-weighted mean, of the
-    paired differences when both audits ran the same seeds, else of each audit. Unlike the
-    unsampled two-way formula, the seed-by-user noise is not subtracted once, so the sum is a little
-    conservative."""
-    strata = design["stratum"].to_numpy()
-    present = population[population.index.isin(np.unique(strata))]     # strata with a user both audits scored
+
+def _sampled_variance(a: np.ndarray, b: np.ndarray, same_seeds: bool, strata: np.ndarray,
+                      population: pd.Series) -> tuple[float, float, float, float, float]:
+    """(new, old, new - old, its variance, df) for sampled users (the columns of a and b) from the
+    strata in `population` (stratum -> N_h; every one must have a scored user).
+
+    Every user of stratum h counts W_h / m_h (W_h = N_h / N, m_h its users scored in both audits),
+    so new, old and their difference are stratified means. Variance, the weighted two-way analogue
+    of `_two_way_variance` (to which it reduces with one stratum taken whole): users part, the
+    stratified variance of the per-user seed-averaged differences about the population the users
+    represent (`stratified_mean`); seeds part, the spread over seeds of the weighted mean, of the
+    paired differences when both audits ran the same seeds; both hold the seed-by-user noise
+    sum w^2 MS_e / S, which is then subtracted once (floored at that noise, as there). With
+    independent seeds each audit's seed spread is added, without that correction: conservative,
+    as the unsampled path."""
     d_u = a.mean(axis=0) - b.mean(axis=0)
-    users = stratified_mean(d_u, strata, present)
-    w = design["weight"].to_numpy(float)
-    w = w / w.sum()
-    seeds = _seed_parts([a - b] if same_seeds else [a, b], w)
-    var, df = _satterthwaite([(users["variance"], users["df"]), *seeds])
-    return float(a.mean(axis=0) @ w), float(b.mean(axis=0) @ w), var, df, users["estimate"]
+    users = stratified_mean(d_u, strata, population)
+    counts = pd.Series(strata).value_counts()
+    share = population / population.sum()
+    w = (share.reindex(strata).to_numpy() / counts.reindex(strata).to_numpy()).astype(float)
+    m_new, m_old = float(a.mean(axis=0) @ w), float(b.mean(axis=0) @ w)
+    parts = [(users["variance"], users["df"])]
+    if same_seeds and a.shape[0] > 1:
+        (seeds, seeds_df), = _seed_parts([a - b], w)
+        noise = float((w ** 2).sum()) * _residual_ms(a - b) / a.shape[0]
+        total = max(users["variance"] + seeds - noise, noise, 0.0)
+        denom = sum(v ** 2 / d for v, d in ((users["variance"], users["df"]), (seeds, seeds_df),
+                                             (noise, (a.shape[0] - 1) * (a.shape[1] - 1))) if np.isfinite(d) and d > 0)
+        return m_new, m_old, users["estimate"], total, (total ** 2 / denom if denom > 0 else float("inf"))
+    parts += _seed_parts([a, b], w) if not same_seeds else []
+    var, df = _satterthwaite(parts)
+    return m_new, m_old, users["estimate"], var, df
 
 
 def accuracy_change(new: pd.DataFrame, old: pd.DataFrame, metric: str, margin: float, *,
@@ -221,7 +241,14 @@ def accuracy_change(new: pd.DataFrame, old: pd.DataFrame, metric: str, margin: f
         return {**base, "new": None, "old": None, "change": None, "ci_low": None, "ci_high": None,
                 "outcome": "inconclusive"}
     if design is not None:
-        m_new, m_old, var, df, diff = _sampled_variance(a, b, same_seeds, design.loc[users[keep]], population)
+        if population is None:
+            raise ValueError("accuracy_change: a sampling design needs its population (stratum -> N_h)")
+        strata = design.loc[users[keep], "stratum"].to_numpy()
+        unscored = sorted(set(population.index) - set(strata))
+        if unscored:     # its users' mean is unknown, so the population's is too
+            return {**base, "new": None, "old": None, "change": None, "ci_low": None, "ci_high": None,
+                    "outcome": "inconclusive", "strata_without_scored_users": len(unscored)}
+        m_new, m_old, diff, var, df = _sampled_variance(a, b, same_seeds, strata, population)
     else:
         m_new, m_old = float(a.mean()), float(b.mean())
         diff = m_new - m_old
@@ -354,6 +381,7 @@ def compare(root: Path, params: dict[str, Any], strata: pd.DataFrame) -> dict[st
     verdict = "fail" if "fail" in outcomes else "inconclusive" if "inconclusive" in outcomes else "pass"
     return {"baseline": {"audit_dir": str(cfg["audit_dir"]), "model": str(cfg["model"]), "keyid": base.keyid,
                          "data_canonical_sha256": base.provenance.get("data_canonical_sha256"),
-                         "tasks_sha256": base.provenance.get("tasks_sha256")},
+                         "tasks_sha256": base.provenance.get("tasks_sha256"),
+                         "sample_sha256": base.provenance.get("sample_sha256")},
             "candidate": str(cfg.get("candidate") or params["meta_learner"]), "margins": margins,
             "verdict": verdict, "records": records}

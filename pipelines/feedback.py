@@ -77,8 +77,10 @@ def run(params: dict) -> list[dict]:
     calibration = [{"oracle": o.family, "sigma": o.sigma, "fit_rmse": o.fit_rmse} for o in oracles.values()]
     sampled = {"n_population": n_all, "n_simulated": len(population),
                "design": "every user" if len(population) == n_all else
-               "simple random sample (seeded, feedback.max_users): per-user means and pairwise Jaccard are unbiased "
-               "for the whole population; coverage and exposure Gini describe the simulated users"}
+               "simple random sample (seeded, feedback.max_users): for the meta-learners' arms and the random and "
+               "oracle arms, per-user means and pairwise Jaccard estimate the whole population's; the popularity "
+               "arm's counts and classic models' joint refits see only the simulated users; coverage and exposure "
+               "Gini describe the simulated users"}
     atomic_write_json("metrics/feedback.json", {"config": fp, "oracles": calibration, "population": sampled,
                                                 "headline": head, "records": records})
     atomic_write_parquet("results/feedback_long.parquet", long_records(per_user, pop, groups, fp["scenario"]))

@@ -273,3 +273,42 @@ def test_a_stratum_left_with_one_scored_user_is_inconclusive() -> None:
     r = accuracy_change(new, old, "mae", 0.005, design=design, population=pd.Series({0: 10, 1: 40}))
     assert r["outcome"] == "inconclusive" and r["ci_low"] is None and r["ci_high"] is None
     assert r["change"] == pytest.approx((10 * 0.05 + 40 * -0.2) / 50)
+
+
+def test_sampled_variance_reduces_to_the_two_way_formula_when_everyone_is_taken() -> None:
+    """One stratum taken whole, equal weights: the design-weighted interval is the unsampled one."""
+    gen = np.random.default_rng(2)
+    users = list(range(50))
+    base_ = gen.normal(0.8, 0.2, 50)
+    new = pd.DataFrame(base_ + gen.normal(0, 0.1, (3, 50)) + gen.normal(0.01, 0.02, (3, 1)), columns=users)
+    old = pd.DataFrame(base_ + gen.normal(0, 0.1, (3, 50)), columns=users)
+    plain = accuracy_change(new, old, "mae", 0.005)
+    design = pd.DataFrame({"stratum": 0, "weight": 1.0}, index=users)
+    sampled = accuracy_change(new, old, "mae", 0.005, design=design, population=pd.Series({0: 50}))
+    for key in ("new", "old", "change", "ci_low", "ci_high", "df"):
+        assert sampled[key] == pytest.approx(plain[key], rel=1e-9), key
+
+
+def test_sampled_new_minus_old_is_the_change_when_a_user_drops_out() -> None:
+    """A user without a finite value leaves its stratum's other users carrying the stratum's share."""
+    users = list(range(6))
+    new = pd.DataFrame([[1.0, 1.2, 0.9, 1.1, 2.0, np.nan], [1.1, 1.0, 0.8, 1.2, 2.2, 1.0]], columns=users)
+    old = pd.DataFrame([[0.9, 1.0, 1.0, 1.0, 1.5, 1.2], [0.8, 1.1, 0.9, 1.0, 1.9, 1.1]], columns=users)
+    design = pd.DataFrame({"stratum": [0, 0, 0, 0, 1, 1], "weight": [5.0] * 4 + [15.0] * 2}, index=users)
+    r = accuracy_change(new, old, "mae", 0.005, design=design, population=pd.Series({0: 20, 1: 30}))
+    per_user_new, per_user_old = new.mean().to_numpy(), old.mean().to_numpy()
+    want_new = 0.4 * per_user_new[:4].mean() + 0.6 * per_user_new[4]       # stratum 1: only user 4 scored
+    want_old = 0.4 * per_user_old[:4].mean() + 0.6 * per_user_old[4]
+    assert r["new"] == pytest.approx(want_new) and r["old"] == pytest.approx(want_old)
+    assert r["change"] == pytest.approx(want_new - want_old)
+
+
+def test_a_stratum_without_scored_users_is_inconclusive_and_counted() -> None:
+    users = list(range(4))
+    new = pd.DataFrame([[0.8, 0.9, np.nan, np.nan]], columns=users)
+    old = pd.DataFrame([[0.8, 0.8, 0.8, 0.8]], columns=users)
+    design = pd.DataFrame({"stratum": [0, 0, 1, 1], "weight": [5.0, 5.0, 10.0, 10.0]}, index=users)
+    r = accuracy_change(new, old, "mae", 0.005, design=design, population=pd.Series({0: 10, 1: 20}))
+    assert r["outcome"] == "inconclusive" and r["change"] is None and r["strata_without_scored_users"] == 1
+    with pytest.raises(ValueError, match=r"^accuracy_change: a sampling design needs its population"):
+        accuracy_change(new, old, "mae", 0.005, design=design)

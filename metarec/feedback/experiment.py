@@ -66,7 +66,8 @@ class Experiment:
         Why a cap: every round scores each simulated user against the whole catalogue, so the stage
         grows with users x items (33x from MovieLens-1M to -10M). A meta-learner's lists depend on
         each user's own history only, so for its arms a simple random sample keeps per-user means
-        unbiased and their t intervals over users valid, and pairwise Jaccard means unbiased too.
+        unbiased and their t intervals over users valid, and pairwise Jaccard means unbiased (not
+        their intervals: users' Jaccard values share pairs).
         Users do interact in two places, which then see only the simulated users: the popularity
         arm's acceptance counts and a classic model's joint refit. Coverage and exposure Gini are
         unions and concentrations over the simulated lists: with a cap they describe a population

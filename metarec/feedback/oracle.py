@@ -214,8 +214,8 @@ def _hals_nmf(x: _FilledMatrix, rank: int, seed: int, max_iter: int = 200, tol: 
         wx, ww = x.t_times(w), w.T @ w
         for t in range(rank):
             h[t] = np.maximum(h[t] + (wx[t] - ww[t] @ h) / max(ww[t, t], 1e-12), 0.0)
-        if sweep % 10 == 0:
-            loss = norm - 2.0 * float((x.t_times(w) * h).sum()) + float(((w.T @ w) * (h @ h.T)).sum())
+        if sweep % 10 == 0:     # wx and ww are still W's: only H moved since
+            loss = norm - 2.0 * float((wx * h).sum()) + float((ww * (h @ h.T)).sum())
             if previous - loss < tol * max(previous, 1e-12):
                 break
             previous = loss
